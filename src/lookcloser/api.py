@@ -1,0 +1,352 @@
+"""The public Python API: train(), evaluate(), load(), export(), explain().
+
+The CLI is a thin layer over these functions; everything here is usable from a notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lookcloser.config import Config
+from lookcloser.data.sources import DatasetSplits, build_source
+from lookcloser.errors import ConfigError
+from lookcloser.predictor import Predictor
+
+__all__ = [
+    "TrainResult",
+    "train",
+    "load",
+    "evaluate",
+    "predict",
+    "explain",
+    "export",
+    "Predictor",
+    "Config",
+]
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    classes: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
+def as_config(
+    config: Config | str | Path | dict | None = None, overrides: list[str] | None = None
+) -> Config:
+    """A Config from a Config, a YAML path or a dict, with `key=value` overrides applied."""
+    if isinstance(config, Config):
+        cfg = Config.from_dict(config.to_dict())
+        return cfg.apply_overrides(overrides or [])
+    if isinstance(config, dict):
+        return Config.from_dict(config).apply_overrides(overrides or [])
+    return Config.load(config, overrides)
+
+
+def _global_rank() -> int:
+    """This process's rank when launched by Lightning's DDP launcher or torchrun (else 0)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    node = int(os.environ.get("NODE_RANK", 0))
+    return node * 1000 + local  # only "is it zero" matters here
+
+
+def _run_dir(cfg: Config) -> Path:
+    # DDP children re-run the command; they must use the directory rank 0 chose.
+    if os.environ.get("LOOKCLOSER_RUN_DIR"):
+        return Path(os.environ["LOOKCLOSER_RUN_DIR"])
+    if cfg.out:
+        return Path(cfg.out).expanduser()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    backbone = cfg.model.backbone.replace("/", "_")
+    return Path("runs") / f"{stamp}-{cfg.method.get('name', 'baseline')}-{backbone}"
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+    from lookcloser.modeldir import invalidate, is_model_dir
+
+    resuming = cfg.trainer.resume is not None
+    if is_model_dir(run_dir) and not cfg.overwrite:
+        raise ConfigError(
+            f"out: {run_dir} already holds a trained model; pass overwrite=true or choose another out"
+        )
+    if (run_dir / "checkpoints").is_dir() and not (resuming or cfg.overwrite):
+        raise ConfigError(
+            f"out: {run_dir} holds an unfinished run; resume it with trainer.resume=last, "
+            "or pass overwrite=true to start again"
+        )
+    if cfg.overwrite and not resuming:
+        invalidate(run_dir)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir / "logs", ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+
+def _resume_path(cfg: Config, run_dir: Path) -> str | None:
+    resume = cfg.trainer.resume
+    if resume is None:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.is_file():
+        raise ConfigError(f"trainer.resume: checkpoint not found: {path}")
+    return str(path)
+
+
+def _verified(
+    splits: DatasetSplits, cfg: Config, run_dir: Path | None
+) -> tuple[DatasetSplits, list[str]]:
+    """Splits without bad images (or a DataError listing them, per data.on_bad_image)."""
+    if not cfg.data.verify_images:
+        return splits, []
+    from lookcloser.data.images import verify_samples
+
+    good_train, bad_train = verify_samples(
+        splits.train, cfg.data.on_bad_image, cfg.data.max_image_pixels
+    )
+    good_test, bad_test = verify_samples(
+        splits.test, cfg.data.on_bad_image, cfg.data.max_image_pixels
+    )
+    skipped = [f"{r.path}: {r.problem}" for r in bad_train + bad_test]
+    if skipped and run_dir is not None:
+        (run_dir / "skipped.txt").write_text("\n".join(skipped) + "\n")
+    return splits.replace_samples(good_train, good_test), skipped
+
+
+def train(
+    config: Config | str | Path | dict | None = None,
+    overrides: list[str] | None = None,
+    *,
+    progress: bool = True,
+) -> TrainResult | None:
+    """Train a method, evaluate it on the test split and write a model directory.
+
+    Returns None in DDP worker processes other than rank 0.
+    """
+    import lightning as L
+    import torch
+
+    from lookcloser.data.transforms import eval_transform, train_transform
+    from lookcloser.engine.datamodule import FGVCDataModule
+    from lookcloser.engine.module import FGVCSystem
+    from lookcloser.engine.trainer import build_trainer
+    from lookcloser.methods import build_method
+
+    cfg = as_config(config, overrides)
+    rank_zero = _global_rank() == 0
+    run_dir = _run_dir(cfg)
+    if rank_zero:
+        _prepare_run_dir(cfg, run_dir)
+        os.environ["LOOKCLOSER_RUN_DIR"] = str(run_dir.resolve())
+    ckpt_path = _resume_path(cfg, run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    splits = build_source(cfg.data)
+    splits, skipped = _verified(splits, cfg, run_dir if rank_zero else None)
+    method = build_method(cfg, len(splits.classes))
+    interpolation = method.backbone.data_config.get("interpolation", "bicubic")
+    weights = None
+    if cfg.data.sampler != "uniform":
+        from lookcloser.data.samplers import sample_weights
+
+        weights = sample_weights([s.label for s in splits.train], cfg.data.sampler)
+    datamodule = FGVCDataModule(
+        splits.train,
+        splits.test,
+        train_transform(cfg.data, interpolation),
+        eval_transform(cfg.data.image_size, cfg.data.crop_pct, interpolation),
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        max_pixels=cfg.data.max_image_pixels,
+        weights=weights,
+    )
+    trainer = build_trainer(cfg, run_dir, progress=progress, has_val=bool(splits.test))
+    steps_per_epoch = _steps_per_epoch(len(splits.train), cfg, trainer.world_size)
+    system = FGVCSystem(
+        method,
+        cfg.optim,
+        epochs=cfg.trainer.epochs,
+        steps_per_epoch=steps_per_epoch,
+        seed=cfg.seed,
+        mixup=cfg.data.mixup,
+        cutmix=cfg.data.cutmix,
+        ema_decay=cfg.trainer.ema_decay,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+    if not trainer.is_global_zero:
+        return None
+
+    trained = system.ema.module if system.ema is not None else system.method
+    inference = trained.for_inference().cpu().eval()
+    predictor = Predictor(
+        inference,
+        splits.classes,
+        cfg.data.image_size,
+        cfg.data.crop_pct,
+        interpolation,
+        device="cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
+    )
+    metrics = _evaluate_and_write(predictor, splits, cfg, run_dir, progress)
+    _save(run_dir, inference, splits, cfg, metrics, interpolation, skipped)
+    return TrainResult(run_dir, metrics, splits.classes, skipped)
+
+
+def _steps_per_epoch(num_train: int, cfg: Config, world_size: int) -> int:
+    per_rank = -(-num_train // world_size)
+    batches = (
+        per_rank // cfg.data.batch_size
+        if per_rank >= 2 * cfg.data.batch_size
+        else -(-per_rank // cfg.data.batch_size)
+    )
+    return max(1, batches // cfg.trainer.accumulate_grad_batches)
+
+
+def _evaluate_and_write(
+    predictor: Predictor, splits: DatasetSplits, cfg: Config, run_dir: Path, progress: bool
+) -> dict[str, Any]:
+    from lookcloser.evaluation import compute_metrics, summary, write_confusion
+    from lookcloser.modeldir import atomic_write_text
+
+    if not splits.test:
+        return {}
+    out = predictor.run_samples(splits.test, cfg.data.batch_size, cfg.data.num_workers, progress)
+    metrics = compute_metrics(out.logits, out.labels, splits.classes)
+    write_confusion(metrics["confusion"], splits.classes, run_dir)
+    full = {**summary(metrics), "most_confused": metrics["most_confused"], "split": "test"}
+    atomic_write_text(run_dir / "metrics.json", json.dumps(full, indent=2) + "\n")
+    return full
+
+
+def _save(
+    run_dir: Path,
+    inference,
+    splits: DatasetSplits,
+    cfg: Config,
+    metrics: dict,
+    interpolation: str,
+    skipped: list[str],
+) -> None:
+    from lookcloser.evaluation import summary
+    from lookcloser.modeldir import save_model_dir
+
+    options = asdict(inference.options) if inference.options is not None else {}
+    info = {
+        "method": inference.name,
+        "method_options": options,
+        "trained_with": cfg.method.get("name", "baseline"),
+        "backbone": cfg.model.backbone,
+        "num_classes": len(splits.classes),
+        "classes": splits.classes,
+        "preprocessing": {
+            "input": "RGB, float32 in [0, 1], N x 3 x H x W (normalization is inside the model)",
+            "image_size": cfg.data.image_size,
+            "crop_pct": cfg.data.crop_pct,
+            "interpolation": interpolation,
+            "mean": inference.backbone.mean.flatten().tolist(),
+            "std": inference.backbone.std.flatten().tolist(),
+        },
+        "data": {
+            "source": cfg.data.source,
+            "root": cfg.data.root,
+            "train_images": len(splits.train),
+            "test_images": len(splits.test),
+            "skipped": len(skipped),
+        },
+        "metrics": summary(metrics),
+        "config": cfg.to_dict(),
+    }
+    save_model_dir(run_dir, inference.state_dict(), info)
+
+
+def load(model_dir: str | Path, device: str = "cpu") -> Predictor:
+    """Load a model directory as a Predictor."""
+    return Predictor.load(model_dir, device)
+
+
+def evaluate(
+    model_dir: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    progress: bool = True,
+    device: str = "cpu",
+    write_to: str | Path | None = None,
+) -> dict[str, Any]:
+    """Metrics of a saved model on its test split (or on data.* overrides)."""
+    from lookcloser.evaluation import compute_metrics, summary, write_confusion
+
+    predictor = load(model_dir, device)
+    cfg = Config.from_dict(predictor.info["config"])
+    for item in overrides or []:
+        if not item.startswith("data."):
+            raise ConfigError(f"eval takes data.* overrides only, got {item!r}")
+    cfg.apply_overrides(overrides or [])
+    splits = build_source(cfg.data)
+    _check_same_classes(splits.classes, predictor.classes)
+    splits, _ = _verified(splits, cfg, None)
+    out = predictor.run_samples(splits.test, cfg.data.batch_size, cfg.data.num_workers, progress)
+    metrics = compute_metrics(out.logits, out.labels, predictor.classes)
+    if write_to is not None:
+        write_confusion(metrics["confusion"], predictor.classes, write_to)
+    return {**summary(metrics), "most_confused": metrics["most_confused"]}
+
+
+def _check_same_classes(data_classes: list[str], model_classes: list[str]) -> None:
+    from lookcloser.errors import DataError
+
+    if data_classes != model_classes:
+        missing = sorted(set(data_classes) - set(model_classes))
+        raise DataError(
+            "the data's classes differ from the model's"
+            + (f" (not in the model: {', '.join(missing[:5])})" if missing else " (order or names)")
+        )
+
+
+def predict(
+    model_dir: str | Path, paths: list[str | Path], top_k: int = 5, batch_size: int = 32
+) -> list:
+    """Top-k predictions for files and folders."""
+    return load(model_dir).predict(paths, top_k=top_k, batch_size=batch_size)
+
+
+def explain(
+    model_dir: str | Path,
+    image: str | Path,
+    out: str | Path | None = None,
+    target: str | None = None,
+) -> Path:
+    """Write the image and its attention heatmap side by side as a PNG; returns its path."""
+    from lookcloser.explain.overlay import save_explanation
+
+    explanation = load(model_dir).explain(image, target)
+    out = Path(out) if out else Path(image).with_suffix(".heatmap.png").name
+    return save_explanation(explanation, out)
+
+
+def export(
+    model_dir: str | Path, format: str = "onnx", out: str | Path | None = None
+) -> tuple[Path, float]:
+    """Export to ONNX and check it: returns the file and the max |logit| difference to PyTorch."""
+    from lookcloser.export.onnx import export_onnx, max_abs_difference
+
+    if format != "onnx":
+        raise ConfigError(f"export --format: only 'onnx' is supported, got {format!r}")
+    predictor = load(model_dir)
+    out = Path(out) if out else Path(model_dir) / "model.onnx"
+    export_onnx(predictor, out)
+    return out, max_abs_difference(predictor, out)

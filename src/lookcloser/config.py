@@ -1,0 +1,328 @@
+"""The typed config tree: YAML in and out, dotted `key=value` overrides, clear errors.
+
+Every run saves its resolved config, so a run can be repeated from its directory alone.
+Method options live under `method.*`; their types come from the chosen method's `Options`
+dataclass, so they are checked like every other key once the method is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lookcloser.errors import ConfigError
+
+
+@dataclass
+class SyntheticConfig:
+    """Parameters of the built-in synthetic fine-grained set (`data.source=synthetic`)."""
+
+    classes: int = 8
+    per_class: int = 60
+    test_per_class: int = 20
+    size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are turned into tensors."""
+
+    source: str = "synthetic"
+    root: str | None = None
+    image_size: int = 224
+    batch_size: int = 32
+    num_workers: int = 2
+    on_bad_image: Literal["error", "skip"] = "error"
+    verify_images: bool = True
+    max_image_pixels: int = 89_478_485
+    # Single-folder ImageFolder / CSV without a split column: seeded stratified split.
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    # Label granularity for datasets that have several (FGVC-Aircraft: variant|family|manufacturer).
+    level: str | None = None
+    # Train-time augmentation (timm create_transform); eval is resize + centre crop.
+    crop_pct: float = 0.875
+    train_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: float = 0.5
+    color_jitter: float = 0.2
+    auto_augment: str | None = None
+    random_erasing: float = 0.0
+    # Training sampler: uniform shuffling, or drawing with class-balanced / sqrt-frequency weights.
+    sampler: Literal["uniform", "balanced", "sqrt"] = "uniform"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    """The backbone and where its weights come from."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    # A local checkpoint (safetensors or a PyTorch state dict) to start from.
+    weights: str | None = None
+    # How checkpoint keys map onto the model: none | position | strip:<prefix> | a registered name.
+    weights_key_map: str = "none"
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (timm optimizers and schedulers)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    # New heads learn this many times faster than the pretrained backbone.
+    head_lr_scale: float = 1.0
+    layer_decay: float | None = None
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    step_epochs: int = 30
+    step_gamma: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings: devices, precision, checkpoints, logs."""
+
+    epochs: int = 10
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    precision: str = "32-true"
+    deterministic: bool = False
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    val_every_n_epochs: int = 1
+    log_every_n_steps: int = 10
+    # Mid-epoch checkpoints (for resuming long epochs); end-of-epoch ones are always kept.
+    checkpoint_every_n_steps: int | None = None
+    # `last` resumes from the run directory's last checkpoint; or a checkpoint path.
+    resume: str | None = None
+    progress: Literal["rich", "tqdm", "none"] = "rich"
+    max_steps: int = -1
+    ema_decay: float | None = None
+
+
+@dataclass
+class Config:
+    """The whole run: data, model, method, optim, trainer, seed and output directory."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "baseline"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    out: str | None = None
+    overwrite: bool = False
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, where: str = "config") -> Config:
+        """Build a config from a nested dict, checking every key and type."""
+        cfg = cls()
+        for key, value in _flatten(raw):
+            cfg.set(key, value, where=where)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+        """Read a YAML file (optional) and apply `key=value` overrides on top."""
+        cfg = cls()
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: expected a mapping at the top level")
+            cfg = cls.from_dict(raw, where=str(path))
+        cfg.apply_overrides(overrides or [])
+        return cfg
+
+    def apply_overrides(self, overrides: list[str]) -> Config:
+        """Apply `a.b=value` strings; values are parsed as YAML scalars then type-checked."""
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value, e.g. trainer.epochs=5")
+            key, text = item.split("=", 1)
+            try:
+                value = yaml.safe_load(text) if text != "" else None
+            except yaml.YAMLError:
+                value = text
+            self.set(key.strip(), value, where="override")
+        return self
+
+    def set(self, key: str, value: Any, *, where: str = "config") -> None:
+        """Set one dotted key, with type checking and a suggestion for unknown keys."""
+        parts = key.split(".")
+        if parts[0] == "method":
+            if len(parts) != 2:
+                raise ConfigError(
+                    f"{where}: {key}: method options are one level deep (method.<option>)"
+                )
+            if parts[1] == "name" and value != self.method.get("name"):
+                self.method = {"name": _check_type(key, value, str, where)}
+            else:
+                self.method[parts[1]] = value
+            return
+        node: Any = self
+        for i, part in enumerate(parts):
+            names = [f.name for f in dataclasses.fields(node)]
+            prefix = ".".join(parts[:i])
+            if part not in names:
+                candidates = [f"{prefix}.{n}" if prefix else n for n in names]
+                raise ConfigError(_unknown(key, candidates, where))
+            if i == len(parts) - 1:
+                hint = typing.get_type_hints(type(node))[part]
+                setattr(node, part, _check_type(key, value, hint, where))
+                return
+            node = getattr(node, part)
+            if not dataclasses.is_dataclass(node):
+                raise ConfigError(f"{where}: {key}: {'.'.join(parts[: i + 1])} has no sub-keys")
+
+    # ---- output -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (lists for tuples), ready for YAML or JSON."""
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        """The config as YAML text."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def keys(self) -> list[str]:
+        """Every valid dotted key (method options excluded: they depend on the method)."""
+        return [k for k, _ in _flatten(self.to_dict()) if not k.startswith("method.")]
+
+
+def method_options(cfg: Config, options_type: type) -> Any:
+    """Build a method's typed options dataclass from `cfg.method`, rejecting unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(options_type)}
+    hints = typing.get_type_hints(options_type)
+    values = {}
+    for name, value in cfg.method.items():
+        if name == "name":
+            continue
+        if name not in fields:
+            candidates = ["method.name"] + [f"method.{n}" for n in fields]
+            raise ConfigError(
+                _unknown(f"method.{name}", candidates, f"method {cfg.method['name']!r}")
+            )
+        values[name] = _check_type(f"method.{name}", value, hints[name], "config")
+    return options_type(**values)
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def _unknown(key: str, candidates: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(candidates)}"
+    return f"{where}: unknown key {key!r}{hint}"
+
+
+def _flatten(raw: dict[str, Any], prefix: str = ""):
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted != "method" and not dotted.startswith("method."):
+            yield from _flatten(value, dotted + ".")
+        elif dotted == "method" and isinstance(value, dict):
+            # `name` first, so that setting the name does not drop the options after it.
+            if "name" in value:
+                yield "method.name", value["name"]
+            for k, v in value.items():
+                if k != "name":
+                    yield f"method.{k}", v
+        else:
+            yield dotted, value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(hint))} numbers"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _check_type(key: str, value: Any, hint: Any, where: str) -> Any:
+    """Return `value` converted to `hint`, or raise a ConfigError that says what was expected."""
+    origin = typing.get_origin(hint)
+    fail = ConfigError(f"{where}: {key}: expected {_type_name(hint)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg, where)
+            except ConfigError:
+                continue
+        raise fail
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise fail
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise fail
+        return tuple(_check_type(key, v, a, where) for v, a in zip(value, args, strict=True))
+    if origin is list:
+        (arg,) = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise fail
+        return [_check_type(key, v, arg, where) for v in value]
+    if origin is dict or hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise fail
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # e.g. trainer.precision=16 -> "16"
+        raise fail
+    if dataclasses.is_dataclass(hint):
+        raise ConfigError(f"{where}: {key}: is a group of keys, set its fields as {key}.<name>")
+    raise fail

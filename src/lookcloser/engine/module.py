@@ -1,0 +1,164 @@
+"""One LightningModule that trains any Method: it never knows which method it runs."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lookcloser.config import OptimConfig
+from lookcloser.engine.datamodule import sample_seed
+from lookcloser.methods.base import Method
+
+
+class FGVCSystem(L.LightningModule):
+    """Drives a Method: its losses in training, its logits in validation."""
+
+    def __init__(
+        self,
+        method: Method,
+        optim: OptimConfig,
+        epochs: int,
+        steps_per_epoch: int,
+        seed: int = 0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        ema_decay: float | None = None,
+    ):
+        super().__init__()
+        self.method = method
+        self.optim_cfg = optim
+        self.epochs = epochs
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.seed = seed
+        self.mixup = (
+            Mixup(
+                mixup_alpha=mixup,
+                cutmix_alpha=cutmix,
+                num_classes=method.num_classes,
+                label_smoothing=0.0,
+            )
+            if mixup > 0 or cutmix > 0
+            else None
+        )
+        self.ema = None
+        if ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(method, decay=ema_decay)
+        self.val_top1 = MulticlassAccuracy(num_classes=method.num_classes, average="micro")
+        self.batches_done = 0
+
+    # ---- training ---------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Per-step seeding: dropout and a method's random views depend on the step alone,
+        # so a resumed run repeats exactly what an uninterrupted one does.
+        torch.manual_seed(sample_seed(self.seed + self.global_rank, self.global_step, -2))
+
+    def training_step(self, batch, batch_idx: int):
+        images, labels, meta = batch
+        targets = labels
+        if self.mixup is not None and len(images) % 2 == 0:
+            images, targets = self.mixup(images, labels)
+        losses = self.method.training_losses(images, targets, meta)
+        for name, value in losses.items():
+            self.log(
+                f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=len(images)
+            )
+        self.batches_done = batch_idx + 1
+        return losses["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.method, step=self.global_step)
+
+    def on_train_epoch_start(self) -> None:
+        self.batches_done = 0
+
+    # ---- validation -------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels, meta = batch
+        model = self.ema.module if self.ema is not None else self.method
+        logits = model(images, meta)
+        self.val_top1.update(logits, labels)
+        self.log("val/top1", self.val_top1, prog_bar=True, on_epoch=True, batch_size=len(images))
+
+    # ---- checkpoints: where in the epoch we are, for resuming mid-epoch ---------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lookcloser_position"] = {
+            "epoch": self.current_epoch,
+            "batches_done": self.batches_done,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        position = checkpoint.get("lookcloser_position")
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if position and position["batches_done"] and hasattr(datamodule, "resume_at"):
+            datamodule.resume_at(position["epoch"], position["batches_done"])
+
+    # ---- optimizer and schedule -------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        optimizer = create_optimizer_v2(
+            parameter_groups(self.method, cfg),
+            opt=cfg.name,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
+        )
+        if cfg.scheduler == "none":
+            # Without a timm scheduler nothing applies the groups' lr_scale, so apply it once here.
+            for group in optimizer.param_groups:
+                group["lr"] *= group.get("lr_scale", 1.0)
+            return optimizer
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched="cosine" if cfg.scheduler == "cosine" else "step",
+            num_epochs=self.epochs,
+            decay_epochs=cfg.step_epochs,
+            decay_rate=cfg.step_gamma,
+            min_lr=cfg.min_lr,
+            warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.lr * 0.01,
+            step_on_epochs=False,
+            updates_per_epoch=self.steps_per_epoch,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # timm schedulers step on update counts (and honour per-group lr_scale).
+        scheduler.step_update(num_updates=self.global_step)
+
+
+def parameter_groups(method: Method, cfg: OptimConfig) -> list[dict]:
+    """Backbone groups (weight decay, optional layer decay) plus new heads at head_lr_scale."""
+    new_ids = {id(p) for m in method.new_modules() for p in m.parameters()}
+    backbone = method.backbone.model
+    if cfg.layer_decay is not None:
+        groups = param_groups_layer_decay(backbone, cfg.weight_decay, layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(backbone, cfg.weight_decay)
+    seen = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in method.parameters() if id(p) not in seen and p.requires_grad]
+    new = [p for p in rest if id(p) in new_ids]
+    other = [p for p in rest if id(p) not in new_ids]
+    for params, scale in ((new, cfg.head_lr_scale), (other, 1.0)):
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        if decay:
+            groups.append({"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": scale})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": scale})
+    return [g for g in groups if g["params"]]
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters in a module."""
+    return sum(p.numel() for p in module.parameters())

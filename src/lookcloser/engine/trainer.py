@@ -1,0 +1,57 @@
+"""The Lightning Trainer a config asks for: devices, precision, checkpoints, logs, progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lookcloser.config import Config
+
+
+def build_trainer(
+    cfg: Config, run_dir: Path, progress: bool = True, has_val: bool = True
+) -> L.Trainer:
+    """A Trainer writing checkpoints and CSV + TensorBoard logs under `run_dir`."""
+    t = cfg.trainer
+    every_steps = t.checkpoint_every_n_steps
+    callbacks: list = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=every_steps,
+            every_n_epochs=None if every_steps else 1,
+        )
+    ]
+    if progress and t.progress == "rich":
+        callbacks.append(RichProgressBar(leave=True))
+    elif progress and t.progress == "tqdm":
+        callbacks.append(TQDMProgressBar())
+    validate = has_val and t.val_every_n_epochs > 0
+    return L.Trainer(
+        default_root_dir=run_dir,
+        max_epochs=t.epochs,
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        deterministic=t.deterministic,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        check_val_every_n_epoch=max(1, t.val_every_n_epochs),
+        limit_val_batches=None if validate else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=[
+            CSVLogger(run_dir, name="logs", version="csv"),
+            TensorBoardLogger(run_dir, name="logs", version="tensorboard"),
+        ],
+        callbacks=callbacks,
+        enable_progress_bar=progress and t.progress != "none",
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # the EpochSampler splits data across ranks itself
+    )

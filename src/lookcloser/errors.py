@@ -1,0 +1,30 @@
+"""Exceptions with messages meant for users: each names the file, key or value at fault."""
+
+
+class LookcloserError(Exception):
+    """Base class for errors the CLI reports as one line, without a traceback."""
+
+
+class ConfigError(LookcloserError, ValueError):
+    """A config key or value is unknown or of the wrong type."""
+
+
+class DataError(LookcloserError):
+    """A dataset is missing, malformed or inconsistent."""
+
+
+class BadImageError(DataError):
+    """An image file cannot be decoded; the message names the file."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class WeightsError(LookcloserError):
+    """Pretrained or checkpoint weights cannot be found or do not fit the model."""
+
+
+class ModelDirError(LookcloserError):
+    """A model directory is missing, incomplete or corrupt."""

@@ -1,0 +1,104 @@
+"""Metrics of a classifier on a labelled split: top-1/5, mean per-class accuracy, ECE, confusion."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassConfusionMatrix,
+)
+
+
+def compute_metrics(
+    logits: Tensor, labels: Tensor, classes: list[str], top_pairs: int = 10
+) -> dict[str, Any]:
+    """Top-1, top-5, mean per-class accuracy, ECE (15 bins) and the most-confused class pairs."""
+    n = len(classes)
+    probs = logits.float().softmax(dim=1)
+    k = min(5, n)
+    top1 = MulticlassAccuracy(num_classes=n, average="micro")(probs, labels)
+    top5 = MulticlassAccuracy(num_classes=n, average="micro", top_k=k)(probs, labels)
+    # Mean over the classes present in this split (absent classes would count as 0).
+    per_class = MulticlassAccuracy(num_classes=n, average=None)(probs, labels)
+    present = torch.bincount(labels, minlength=n) > 0
+    mean_per_class = per_class[present].mean()
+    ece = MulticlassCalibrationError(num_classes=n, n_bins=15, norm="l1")(probs, labels)
+    confusion = MulticlassConfusionMatrix(num_classes=n)(probs, labels)
+    return {
+        "images": int(labels.numel()),
+        "classes": n,
+        "top1": float(top1),
+        f"top{k}": float(top5),
+        "mean_per_class_accuracy": float(mean_per_class),
+        "ece": float(ece),
+        "most_confused": most_confused(confusion, classes, top_pairs),
+        "confusion": confusion.tolist(),
+    }
+
+
+def most_confused(confusion: Tensor, classes: list[str], limit: int = 10) -> list[dict[str, Any]]:
+    """Off-diagonal (true, predicted) pairs with the most images, largest first."""
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    values, flat = off.flatten().sort(descending=True)
+    pairs = []
+    for value, index in zip(values.tolist(), flat.tolist(), strict=True):
+        if value == 0 or len(pairs) >= limit:
+            break
+        true, pred = divmod(index, len(classes))
+        pairs.append({"true": classes[true], "predicted": classes[pred], "count": int(value)})
+    return pairs
+
+
+def write_confusion(
+    confusion: list[list[int]], classes: list[str], out_dir: str | Path
+) -> tuple[Path, Path]:
+    """confusion.csv (rows: true class, columns: predicted) and confusion.png."""
+    out_dir = Path(out_dir)
+    csv_path = out_dir / "confusion.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true\\predicted", *classes])
+        for name, row in zip(classes, confusion, strict=True):
+            writer.writerow([name, *row])
+    png_path = out_dir / "confusion.png"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    size = min(4 + 0.35 * n, 40)
+    fig, ax = plt.subplots(figsize=(size, size))
+    matrix = torch.tensor(confusion, dtype=torch.float32)
+    normalized = matrix / matrix.sum(dim=1, keepdim=True).clamp_min(1)
+    ax.imshow(normalized.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 60:
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), classes, fontsize=7)
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                if confusion[i][j]:
+                    color = "white" if normalized[i, j] > 0.5 else "black"
+                    ax.text(
+                        j, i, confusion[i][j], ha="center", va="center", fontsize=7, color=color
+                    )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion (rows normalized)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return csv_path, png_path
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The scalar metrics only (no matrix, no pair list)."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, list | dict)}

@@ -1,0 +1,46 @@
+"""The baseline: backbone + linear head, trained with label-smoothed cross-entropy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lookcloser.methods.base import Method, register_method
+from lookcloser.models.backbones import Backbone
+
+
+@dataclass
+class BaselineOptions:
+    """Options of the baseline method."""
+
+    label_smoothing: float = 0.1
+
+
+@register_method
+class Baseline(Method):
+    """A plain global classifier: the reference every fine-grained method must beat."""
+
+    name = "baseline"
+    Options = BaselineOptions
+
+    def __init__(
+        self, backbone: Backbone, num_classes: int, options: BaselineOptions | None = None
+    ):
+        super().__init__(backbone, num_classes, options)
+        self.head = nn.Linear(backbone.num_features, num_classes)
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Logits from the pooled feature map."""
+        return self.head(self.backbone.pool(features))
+
+    def training_losses(self, images, targets, meta=None) -> dict[str, Tensor]:
+        """Label-smoothed cross-entropy on the images as given."""
+        logits = self(images, meta)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.options.label_smoothing)
+        return {"loss": loss}
+
+    def new_modules(self) -> list[nn.Module]:
+        """The linear head is new."""
+        return [self.head]
