@@ -63,9 +63,9 @@ def _global_rank() -> int:
     return node * 1000 + local  # only "is it zero" matters here
 
 
-def _run_dir(cfg: Config) -> Path:
+def _run_dir(cfg: Config, rank_zero: bool) -> Path:
     # DDP children re-run the command; they must use the directory rank 0 chose.
-    if os.environ.get("LOOKCLOSER_RUN_DIR"):
+    if not rank_zero and os.environ.get("LOOKCLOSER_RUN_DIR"):
         return Path(os.environ["LOOKCLOSER_RUN_DIR"])
     if cfg.out:
         return Path(cfg.out).expanduser()
@@ -130,11 +130,31 @@ def train(
     overrides: list[str] | None = None,
     *,
     progress: bool = True,
+    callbacks: list | None = None,
 ) -> TrainResult | None:
     """Train a method, evaluate it on the test split and write a model directory.
 
-    Returns None in DDP worker processes other than rank 0.
+    `callbacks` are extra Lightning callbacks. Returns None in DDP processes other than rank 0.
     """
+    cfg = as_config(config, overrides)
+    rank_zero = _global_rank() == 0
+    run_dir = _run_dir(cfg, rank_zero)
+    if rank_zero:
+        _prepare_run_dir(cfg, run_dir)
+    previous = os.environ.get("LOOKCLOSER_RUN_DIR")
+    os.environ["LOOKCLOSER_RUN_DIR"] = str(run_dir.resolve())  # inherited by DDP children
+    try:
+        return _train(cfg, run_dir, progress, callbacks)
+    finally:
+        if previous is None:
+            os.environ.pop("LOOKCLOSER_RUN_DIR", None)
+        else:
+            os.environ["LOOKCLOSER_RUN_DIR"] = previous
+
+
+def _train(
+    cfg: Config, run_dir: Path, progress: bool, callbacks: list | None
+) -> TrainResult | None:
     import lightning as L
     import torch
 
@@ -144,12 +164,7 @@ def train(
     from lookcloser.engine.trainer import build_trainer
     from lookcloser.methods import build_method
 
-    cfg = as_config(config, overrides)
     rank_zero = _global_rank() == 0
-    run_dir = _run_dir(cfg)
-    if rank_zero:
-        _prepare_run_dir(cfg, run_dir)
-        os.environ["LOOKCLOSER_RUN_DIR"] = str(run_dir.resolve())
     ckpt_path = _resume_path(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -173,7 +188,7 @@ def train(
         max_pixels=cfg.data.max_image_pixels,
         weights=weights,
     )
-    trainer = build_trainer(cfg, run_dir, progress=progress, has_val=bool(splits.test))
+    trainer = build_trainer(cfg, run_dir, progress, has_val=bool(splits.test), callbacks=callbacks)
     steps_per_epoch = _steps_per_epoch(len(splits.train), cfg, trainer.world_size)
     system = FGVCSystem(
         method,
@@ -188,6 +203,10 @@ def train(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        # Short epochs still log epoch means; and mid-epoch resume is exact through the
+        # EpochSampler position saved by FGVCSystem, which Lightning cannot see.
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return None
@@ -203,7 +222,14 @@ def train(
         device="cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
     )
     metrics = _evaluate_and_write(predictor, splits, cfg, run_dir, progress)
-    _save(run_dir, inference, splits, cfg, metrics, interpolation, skipped)
+    training = {
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "world_size": trainer.world_size,
+        "precision": str(trainer.precision),
+        "accelerator": type(trainer.accelerator).__name__,
+    }
+    _save(run_dir, inference, splits, cfg, metrics, interpolation, skipped, training)
     return TrainResult(run_dir, metrics, splits.classes, skipped)
 
 
@@ -241,6 +267,7 @@ def _save(
     metrics: dict,
     interpolation: str,
     skipped: list[str],
+    training: dict | None = None,
 ) -> None:
     from lookcloser.evaluation import summary
     from lookcloser.modeldir import save_model_dir
@@ -269,6 +296,7 @@ def _save(
             "skipped": len(skipped),
         },
         "metrics": summary(metrics),
+        "training": training or {},
         "config": cfg.to_dict(),
     }
     save_model_dir(run_dir, inference.state_dict(), info)
@@ -329,11 +357,12 @@ def explain(
     image: str | Path,
     out: str | Path | None = None,
     target: str | None = None,
+    map_name: str | None = None,
 ) -> Path:
     """Write the image and its attention heatmap side by side as a PNG; returns its path."""
     from lookcloser.explain.overlay import save_explanation
 
-    explanation = load(model_dir).explain(image, target)
+    explanation = load(model_dir).explain(image, target, map_name)
     out = Path(out) if out else Path(image).with_suffix(".heatmap.png").name
     return save_explanation(explanation, out)
 

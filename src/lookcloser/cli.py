@@ -107,7 +107,7 @@ def cmd_predict(args) -> int:
 def cmd_explain(args) -> int:
     from lookcloser import api
 
-    out = api.explain(args.model_dir, args.image, args.out, args.target)
+    out = api.explain(args.model_dir, args.image, args.out, args.target, args.map)
     print(out)
     return 0
 
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--out", help="PNG to write (default: <image name>.heatmap.png here)")
     p.add_argument("--target", help="class to explain (default: the predicted one)")
+    p.add_argument("--map", help="which of the method's maps (default: its first, grad-cam)")
 
     p = command(
         "export", "Export the inference graph (ONNX) and check it against PyTorch.", cmd_export

@@ -183,7 +183,10 @@ class Predictor:
         return EvalOutput(torch.cat(logits), torch.cat(labels), [s.path for s in samples])
 
     def explain(
-        self, image: str | Path | Image.Image, target: int | str | None = None
+        self,
+        image: str | Path | Image.Image,
+        target: int | str | None = None,
+        map_name: str | None = None,
     ) -> Explanation:
         """The method's attention map for one image (Grad-CAM unless the method has its own)."""
         tensor = self.preprocess(image).unsqueeze(0).to(self.device)
@@ -193,7 +196,10 @@ class Predictor:
                 raise ValueError(f"unknown class {target!r}")
             target = self.classes.index(target)
         index = int(probs.argmax()) if target is None else int(target)
-        heatmap = self.method.attention(tensor, torch.tensor([index], device=self.device))[0]
+        maps = self.method.attention_maps(tensor, torch.tensor([index], device=self.device))
+        if map_name is not None and map_name not in maps:
+            raise ValueError(f"unknown map {map_name!r}; this model has: {', '.join(maps)}")
+        heatmap = maps[map_name or next(iter(maps))][0]
         view = Image.fromarray(
             (tensor[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
         )

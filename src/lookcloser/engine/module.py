@@ -66,8 +66,14 @@ class FGVCSystem(L.LightningModule):
             images, targets = self.mixup(images, labels)
         losses = self.method.training_losses(images, targets, meta)
         for name, value in losses.items():
+            # Step values every log_every_n_steps, and epoch means (so short runs log too).
             self.log(
-                f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=len(images)
+                f"train/{name}",
+                value.detach(),
+                prog_bar=name == "loss",
+                on_step=True,
+                on_epoch=True,
+                batch_size=len(images),
             )
         self.batches_done = batch_idx + 1
         return losses["loss"]

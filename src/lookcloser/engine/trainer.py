@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -12,12 +13,18 @@ from lookcloser.config import Config
 
 
 def build_trainer(
-    cfg: Config, run_dir: Path, progress: bool = True, has_val: bool = True
+    cfg: Config,
+    run_dir: Path,
+    progress: bool = True,
+    has_val: bool = True,
+    callbacks: list | None = None,
 ) -> L.Trainer:
     """A Trainer writing checkpoints and CSV + TensorBoard logs under `run_dir`."""
+    # Lightning's info lines (available accelerators, tips) are noise in a CLI; warnings stay.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     t = cfg.trainer
     every_steps = t.checkpoint_every_n_steps
-    callbacks: list = [
+    callbacks = list(callbacks or []) + [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             save_last=True,
@@ -47,7 +54,7 @@ def build_trainer(
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps,
         logger=[
-            CSVLogger(run_dir, name="logs", version="csv"),
+            CSVLogger(run_dir, name="logs", version=_csv_version(run_dir, t.resume is not None)),
             TensorBoardLogger(run_dir, name="logs", version="tensorboard"),
         ],
         callbacks=callbacks,
@@ -55,3 +62,13 @@ def build_trainer(
         enable_model_summary=False,
         use_distributed_sampler=False,  # the EpochSampler splits data across ranks itself
     )
+
+
+def _csv_version(run_dir: Path, resuming: bool) -> str:
+    """`csv`, or `csv-resume-N` when resuming (Lightning's CSVLogger would overwrite the old file)."""
+    if not resuming:
+        return "csv"
+    n = 1
+    while (run_dir / "logs" / f"csv-resume-{n}").exists():
+        n += 1
+    return f"csv-resume-{n}"

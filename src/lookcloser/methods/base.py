@@ -52,6 +52,10 @@ class Method(nn.Module):
 
         return grad_cam(self, images, target)
 
+    def attention_maps(self, images: Tensor, target: Tensor | None = None) -> dict[str, Tensor]:
+        """Every map this method can show, by name (B x H x W each); the first is the default."""
+        return {"grad-cam": self.attention(images, target)}
+
     # ---- training ---------------------------------------------------------------------------
     def training_losses(
         self, images: Tensor, targets: Tensor, meta: dict[str, Tensor] | None = None

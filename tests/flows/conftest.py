@@ -1,0 +1,29 @@
+"""Fixtures for end-to-end flows: a tiny synthetic set and a model trained by the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flowkit import TINY, run_cli
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A 3-class synthetic ImageFolder tree (16 train + 4 test images per class, 64 px)."""
+    from lookcloser.data.synthetic import generate
+
+    return generate(
+        tmp_path_factory.mktemp("synthetic"), classes=3, per_class=16, test_per_class=4, size=64
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory, synthetic_root) -> Path:
+    """A model directory trained by the CLI on the tiny synthetic set."""
+    out = tmp_path_factory.mktemp("run") / "model"
+    result = run_cli(
+        "train", "--no-progress", "data.source=imagefolder", f"data.root={synthetic_root}", *TINY, f"out={out}"
+    )
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    return out
