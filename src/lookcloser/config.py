@@ -46,8 +46,13 @@ class DataConfig:
     # Single-folder ImageFolder / CSV without a split column: seeded stratified split.
     test_fraction: float = 0.2
     split_seed: int = 0
-    # Label granularity for datasets that have several (FGVC-Aircraft: variant|family|manufacturer).
+    # Label granularity for datasets that have several (FGVC-Aircraft: variant|family|manufacturer;
+    # iNaturalist: species|genus|...|kingdom|supercategory).
     level: str | None = None
+    # Which official training split (aircraft, flowers102: trainval|train; inat 2021: train|train_mini).
+    train_split: str | None = None
+    # Streaming shards (data.source=shards): samples held for shuffling.
+    shuffle_buffer: int = 1000
     # Train-time augmentation (timm create_transform); eval is resize + centre crop.
     crop_pct: float = 0.875
     train_scale: tuple[float, float] = (0.5, 1.0)
@@ -102,6 +107,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: int | str = "auto"
     strategy: str = "auto"
+    num_nodes: int = 1
     precision: str = "32-true"
     deterministic: bool = False
     accumulate_grad_batches: int = 1
@@ -316,6 +322,11 @@ def _check_type(key: str, value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise fail
     if hint is str:
         if isinstance(value, str):

@@ -46,7 +46,7 @@ def most_confused(confusion: Tensor, classes: list[str], limit: int = 10) -> lis
     """Off-diagonal (true, predicted) pairs with the most images, largest first."""
     off = confusion.clone()
     off.fill_diagonal_(0)
-    values, flat = off.flatten().sort(descending=True)
+    values, flat = off.flatten().sort(descending=True, stable=True)
     pairs = []
     for value, index in zip(values.tolist(), flat.tolist(), strict=True):
         if value == 0 or len(pairs) >= limit:

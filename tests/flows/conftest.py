@@ -23,7 +23,12 @@ def trained_model(tmp_path_factory, synthetic_root) -> Path:
     """A model directory trained by the CLI on the tiny synthetic set."""
     out = tmp_path_factory.mktemp("run") / "model"
     result = run_cli(
-        "train", "--no-progress", "data.source=imagefolder", f"data.root={synthetic_root}", *TINY, f"out={out}"
+        "train",
+        "--no-progress",
+        "data.source=imagefolder",
+        f"data.root={synthetic_root}",
+        *TINY,
+        f"out={out}",
     )
     assert result.stdout.strip().splitlines()[-1] == str(out)
     return out

@@ -45,11 +45,17 @@ def test_resume_mid_epoch_matches_uninterrupted_run(synthetic_root, tmp_path):
 
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        api.train(overrides=settings(synthetic_root, crashed), progress=False, callbacks=[Crash(at_step=10)])
+        api.train(
+            overrides=settings(synthetic_root, crashed),
+            progress=False,
+            callbacks=[Crash(at_step=10)],
+        )
     assert not (crashed / "model.json").exists()  # a crash never looks like a finished model
     assert (crashed / "checkpoints" / "last.ckpt").is_file()
 
-    resumed = api.train(overrides=[*settings(synthetic_root, crashed), "trainer.resume=last"], progress=False)
+    resumed = api.train(
+        overrides=[*settings(synthetic_root, crashed), "trainer.resume=last"], progress=False
+    )
 
     assert json.loads((crashed / "model.json").read_text())["training"]["global_step"] == 12
     for key in ["top1", "mean_per_class_accuracy", "ece"]:
@@ -64,7 +70,9 @@ def test_resume_mid_epoch_matches_uninterrupted_run(synthetic_root, tmp_path):
 def test_unfinished_run_is_not_silently_restarted(synthetic_root, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError):
-        api.train(overrides=settings(synthetic_root, out), progress=False, callbacks=[Crash(at_step=5)])
+        api.train(
+            overrides=settings(synthetic_root, out), progress=False, callbacks=[Crash(at_step=5)]
+        )
     from lookcloser.errors import ConfigError
 
     with pytest.raises(ConfigError, match="trainer.resume=last"):

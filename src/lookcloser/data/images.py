@@ -101,6 +101,15 @@ class CheckReport:
         """How many images were checked."""
         return len(self.reports)
 
+    def as_dict(self) -> dict:
+        """Plain data for JSON output."""
+        return {
+            "total": self.total,
+            "bad": [{"path": r.path, "problem": r.problem} for r in self.bad],
+            "duplicates": self.duplicates,
+            "odd_modes": [{"path": r.path, "mode": r.mode} for r in self.odd_modes],
+        }
+
     def summary_lines(self, limit: int = MAX_LISTED) -> list[str]:
         """Human-readable lines: a count line, then bad files, duplicate groups and odd modes."""
         n_dup_files = sum(len(g) for g in self.duplicates)
@@ -146,11 +155,12 @@ def verify_samples(
     if not bad:
         return list(samples), []
     if on_bad_image == "error":
-        listed = _limited([f"  {r.path}: {r.problem}" for r in bad], MAX_LISTED)
+        # One line (the CLI prints errors as one line); `lookcloser data check` lists them all.
+        shown = "; ".join(f"{r.path} ({r.problem})" for r in bad[:3])
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise DataError(
-            f"{len(bad)} unreadable image(s) out of {len(unique)}:\n"
-            + "\n".join(listed)
-            + "\nset data.on_bad_image=skip to skip them"
+            f"{len(bad)} unreadable image(s) out of {len(unique)}: {shown}{more}. "
+            "Set data.on_bad_image=skip to skip them, or run `lookcloser data check` for the full list"
         )
     bad_paths = {r.path for r in bad}
     good = [s for s in samples if s.path not in bad_paths]

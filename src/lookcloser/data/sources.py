@@ -199,7 +199,7 @@ def csv_source(cfg: DataConfig) -> DatasetSplits:
 
 
 def _read_csv(path: Path, split: str | None) -> list[tuple[str, str, dict, str | None]]:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's BOM
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         missing = {"path", "label"} - set(columns)
@@ -212,6 +212,8 @@ def _read_csv(path: Path, split: str | None) -> list[tuple[str, str, dict, str |
             if not row["path"] or not row["label"]:
                 raise DataError(f"{path}:{line}: empty path or label")
             row_split = split or (row.get("split") or None)
+            if split is None and "split" in columns and row_split is None:
+                raise DataError(f"{path}:{line}: empty split (expected train or test)")
             if row_split not in (None, "train", "test"):
                 raise DataError(f"{path}:{line}: split must be train or test, got {row_split!r}")
             image = Path(row["path"])

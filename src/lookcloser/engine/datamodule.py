@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -49,13 +50,18 @@ class ImageDataset(Dataset):
         if seed is None:
             tensor = self.transform(image)
         else:
-            # Augmentation drawn from this image's own seed, leaving the caller's RNG alone.
-            state = random.getstate()
-            with torch.random.fork_rng(devices=[]):
-                random.seed(seed)
-                torch.manual_seed(seed)
-                tensor = self.transform(image)
-            random.setstate(state)
+            # Augmentation drawn from this image's own seed (python, numpy and torch RNGs: timm
+            # uses all three), leaving the caller's RNG state alone.
+            py_state, np_state = random.getstate(), np.random.get_state()
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    random.seed(seed)
+                    np.random.seed(seed % 2**32)
+                    torch.manual_seed(seed)
+                    tensor = self.transform(image)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
         meta = {
             k: torch.tensor(sample.meta.get(k, math.nan), dtype=torch.float32)
             for k in self.meta_keys
@@ -136,7 +142,7 @@ class EpochSampler(Sampler):
             order = torch.arange(self.num_samples)
         order = order.tolist()
         total = len(self) * self.world_size
-        order += order[: total - len(order)]  # pad so every rank gets len(self) items
+        order = (order * math.ceil(total / len(order)))[:total]  # pad: every rank gets len(self)
         return order[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

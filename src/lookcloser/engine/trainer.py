@@ -45,6 +45,7 @@ def build_trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         strategy=t.strategy,
+        num_nodes=t.num_nodes,
         precision=t.precision,
         deterministic=t.deterministic,
         accumulate_grad_batches=t.accumulate_grad_batches,

@@ -1,0 +1,549 @@
+"""WebDataset tar shards: pack any source into shards, stream them for large-scale training.
+
+A shard is a plain tar in WebDataset layout: the files of one sample are consecutive and share
+a key (`<key>.jpg`, `<key>.cls`, `<key>.json`). `dataset.json` beside the shards lists the
+classes, the shards of each split and their sample counts, so training never lists files or
+holds a per-sample index in memory: `ShardDataset` streams tar files one after another (local
+paths or http(s) URLs), split across DDP ranks and DataLoader workers.
+
+Written with the standard library's tarfile rather than the `webdataset` package: the format
+is simple, the rank/worker split must be explicit and testable, and an equal per-rank length
+(which DDP needs to avoid a hang) is easier to guarantee in our own loop. The shards remain
+readable by `webdataset` itself.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+import re
+import tarfile
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from PIL import Image
+
+from lookcloser.data.images import DEFAULT_MAX_PIXELS, load_image
+from lookcloser.data.images import _decode as _decode_bytes
+from lookcloser.data.info import count_summary
+from lookcloser.data.sources import DatasetSplits
+from lookcloser.errors import BadImageError, DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lookcloser-shards/1"
+INDEX_NAME = "dataset.json"
+IMAGE_EXTS = ("jpg", "png", "webp", "jpeg", "ppm", "bmp", "gif", "tif", "tiff")
+_SUFFIX_EXT = {".jpeg": "jpg", ".jpg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp"}
+_TIMEOUT_S = 60
+
+
+# ---- packing ------------------------------------------------------------------------------
+def pack_shards(
+    splits: DatasetSplits,
+    out_dir: str | Path,
+    shard_size: int,
+    reencode: bool = False,
+    *,
+    seed: int = 0,
+    quality: int = 95,
+    max_side: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[Path]:
+    """Write `{train,test}-NNNNNN.tar` shards of `shard_size` samples and `dataset.json`.
+
+    Image bytes are copied as they are, or with `reencode` decoded and saved as JPEG
+    (`quality`, longest side at most `max_side`). Training samples are shuffled (seeded) so
+    that a small shuffle buffer suffices when streaming. Each shard is written to a
+    `.partial` name and renamed when complete; `dataset.json` is written last.
+    """
+    if shard_size < 1:
+        raise DataError(f"--shard-size: expected a positive number of samples, got {shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / INDEX_NAME).exists() or any(out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar")):
+        raise DataError(f"{out}: already holds shards; choose an empty folder")
+    index: dict[str, Any] = {
+        "format": FORMAT,
+        "name": splits.name,
+        "classes": list(splits.classes),
+        "annotations": list(splits.annotations),
+        "splits": {},
+    }
+    written: list[Path] = []
+    for split, samples in (("train", splits.train), ("test", splits.test)):
+        order = list(range(len(samples)))
+        if split == "train":
+            random.Random(seed).shuffle(order)
+        names, counts = [], []
+        for start in range(0, len(order), shard_size):
+            chunk = order[start : start + shard_size]
+            path = out / f"{split}-{len(names):06d}.tar"
+            _write_shard(
+                path,
+                split,
+                [(i, samples[i]) for i in chunk],
+                splits.classes,
+                reencode,
+                quality,
+                max_side,
+                max_pixels,
+            )
+            names.append(path.name)
+            counts.append(len(chunk))
+            written.append(path)
+            if progress is not None:
+                progress(split, start + len(chunk), len(order))
+        class_counts = Counter(s.label for s in samples)
+        index["splits"][split] = {
+            "count": len(samples),
+            "meta_keys": numeric_meta_keys(samples),
+            "shards": names,
+            "shard_counts": counts,
+            "class_counts": [class_counts.get(i, 0) for i in range(len(splits.classes))],
+        }
+    tmp = out / f"{INDEX_NAME}.partial"
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(tmp, out / INDEX_NAME)
+    return written
+
+
+def numeric_meta_keys(samples: list[Any]) -> list[str]:
+    """Meta keys whose values are numbers, or number lists of one length, in every sample."""
+    if not samples:
+        return []
+    shapes: dict[str, set] = {k: set() for k in samples[0].meta}
+    for sample in samples:
+        for key in list(shapes):
+            if key not in sample.meta:
+                del shapes[key]
+            else:
+                shapes[key].add(_numeric_shape(sample.meta[key]))
+    return sorted(k for k, found in shapes.items() if len(found) == 1 and None not in found)
+
+
+def _numeric_shape(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return 0
+    if (
+        isinstance(value, list | tuple)
+        and value
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        return len(value)
+    return None
+
+
+def _write_shard(
+    path: Path,
+    split: str,
+    items: list[tuple[int, Any]],
+    classes: list[str],
+    reencode: bool,
+    quality: int,
+    max_side: int | None,
+    max_pixels: int,
+) -> None:
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+            for i, sample in items:
+                key = f"{split}_{i:09d}"
+                ext, data = _image_bytes(sample.path, reencode, quality, max_side, max_pixels)
+                record = {
+                    "label": sample.label,
+                    "class": classes[sample.label],
+                    "source": str(sample.path),
+                    "meta": sample.meta,
+                }
+                _add(tar, f"{key}.{ext}", data)
+                _add(tar, f"{key}.cls", str(sample.label).encode())
+                _add(tar, f"{key}.json", json.dumps(record, default=_jsonable).encode())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0  # fixed fields: reproducible shards
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _image_bytes(
+    path: str, reencode: bool, quality: int, max_side: int | None, max_pixels: int
+) -> tuple[str, bytes]:
+    if reencode:
+        image = load_image(path, max_pixels)
+        if max_side and max(image.size) > max_side:
+            image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+        return "jpg", buffer.getvalue()
+    ext = _SUFFIX_EXT.get(Path(path).suffix.lower())
+    if ext is None:
+        raise DataError(f"{path}: cannot copy this image format into a shard; use --reencode")
+    try:
+        return ext, Path(path).read_bytes()
+    except OSError as err:
+        raise BadImageError(path, f"cannot read: {err.strerror or err}") from None
+
+
+def _jsonable(value: Any) -> Any:
+    # numpy scalars and arrays from .mat files, paths and the like.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+# ---- the index ----------------------------------------------------------------------------
+@dataclass
+class ShardIndex:
+    """What `dataset.json` says about a set of shards: classes, and shard URLs per split."""
+
+    classes: list[str]
+    urls: dict[str, list[str]]
+    counts: dict[str, int | None]
+    name: str = ""
+    annotations: list[str] = field(default_factory=list)
+    class_counts: dict[str, list[int]] = field(default_factory=dict)
+    # Numeric meta keys of the training split (what the engine batches as tensors).
+    meta_keys: list[str] = field(default_factory=list)
+
+
+def open_shards(root: str) -> ShardIndex:
+    """Read the shard index for `data.root`: a folder or URL holding dataset.json, that file,
+    or a brace/glob pattern of training shards next to it (`.../train-{000000..000099}.tar`).
+    """
+    if not root:
+        raise DataError("data.root is required for data.source=shards")
+    is_pattern = root.endswith(".tar") or any(c in root for c in "{*?[")
+    if is_pattern:
+        base = root.rsplit("/", 1)[0] if "/" in root else "."
+        index_url = f"{base}/{INDEX_NAME}"
+    elif root.endswith(".json"):
+        index_url, base = root, root.rsplit("/", 1)[0] if "/" in root else "."
+    else:
+        base = root.rstrip("/")
+        index_url = f"{base}/{INDEX_NAME}"
+    try:
+        with _open_stream(index_url) as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"data.root: cannot read the shard index {index_url} ({err})") from None
+    if raw.get("format") != FORMAT:
+        raise DataError(f"{index_url}: not a lookcloser shard index (format {raw.get('format')!r})")
+    urls, counts, class_counts = {}, {}, {}
+    for split, entry in raw["splits"].items():
+        urls[split] = [f"{base}/{name}" for name in entry["shards"]]
+        counts[split] = entry["count"]
+        class_counts[split] = entry.get("class_counts", [])
+    if is_pattern:
+        chosen = expand_urls(root)
+        if not chosen:
+            raise DataError(f"data.root: the pattern {root} matches no shard")
+        per_shard = dict(zip(urls["train"], raw["splits"]["train"]["shard_counts"], strict=True))
+        urls["train"] = chosen
+        known = all(u in per_shard for u in chosen)
+        counts["train"] = sum(per_shard[u] for u in chosen) if known else None
+        class_counts["train"] = []
+    meta_keys = raw["splits"].get("train", {}).get("meta_keys", [])
+    return ShardIndex(
+        raw["classes"],
+        urls,
+        counts,
+        raw.get("name", ""),
+        raw.get("annotations", []),
+        class_counts,
+        meta_keys,
+    )
+
+
+def shard_info(index: ShardIndex) -> dict[str, Any]:
+    """The `data info` summary of a shard index (same shape as `info.dataset_info`)."""
+    splits = {}
+    for split, total in index.counts.items():
+        counts = dict(enumerate(index.class_counts.get(split) or []))
+        splits[split] = count_summary(total or 0, counts, len(index.classes) if counts else 0)
+    return {
+        "name": index.name,
+        "num_classes": len(index.classes),
+        "classes": index.classes,
+        "splits": splits,
+        "annotations": index.annotations,
+    }
+
+
+def expand_urls(pattern: str) -> list[str]:
+    """Brace-expand `{000000..000099}` ranges and `{a,b}` lists; glob local wildcards."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match:
+        body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end() :]
+        numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        if numeric:
+            first, last = numeric.groups()
+            width = len(first) if first.startswith("0") else 0
+            options = [str(i).zfill(width) for i in range(int(first), int(last) + 1)]
+        else:
+            options = body.split(",")
+        return [url for option in options for url in expand_urls(head + option + tail)]
+    if not _is_url(pattern) and any(c in pattern for c in "*?["):
+        return sorted(glob.glob(pattern))
+    return [pattern]
+
+
+def _is_url(name: str) -> bool:
+    return urllib.parse.urlsplit(name).scheme in ("http", "https", "file")
+
+
+def _open_stream(url: str) -> IO[bytes]:
+    if _is_url(url):
+        request = urllib.request.Request(url, headers={"User-Agent": "lookcloser"})
+        return urllib.request.urlopen(request, timeout=_TIMEOUT_S)  # noqa: S310
+    return open(url, "rb")  # noqa: SIM115 (the caller closes it)
+
+
+# ---- streaming ----------------------------------------------------------------------------
+def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """This process's DDP rank and world size: explicit values, torch.distributed, or the
+    RANK / WORLD_SIZE environment variables that torchrun sets; (0, 1) outside DDP."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _split(items: list[str], stride: int, offset: int, part: int, parts: int):
+    # Give each of `parts` readers whole shards when there are enough, else every parts-th
+    # sample of the stream (stride/offset select samples by position).
+    if stride == 1 and len(items) >= parts:
+        return items[part::parts], 1, 0
+    return items, stride * parts, offset + stride * part
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Streams samples from tar shards, split across DDP ranks and then DataLoader workers.
+
+    Yields `(image, label)`; with `meta_keys`, `(image, label, {key: float32 tensor})` like
+    the engine's in-memory dataset (NaN where a sample lacks a key); with `with_meta`,
+    `(image, label, meta dict)`. `image` is the RGB PIL image passed through `transform`.
+
+    With `training` (the default) the shard order is reshuffled each epoch (`set_epoch`,
+    shared with running DataLoader workers), samples pass a shuffle buffer of
+    `shuffle_buffer`, and every rank yields exactly `len(self)` samples: `num_samples //
+    world_size`, rounded down to whole batches when `batch_size` is given (each worker then
+    yields whole batches), cycling through the rank's shards if they run short, so DDP ranks
+    take the same number of steps. Without `training`, every sample is yielded exactly once
+    across all ranks and workers, in shard order.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        num_samples: int | None = None,
+        training: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        transform: Callable[[Image.Image], Any] | None = None,
+        batch_size: int | None = None,
+        meta_keys: list[str] | None = None,
+        with_meta: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        on_bad_image: str = "error",
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        if not urls:
+            raise DataError("data.root: no shards to stream")
+        if training and num_samples is None:
+            raise DataError("ShardDataset: training needs num_samples (dataset.json has it)")
+        self.urls = list(urls)
+        self.num_samples = num_samples
+        self.training = training
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.transform = transform
+        self.batch_size = batch_size
+        self.meta_keys = list(meta_keys) if meta_keys is not None else None
+        self.with_meta = with_meta
+        self.max_pixels = max_pixels
+        self.on_bad_image = on_bad_image
+        self.rank, self.world_size = rank, world_size
+        # Shared memory, so persistent DataLoader workers see set_epoch from the main process.
+        self._epoch = multiprocessing.RawValue("q", 0)
+
+    @classmethod
+    def from_index(cls, index: ShardIndex, split: str, **kwargs: Any) -> ShardDataset:
+        """The dataset of one split of a shard index; training mode for "train"."""
+        if split not in index.urls:
+            raise DataError(f"shard index has no {split!r} split; has {sorted(index.urls)}")
+        kwargs.setdefault("training", split == "train")
+        return cls(index.urls[split], num_samples=index.counts.get(split), **kwargs)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose shard order and shuffle the next iteration uses."""
+        return self._epoch.value
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the shard order and buffer for `epoch` (call before each epoch)."""
+        self._epoch.value = epoch
+
+    def _units(self, world: int) -> tuple[int, int]:
+        # (units per rank, samples per unit): whole batches when batch_size is known.
+        per_rank = self.num_samples // world
+        unit = self.batch_size or 1
+        return per_rank // unit, unit
+
+    def __len__(self) -> int:
+        _, world = rank_and_world(self.rank, self.world_size)
+        if self.num_samples is None or (not self.training and world > 1):
+            raise TypeError("the per-rank length of this shard stream is not known in advance")
+        if not self.training:
+            return self.num_samples
+        units, unit = self._units(world)
+        return units * unit
+
+    def __iter__(self) -> Iterator[tuple]:
+        rank, world = rank_and_world(self.rank, self.world_size)
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch = self.epoch
+        shards = list(self.urls)
+        if self.training:
+            random.Random(f"{self.seed}-{epoch}").shuffle(shards)  # same order on all ranks
+        shards, stride, offset = _split(shards, 1, 0, rank, world)
+        shards, stride, offset = _split(shards, stride, offset, worker, workers)
+        if not self.training:
+            yield from self._decoded(self._pass(shards, stride, offset))
+            return
+        units, unit = self._units(world)
+        quota = (units // workers + (1 if worker < units % workers else 0)) * unit
+        rng = random.Random(f"{self.seed}-{epoch}-{rank}-{worker}")
+        decoded = self._decoded(self._passes(shards, stride, offset, rng))
+        for _ in range(quota):
+            yield next(decoded)
+
+    def _passes(
+        self, shards: list[str], stride: int, offset: int, rng: random.Random
+    ) -> Iterator[dict[str, Any]]:
+        # Endless passes over this reader's shards, each through its own shuffle buffer, so
+        # a pass is complete before any sample repeats.
+        while True:
+            stream = self._pass(shards, stride, offset)
+            if self.shuffle_buffer > 1:
+                stream = _shuffled(stream, self.shuffle_buffer, rng)
+            found = False
+            for sample in stream:
+                found = True
+                yield sample
+            if not found:
+                raise DataError(f"shards {shards[:3]}: no samples for this reader")
+            rng.shuffle(shards)
+
+    def _pass(self, shards: list[str], stride: int, offset: int) -> Iterator[dict[str, Any]]:
+        position = 0
+        for url in shards:
+            for sample in iter_tar_samples(url):
+                if position % stride == offset:
+                    yield sample
+                position += 1
+
+    def _decoded(self, stream: Iterator[dict[str, Any]]) -> Iterator[tuple]:
+        for sample in stream:
+            try:
+                image, label, meta = decode_sample(sample, self.max_pixels)
+            except BadImageError as err:
+                if self.on_bad_image != "skip":
+                    raise
+                log.warning("skipping bad image in shard: %s", err)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            if self.meta_keys is not None:
+                numeric = {
+                    k: torch.tensor(meta.get(k, math.nan), dtype=torch.float32)
+                    for k in self.meta_keys
+                }
+                yield image, label, numeric
+            elif self.with_meta:
+                yield image, label, meta
+            else:
+                yield image, label
+
+
+def _shuffled(stream: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    buffer: list[dict] = []
+    for sample in stream:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Samples of one WebDataset tar, in order: dicts of extension -> bytes, plus `__key__`."""
+    try:
+        stream = _open_stream(url)
+    except OSError as err:
+        raise DataError(f"{url}: cannot open shard ({err})") from None
+    current: dict[str, Any] = {}
+    with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                current["__key__"] = key
+                current[ext.lower()] = tar.extractfile(member).read()
+                tar.members = []  # streaming: keep no history
+        except (tarfile.TarError, OSError) as err:
+            raise DataError(f"{url}: corrupt or truncated shard ({err})") from None
+    if current:
+        yield current
+
+
+def decode_sample(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple:
+    """(RGB image, label, meta) of one streamed sample; BadImageError for undecodable images."""
+    key = sample["__key__"]
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise DataError(f"shard sample {key}: no image file ({', '.join(IMAGE_EXTS)})")
+    if "cls" not in sample:
+        raise DataError(f"shard sample {key}: no .cls label file")
+    image, _ = _decode_bytes(f"{key}.{ext}", sample[ext], max_pixels)
+    record = json.loads(sample["json"]) if "json" in sample else {}
+    return image, int(sample["cls"]), record.get("meta", {})
+
+
+def epoch_length(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Optimizer steps per epoch on each rank of a training ShardDataset (for schedulers)."""
+    return math.ceil((num_samples // world_size) / batch_size)

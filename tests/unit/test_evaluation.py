@@ -1,0 +1,103 @@
+"""Metrics on hand-built logits with known answers, confusion pairs and confusion files."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from PIL import Image
+
+from lookcloser.evaluation import compute_metrics, most_confused, summary, write_confusion
+
+
+def _logits_for(predicted: list[int], n: int, confidence: float = 20.0) -> torch.Tensor:
+    logits = torch.zeros(len(predicted), n)
+    logits[torch.arange(len(predicted)), torch.tensor(predicted)] = confidence
+    return logits
+
+
+def test_top1_and_mean_per_class_over_present_classes():
+    """Top-1 counts images; mean per-class accuracy averages only classes in the split."""
+    labels = torch.tensor([0, 0, 1, 1, 1, 1, 2])
+    predicted = [0, 0, 1, 0, 2, 0, 1]  # class 0: 2/2, class 1: 1/4, class 2: 0/1, class 3 absent
+    metrics = compute_metrics(_logits_for(predicted, 4), labels, ["a", "b", "c", "d"])
+    assert metrics["images"] == 7 and metrics["classes"] == 4
+    assert metrics["top1"] == pytest.approx(3 / 7)
+    assert metrics["mean_per_class_accuracy"] == pytest.approx((1.0 + 0.25 + 0.0) / 3)
+    assert metrics["confusion"][1] == [2, 1, 1, 0]
+    assert metrics["confusion"][3] == [0, 0, 0, 0]
+
+
+def test_top_k_uses_the_ranking():
+    """Top-k counts a label found among the k highest logits (k = min(5, classes))."""
+    logits = torch.tensor(
+        [
+            [6.0, 5, 4, 3, 2, 1, 0],  # label 4 at rank 5 -> in top-5, not top-1
+            [0.0, 1, 2, 3, 4, 5, 6],  # label 0 at rank 7 -> missed
+            [0.0, 9, 0, 0, 0, 0, 0],  # label 1 at rank 1
+        ]
+    )
+    metrics = compute_metrics(logits, torch.tensor([4, 0, 1]), list("abcdefg"))
+    assert metrics["top1"] == pytest.approx(1 / 3)
+    assert metrics["top5"] == pytest.approx(2 / 3)
+    three = compute_metrics(torch.tensor([[3.0, 2, 1]]), torch.tensor([2]), ["x", "y", "z"])
+    assert three["top3"] == 1.0 and three["top1"] == 0.0 and "top5" not in three
+
+
+def test_ece_known_values():
+    """ECE: 0 for a confident correct model; |accuracy - confidence| for a constant one."""
+    labels = torch.tensor([0, 1, 2, 1])
+    perfect = compute_metrics(_logits_for([0, 1, 2, 1], 3, 50.0), labels, ["a", "b", "c"])
+    assert perfect["top1"] == 1.0
+    assert perfect["ece"] == pytest.approx(0.0, abs=1e-6)
+    # Two classes, always 50/50: confidence 0.5 everywhere.
+    flat = torch.zeros(4, 2)
+    always_right = compute_metrics(flat, torch.tensor([0, 0, 0, 0]), ["a", "b"])
+    assert always_right["ece"] == pytest.approx(0.5, abs=1e-6)
+    half_right = compute_metrics(flat, torch.tensor([0, 1, 0, 1]), ["a", "b"])
+    assert half_right["ece"] == pytest.approx(0.0, abs=1e-6)
+    # Confidently wrong: confidence ~1, accuracy 0.
+    wrong = compute_metrics(_logits_for([1, 0], 2, 50.0), torch.tensor([0, 1]), ["a", "b"])
+    assert wrong["ece"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_most_confused_ordering():
+    """Off-diagonal pairs, largest first, zeros and the diagonal left out, up to the limit."""
+    confusion = torch.tensor([[5, 1, 3], [0, 9, 2], [4, 0, 1]])
+    pairs = most_confused(confusion, ["a", "b", "c"])
+    assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [
+        ("c", "a", 4),
+        ("a", "c", 3),
+        ("b", "c", 2),
+        ("a", "b", 1),
+    ]
+    assert len(most_confused(confusion, ["a", "b", "c"], limit=2)) == 2
+    assert most_confused(torch.eye(3, dtype=torch.long) * 7, ["a", "b", "c"]) == []
+
+
+def test_compute_metrics_reports_confused_pairs():
+    """compute_metrics lists the most-confused pairs of its confusion matrix."""
+    labels = torch.tensor([0, 0, 0, 1, 2])
+    metrics = compute_metrics(_logits_for([1, 1, 0, 1, 0], 3), labels, ["x", "y", "z"])
+    assert metrics["most_confused"] == [
+        {"true": "x", "predicted": "y", "count": 2},
+        {"true": "z", "predicted": "x", "count": 1},
+    ]
+    scalars = summary(metrics)
+    assert "confusion" not in scalars and "most_confused" not in scalars
+    assert scalars["top1"] == pytest.approx(2 / 5)
+
+
+def test_write_confusion_csv_and_png(tmp_path):
+    """confusion.csv has a header of predicted classes and one row per true class; PNG too."""
+    classes = ["owl", "hawk", "wren"]
+    confusion = [[3, 1, 0], [0, 2, 0], [1, 0, 4]]
+    csv_path, png_path = write_confusion(confusion, classes, tmp_path)
+    with csv_path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["true\\predicted", "owl", "hawk", "wren"]
+    assert rows[1:] == [["owl", "3", "1", "0"], ["hawk", "0", "2", "0"], ["wren", "1", "0", "4"]]
+    with Image.open(png_path) as image:
+        assert image.format == "PNG"
+        assert image.size[0] > 100 and image.size[1] > 100
