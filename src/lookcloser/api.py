@@ -189,12 +189,10 @@ def _train(
         weights=weights,
     )
     trainer = build_trainer(cfg, run_dir, progress, has_val=bool(splits.test), callbacks=callbacks)
-    steps_per_epoch = _steps_per_epoch(len(splits.train), cfg, trainer.world_size)
     system = FGVCSystem(
         method,
         cfg.optim,
         epochs=cfg.trainer.epochs,
-        steps_per_epoch=steps_per_epoch,
         seed=cfg.seed,
         mixup=cfg.data.mixup,
         cutmix=cfg.data.cutmix,
@@ -231,16 +229,6 @@ def _train(
     }
     _save(run_dir, inference, splits, cfg, metrics, interpolation, skipped, training)
     return TrainResult(run_dir, metrics, splits.classes, skipped)
-
-
-def _steps_per_epoch(num_train: int, cfg: Config, world_size: int) -> int:
-    per_rank = -(-num_train // world_size)
-    batches = (
-        per_rank // cfg.data.batch_size
-        if per_rank >= 2 * cfg.data.batch_size
-        else -(-per_rank // cfg.data.batch_size)
-    )
-    return max(1, batches // cfg.trainer.accumulate_grad_batches)
 
 
 def _evaluate_and_write(

@@ -23,7 +23,6 @@ class FGVCSystem(L.LightningModule):
         method: Method,
         optim: OptimConfig,
         epochs: int,
-        steps_per_epoch: int,
         seed: int = 0,
         mixup: float = 0.0,
         cutmix: float = 0.0,
@@ -33,7 +32,6 @@ class FGVCSystem(L.LightningModule):
         self.method = method
         self.optim_cfg = optim
         self.epochs = epochs
-        self.steps_per_epoch = max(1, steps_per_epoch)
         self.seed = seed
         self.mixup = (
             Mixup(
@@ -131,7 +129,8 @@ class FGVCSystem(L.LightningModule):
             warmup_epochs=cfg.warmup_epochs,
             warmup_lr=cfg.lr * 0.01,
             step_on_epochs=False,
-            updates_per_epoch=self.steps_per_epoch,
+            # Lightning knows the optimizer steps per epoch (devices, drop_last, accumulation).
+            updates_per_epoch=max(1, self.trainer.estimated_stepping_batches // self.epochs),
         )
         return {
             "optimizer": optimizer,
