@@ -175,7 +175,8 @@ def _train(
         # Streamed: classes and counts from the shard index; bad images are handled while
         # decoding (data.on_bad_image), as no up-front pass over millions of files is made.
         index = _shard_index(cfg)
-        classes, num_train, num_test = index.classes, index.counts["train"], index.counts["test"]
+        classes, num_train = index.classes, index.counts["train"]
+        num_test = index.counts.get("test") or 0
     else:
         splits = build_source(cfg.data)
         splits, skipped = _verified(splits, cfg, run_dir if rank_zero else None)
@@ -272,9 +273,9 @@ def _train(
 
 
 def _steps_per_epoch(num_train: int, cfg: Config, world_size: int) -> int:
-    per_rank = -(-num_train // world_size)
     from lookcloser.engine.datamodule import drops_last
 
+    per_rank = -(-num_train // world_size)
     batches = (
         per_rank // cfg.data.batch_size
         if drops_last(per_rank, cfg.data.batch_size)
