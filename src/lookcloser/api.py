@@ -16,8 +16,10 @@ from typing import Any
 
 from lookcloser.config import Config
 from lookcloser.data.sources import DatasetSplits, build_source
-from lookcloser.errors import ConfigError
+from lookcloser.errors import ConfigError, DataError
 from lookcloser.predictor import Predictor
+
+SHARDS = "shards"  # data.source of streamed WebDataset shards (not a registered sample source)
 
 __all__ = [
     "TrainResult",
@@ -159,7 +161,7 @@ def _train(
     import torch
 
     from lookcloser.data.transforms import eval_transform, train_transform
-    from lookcloser.engine.datamodule import FGVCDataModule
+    from lookcloser.engine.datamodule import FGVCDataModule, ShardDataModule
     from lookcloser.engine.module import FGVCSystem
     from lookcloser.engine.trainer import build_trainer
     from lookcloser.methods import build_method
@@ -168,27 +170,59 @@ def _train(
     ckpt_path = _resume_path(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    splits = build_source(cfg.data)
-    splits, skipped = _verified(splits, cfg, run_dir if rank_zero else None)
-    method = build_method(cfg, len(splits.classes))
+    index, splits, skipped = None, None, []
+    if cfg.data.source == SHARDS:
+        # Streamed: classes and counts from the shard index; bad images are handled while
+        # decoding (data.on_bad_image), as no up-front pass over millions of files is made.
+        index = _shard_index(cfg)
+        classes, num_train = index.classes, index.counts["train"]
+        num_test = index.counts.get("test") or 0
+    else:
+        splits = build_source(cfg.data)
+        splits, skipped = _verified(splits, cfg, run_dir if rank_zero else None)
+        classes, num_train, num_test = splits.classes, len(splits.train), len(splits.test)
+    method = build_method(cfg, len(classes))
     interpolation = method.backbone.data_config.get("interpolation", "bicubic")
-    weights = None
-    if cfg.data.sampler != "uniform":
-        from lookcloser.data.samplers import sample_weights
-
-        weights = sample_weights([s.label for s in splits.train], cfg.data.sampler)
-    datamodule = FGVCDataModule(
-        splits.train,
-        splits.test,
+    transforms = (
         train_transform(cfg.data, interpolation),
         eval_transform(cfg.data.image_size, cfg.data.crop_pct, interpolation),
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        max_pixels=cfg.data.max_image_pixels,
-        weights=weights,
     )
-    trainer = build_trainer(cfg, run_dir, progress, has_val=bool(splits.test), callbacks=callbacks)
+    if index is not None:
+        datamodule = ShardDataModule(
+            index,
+            *transforms,
+            batch_size=cfg.data.batch_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            max_pixels=cfg.data.max_image_pixels,
+            on_bad_image=cfg.data.on_bad_image,
+        )
+    else:
+        weights = None
+        if cfg.data.sampler != "uniform":
+            from lookcloser.data.samplers import sample_weights
+
+            weights = sample_weights([s.label for s in splits.train], cfg.data.sampler)
+        datamodule = FGVCDataModule(
+            splits.train,
+            splits.test,
+            *transforms,
+            batch_size=cfg.data.batch_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.seed,
+            max_pixels=cfg.data.max_image_pixels,
+            weights=weights,
+        )
+    trainer = build_trainer(cfg, run_dir, progress, has_val=bool(num_test), callbacks=callbacks)
+    if index is not None:
+        # A ShardDataset rank yields whole batches only (no short last batch).
+        per_rank = num_train // trainer.world_size // cfg.data.batch_size
+        if per_rank == 0:
+            raise DataError(
+                f"data.batch_size={cfg.data.batch_size}: the shards hold {num_train} training "
+                f"samples for {trainer.world_size} process(es), less than one whole batch each"
+            )
     system = FGVCSystem(
         method,
         cfg.optim,
@@ -205,6 +239,8 @@ def _train(
         # EpochSampler position saved by FGVCSystem, which Lightning cannot see.
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+        # ShardDataset's length is exact: every worker yields its own quota of whole batches.
+        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return None
@@ -213,13 +249,13 @@ def _train(
     inference = trained.for_inference().cpu().eval()
     predictor = Predictor(
         inference,
-        splits.classes,
+        classes,
         cfg.data.image_size,
         cfg.data.crop_pct,
         interpolation,
         device="cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
     )
-    metrics = _evaluate_and_write(predictor, splits, cfg, run_dir, progress)
+    metrics = _evaluate_and_write(predictor, cfg, run_dir, progress, splits=splits, index=index)
     training = {
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
@@ -227,30 +263,90 @@ def _train(
         "precision": str(trainer.precision),
         "accelerator": type(trainer.accelerator).__name__,
     }
-    _save(run_dir, inference, splits, cfg, metrics, interpolation, skipped, training)
-    return TrainResult(run_dir, metrics, splits.classes, skipped)
+    counts = {"train_images": num_train, "test_images": num_test}
+    _save(run_dir, inference, classes, counts, cfg, metrics, interpolation, skipped, training)
+    return TrainResult(run_dir, metrics, classes, skipped)
 
 
 def _evaluate_and_write(
-    predictor: Predictor, splits: DatasetSplits, cfg: Config, run_dir: Path, progress: bool
+    predictor: Predictor,
+    cfg: Config,
+    run_dir: Path,
+    progress: bool,
+    *,
+    splits: DatasetSplits | None = None,
+    index=None,
 ) -> dict[str, Any]:
     from lookcloser.evaluation import compute_metrics, summary, write_confusion
     from lookcloser.modeldir import atomic_write_text
 
-    if not splits.test:
+    out = _test_outputs(predictor, cfg, progress, splits=splits, index=index)
+    if out is None:
         return {}
-    out = predictor.run_samples(splits.test, cfg.data.batch_size, cfg.data.num_workers, progress)
-    metrics = compute_metrics(out.logits, out.labels, splits.classes)
-    write_confusion(metrics["confusion"], splits.classes, run_dir)
+    metrics = compute_metrics(out.logits, out.labels, predictor.classes)
+    write_confusion(metrics["confusion"], predictor.classes, run_dir)
     full = {**summary(metrics), "most_confused": metrics["most_confused"], "split": "test"}
     atomic_write_text(run_dir / "metrics.json", json.dumps(full, indent=2) + "\n")
     return full
 
 
+def _test_outputs(predictor: Predictor, cfg: Config, progress: bool, *, splits=None, index=None):
+    """The Predictor's logits over the test split of a source or of shards (None if empty)."""
+    if index is None:
+        if not splits.test:
+            return None
+        return predictor.run_samples(
+            splits.test, cfg.data.batch_size, cfg.data.num_workers, progress
+        )
+    if not index.urls.get("test"):
+        return None
+    from torch.utils.data import DataLoader
+
+    from lookcloser.data.shards import ShardDataset
+    from lookcloser.engine.datamodule import collate
+
+    # The same decoded images and eval transform as the folder path, so the same logits.
+    dataset = ShardDataset.from_index(
+        index,
+        "test",
+        transform=predictor.transform,
+        meta_keys=[],
+        max_pixels=cfg.data.max_image_pixels,
+        on_bad_image=cfg.data.on_bad_image,
+        rank=0,
+        world_size=1,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate,
+    )
+    return predictor.run_batches(loader, progress)
+
+
+def _shard_index(cfg: Config):
+    from lookcloser.data.shards import open_shards
+
+    index = open_shards(cfg.data.root)
+    if cfg.data.sampler != "uniform":
+        raise ConfigError(
+            f"data.sampler={cfg.data.sampler}: weighted sampling needs an in-memory sample list; "
+            "streamed shards support data.sampler=uniform only"
+        )
+    if index.counts.get("train") is None:
+        raise ConfigError(
+            f"data.root={cfg.data.root}: the pattern names shards the index does not count; "
+            "training needs the number of samples (use the shard folder or its dataset.json)"
+        )
+    return index
+
+
 def _save(
     run_dir: Path,
     inference,
-    splits: DatasetSplits,
+    classes: list[str],
+    counts: dict[str, int | None],
     cfg: Config,
     metrics: dict,
     interpolation: str,
@@ -266,8 +362,8 @@ def _save(
         "method_options": options,
         "trained_with": cfg.method.get("name", "baseline"),
         "backbone": cfg.model.backbone,
-        "num_classes": len(splits.classes),
-        "classes": splits.classes,
+        "num_classes": len(classes),
+        "classes": classes,
         "preprocessing": {
             "input": "RGB, float32 in [0, 1], N x 3 x H x W (normalization is inside the model)",
             "image_size": cfg.data.image_size,
@@ -279,8 +375,7 @@ def _save(
         "data": {
             "source": cfg.data.source,
             "root": cfg.data.root,
-            "train_images": len(splits.train),
-            "test_images": len(splits.test),
+            **counts,
             "skipped": len(skipped),
         },
         "metrics": summary(metrics),
@@ -312,10 +407,19 @@ def evaluate(
         if not item.startswith("data."):
             raise ConfigError(f"eval takes data.* overrides only, got {item!r}")
     cfg.apply_overrides(overrides or [])
-    splits = build_source(cfg.data)
-    _check_same_classes(splits.classes, predictor.classes)
-    splits, _ = _verified(splits, cfg, None)
-    out = predictor.run_samples(splits.test, cfg.data.batch_size, cfg.data.num_workers, progress)
+    splits, index = None, None
+    if cfg.data.source == SHARDS:
+        from lookcloser.data.shards import open_shards
+
+        index = open_shards(cfg.data.root)
+        _check_same_classes(index.classes, predictor.classes)
+    else:
+        splits = build_source(cfg.data)
+        _check_same_classes(splits.classes, predictor.classes)
+        splits, _ = _verified(splits, cfg, None)
+    out = _test_outputs(predictor, cfg, progress, splits=splits, index=index)
+    if out is None:
+        raise DataError(f"data.root={cfg.data.root}: no test split to evaluate")
     metrics = compute_metrics(out.logits, out.labels, predictor.classes)
     if write_to is not None:
         write_confusion(metrics["confusion"], predictor.classes, write_to)

@@ -146,6 +146,81 @@ def cmd_data_check(args) -> int:
     return 1 if report.bad else 0
 
 
+def cmd_data_download(args) -> int:
+    from lookcloser.data.download import download_dataset
+
+    root = download_dataset(args.name, args.dir, mirror=args.mirror, progress=_DownloadProgress())
+    print(root)
+    return 0
+
+
+class _DownloadProgress:
+    """Prints one line per file at start, every 10 %, and at the end (to stderr)."""
+
+    def __init__(self) -> None:
+        self.shown: dict[str, int] = {}
+
+    def __call__(self, name: str, done: int, total: int | None) -> None:
+        step = 10 * done // total if total else done >> 26  # tenths, or every 64 MiB
+        if self.shown.get(name) == step:
+            return
+        self.shown[name] = step
+        size = f"{done / 2**20:.1f}" + (f" / {total / 2**20:.1f}" if total else "")
+        print(f"{name}: {size} MiB", file=sys.stderr, flush=True)
+
+
+def _source_name(name: str) -> str:
+    from lookcloser.data.download import DOWNLOADS
+
+    return DOWNLOADS[name].source_name if name in DOWNLOADS else name
+
+
+def cmd_data_info(args) -> int:
+    from lookcloser.data.info import dataset_info, format_info
+
+    if args.name == "shards":
+        from lookcloser.data.shards import open_shards, shard_info
+
+        info = shard_info(open_shards(args.dir))
+    else:
+        from lookcloser.api import as_config
+        from lookcloser.data.sources import build_source
+
+        cfg = as_config(
+            None,
+            [*args.overrides, f"data.source={_source_name(args.name)}", f"data.root={args.dir}"],
+        )
+        info = dataset_info(build_source(cfg.data))
+    print(json.dumps(info, indent=2) if args.format == "json" else format_info(info))
+    return 0
+
+
+def cmd_data_pack(args) -> int:
+    from lookcloser.api import as_config
+    from lookcloser.data.shards import pack_shards
+    from lookcloser.data.sources import build_source
+
+    cfg = as_config(None, [*args.overrides, f"data.source={_source_name(args.source)}"])
+    splits = build_source(cfg.data)
+
+    def progress(split: str, done: int, total: int) -> None:
+        print(f"{split}: {done}/{total} samples packed", file=sys.stderr, flush=True)
+
+    written = pack_shards(
+        splits,
+        args.out,
+        args.shard_size,
+        reencode=args.reencode or args.max_side is not None,
+        seed=cfg.seed,
+        max_side=args.max_side,
+        max_pixels=cfg.data.max_image_pixels,
+        progress=progress,
+    )
+    print(f"wrote {len(written)} shard(s) and dataset.json to {args.out}")
+    print(args.out)
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
@@ -208,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", help="output file (default: MODEL_DIR/model.onnx)")
 
-    data = sub.add_parser("data", help="Dataset tools: synth, check.", description="Dataset tools.")
+    data = sub.add_parser(
+        "data",
+        help="Dataset tools: download, info, pack, synth, check.",
+        description="Dataset tools.",
+    )
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
     def data_command(name: str, help: str, fn) -> argparse.ArgumentParser:
@@ -232,13 +311,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="an image file or a folder (searched recursively)")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.add_argument("--max-pixels", type=int, default=89_478_485)
+
+    p = data_command(
+        "download",
+        "Download, verify and extract a benchmark dataset (or say what to fetch by hand).",
+        cmd_data_download,
+    )
+    p.add_argument("name", help="dataset name, e.g. cub200, aircraft, inat2021_mini")
+    p.add_argument("dir", help="folder to prepare the dataset in")
+    p.add_argument("--mirror", help="base URL replacing the official scheme and host")
+
+    p = data_command(
+        "info", "Classes, split sizes, images per class and annotations.", cmd_data_info
+    )
+    p.add_argument("name", help="a source or dataset name, or `shards`")
+    p.add_argument("dir", help="the dataset folder (or shard folder, index or URL)")
+    p.add_argument("overrides", nargs="*", metavar="data.key=value", help="e.g. data.level=family")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+
+    p = data_command("pack", "Write a source as WebDataset tar shards.", cmd_data_pack)
+    p.add_argument("source", help="a source or dataset name (data.source)")
+    p.add_argument("out", help="empty folder for the shards and dataset.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--reencode", action="store_true", help="decode and save as JPEG")
+    p.add_argument(
+        "--max-side", type=int, help="re-encode with the longest side at most this (implies it)"
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=DIR"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lookcloser` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may also follow options (`data pack S OUT --shard-size 9 data.root=D`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except LookcloserError as err:

@@ -170,17 +170,25 @@ class Predictor:
         description: str = "evaluate",
     ) -> EvalOutput:
         """Logits for labelled samples (the inference path that `eval` measures)."""
+        loader = self._loader(samples, batch_size, num_workers)
+        out = self.run_batches(loader, progress, description)
+        out.paths = [s.path for s in samples]
+        return out
+
+    def run_batches(
+        self, batches: Iterable, progress: bool = True, description: str = "evaluate"
+    ) -> EvalOutput:
+        """Logits for (images, labels, ...) batches preprocessed with `self.transform`."""
         from lookcloser.progress import track
 
         logits, labels = [], []
-        loader = self._loader(samples, batch_size, num_workers)
-        for images, batch_labels, _ in track(loader, description, enabled=progress):
+        for images, batch_labels, *_ in track(batches, description, enabled=progress):
             logits.append(self.logits(images).float().cpu())
             labels.append(batch_labels)
         if not logits:
             empty = torch.empty(0, len(self.classes))
-            return EvalOutput(empty, torch.empty(0, dtype=torch.long), [s.path for s in samples])
-        return EvalOutput(torch.cat(logits), torch.cat(labels), [s.path for s in samples])
+            return EvalOutput(empty, torch.empty(0, dtype=torch.long))
+        return EvalOutput(torch.cat(logits), torch.cat(labels))
 
     def explain(
         self,

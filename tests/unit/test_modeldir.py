@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from lookcloser import modeldir
 from lookcloser.api import _save
 from lookcloser.config import Config
-from lookcloser.data.sources import DatasetSplits
 from lookcloser.errors import BadImageError, ModelDirError
 from lookcloser.methods import build_method
 from lookcloser.modeldir import is_model_dir, read_model_json, save_model_dir
@@ -43,8 +42,8 @@ def saved(tmp_path_factory):
     cfg = _cfg()
     method = build_method(cfg, len(CLASSES)).eval()
     run_dir = tmp_path_factory.mktemp("run")
-    splits = DatasetSplits(CLASSES, [], [], "test")
-    _save(run_dir, method, splits, cfg, {"top1": 0.5}, "bicubic", [])
+    counts = {"train_images": 0, "test_images": 0}
+    _save(run_dir, method, CLASSES, counts, cfg, {"top1": 0.5}, "bicubic", [])
     return method, run_dir
 
 

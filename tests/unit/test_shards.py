@@ -280,3 +280,30 @@ def test_sample_weights_modes():
         sample_weights(labels, "inverse")
     with pytest.raises(DataError, match="no labels"):
         sample_weights([], "balanced")
+
+
+def test_shard_datamodule_validates_every_test_sample_with_two_workers(splits, tmp_path):
+    from lookcloser.engine.datamodule import ShardDataModule
+
+    sh.pack_shards(splits, tmp_path, shard_size=3)  # 8 test samples: shards of 3, 3 and 2
+    dm = ShardDataModule(
+        sh.open_shards(str(tmp_path)),
+        _width,
+        _width,
+        3,
+        2,
+        seed=0,
+        shuffle_buffer=4,
+        max_pixels=10**6,
+    )
+    # Two workers yield 2 + 1 and 1 batches: Lightning would stop at len // batch_size.
+    loader = dm.val_dataloader()
+    with pytest.raises(TypeError):
+        len(loader)  # unsized: Lightning then runs the loader to its end
+    widths = [w for batch in loader for w in batch[0].tolist()]
+    assert sorted(widths) == sorted(12 + i for i in range(8))
+    train = dm.train_dataloader()
+    first = [w for batch in train for w in batch[0].tolist()]
+    dm.set_epoch(1)
+    second = [w for batch in train for w in batch[0].tolist()]
+    assert len(first) == len(second) == 24 and first != second

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lookcloser.data.images import load_image
+from lookcloser.data.shards import ShardDataset, ShardIndex
 from lookcloser.data.sources import Sample
 
 
@@ -153,6 +154,12 @@ class EpochSampler(Sampler):
             yield index, sample_seed(self.seed, self.epoch, position * self.world_size + self.rank)
 
 
+def drops_last(num_samples: int, batch_size: int) -> bool:
+    """Whether a training epoch drops its short last batch: when there are at least two
+    batches, or when the short one would hold a single image (BatchNorm cannot train on it)."""
+    return num_samples >= 2 * batch_size or (num_samples > 1 and num_samples % batch_size == 1)
+
+
 def collate(batch):
     """Stack images, labels and metadata tensors."""
     images, labels, metas = zip(*batch, strict=True)
@@ -197,7 +204,7 @@ class FGVCDataModule(L.LightningDataModule):
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=collate,
-            drop_last=sampler is not None and len(sampler) >= 2 * self.batch_size,
+            drop_last=sampler is not None and drops_last(len(sampler), self.batch_size),
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
@@ -222,3 +229,91 @@ class FGVCDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """Test-split batches in file order (validation during training)."""
         return self._loader(self.test_set)
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Train and test loaders streaming WebDataset shards (`data.source=shards`).
+
+    Nothing is listed or indexed: the shard index gives classes, shard names and counts.
+    Each rank streams its own shards (then each worker its own), reshuffled per epoch through
+    `set_epoch`, which FGVCSystem calls at the start of every training epoch. Unlike the
+    folder path, a run cannot resume mid-epoch at the exact batch: it restarts that epoch.
+    """
+
+    def __init__(
+        self,
+        index: ShardIndex,
+        train_transform: Callable,
+        eval_transform: Callable,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        shuffle_buffer: int,
+        max_pixels: int,
+        on_bad_image: str = "error",
+    ):
+        super().__init__()
+        common = {"max_pixels": max_pixels, "on_bad_image": on_bad_image}
+        self.train_set = ShardDataset.from_index(
+            index,
+            "train",
+            transform=train_transform,
+            batch_size=batch_size,
+            meta_keys=index.meta_keys,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            **common,
+        )
+        self.test_set = (
+            ShardDataset.from_index(
+                index, "test", transform=eval_transform, meta_keys=index.meta_keys, **common
+            )
+            if index.urls.get("test")
+            else None
+        )
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the training shards and buffer for `epoch` (shared with live workers)."""
+        self.train_set.set_epoch(epoch)
+
+    def _loader(self, dataset: torch.utils.data.IterableDataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; every rank takes the same number of whole batches."""
+        trainer = self.trainer
+        # Explicit, because DataLoader worker processes cannot ask torch.distributed.
+        self.train_set.rank = trainer.global_rank if trainer else 0
+        self.train_set.world_size = trainer.world_size if trainer else 1
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Test-split batches in shard order, each sample once across ranks and workers."""
+        if self.test_set is None:
+            return []
+        trainer = self.trainer
+        self.test_set.rank = trainer.global_rank if trainer else 0
+        self.test_set.world_size = trainer.world_size if trainer else 1
+        # Unsized: with several workers the batch count is not len / batch_size, and Lightning
+        # would stop early at that count, dropping samples.
+        return self._loader(_Unsized(self.test_set))
+
+
+class _Unsized(torch.utils.data.IterableDataset):
+    """An iterable dataset without __len__, so loaders run until the stream ends."""
+
+    def __init__(self, dataset: torch.utils.data.IterableDataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def __iter__(self):
+        return iter(self.dataset)

@@ -82,6 +82,10 @@ class FGVCSystem(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.batches_done = 0
+        # Lightning calls set_epoch on samplers only; streamed (iterable) data needs it too.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
 
     # ---- validation -------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
