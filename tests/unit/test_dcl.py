@@ -363,7 +363,6 @@ def test_inference_graph_costs_exactly_the_baselines(tmp_path: Path) -> None:
 
 def test_model_directory_round_trip_and_explain_maps(tmp_path: Path) -> None:
     from lookcloser.api import _save
-    from lookcloser.data.sources import DatasetSplits
     from lookcloser.predictor import Predictor
 
     cfg = Config.load(
@@ -382,7 +381,8 @@ def test_model_directory_round_trip_and_explain_maps(tmp_path: Path) -> None:
     method = build_method(cfg, len(classes))
     assert isinstance(method, DCL)
     inference = method.for_inference().eval()
-    _save(tmp_path, inference, DatasetSplits(classes, [], []), cfg, {}, "bicubic", [])
+    counts = {"train_images": 0, "test_images": 0}
+    _save(tmp_path, inference, classes, counts, cfg, {}, "bicubic", [])
 
     predictor = Predictor.load(tmp_path)
     assert isinstance(predictor.method, DCLClassifier)

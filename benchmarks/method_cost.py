@@ -1,0 +1,138 @@
+"""Cost of a method against the baseline on the same backbone: training step and inference.
+
+Training step: images/s of original images through `training_losses` + backward + AdamW
+(DCL adds a destroyed copy of each image, so about 2x the baseline's cost is expected).
+Inference: images/s of the saved model (`for_inference()`) against the baseline's, plus
+parameter counts and FLOPs of both inference graphs. Ratios come from interleaved runs.
+
+    python benchmarks/method_cost.py --method dcl method.regions=4 method.neighbourhood=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import machine, markdown_table, write_section  # noqa: E402
+from throughput import interleaved  # noqa: E402
+
+from lookcloser.config import Config  # noqa: E402
+from lookcloser.engine.module import count_parameters  # noqa: E402
+from lookcloser.methods import build_method  # noqa: E402
+
+
+def build(name: str, backbone: str, classes: int, options: list[str]):
+    cfg = Config()
+    cfg.apply_overrides(
+        [f"model.backbone={backbone}", "model.pretrained=false", f"method.name={name}", *options]
+    )
+    torch.manual_seed(0)
+    return build_method(cfg, classes)
+
+
+def graph_parameters(module, images) -> int:
+    """Parameters the forward pass uses (stored-but-unused tensors excluded)."""
+    module.zero_grad(set_to_none=True)
+    module(images).sum().backward()
+    used = sum(p.numel() for p in module.parameters() if p.grad is not None)
+    module.zero_grad(set_to_none=True)
+    return used
+
+
+def flops(module, images) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        module(images)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", default="dcl")
+    parser.add_argument("options", nargs="*", help="method.<option>=value for the method")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--classes", type=int, default=12)
+    parser.add_argument("--iters", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    images = torch.rand(args.batch, 3, args.size, args.size)
+    labels = torch.randint(0, args.classes, (args.batch,))
+    base = build("baseline", args.backbone, args.classes, ["method.label_smoothing=0.0"])
+    other = build(args.method, args.backbone, args.classes, args.options)
+
+    def stepper(method):
+        method.train()
+        opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            method.training_losses(images, labels)["loss"].backward()
+            opt.step()
+
+        return step
+
+    train_o, train_b = interleaved(
+        stepper(other), stepper(base), args.batch, args.iters, args.rounds
+    )
+    inf_o, inf_b = other.for_inference().eval(), base.eval()
+
+    def forward(module):
+        def run():
+            with torch.inference_mode():
+                module(images)
+
+        return run
+
+    infer_o, infer_b = interleaved(
+        forward(inf_o), forward(inf_b), args.batch, args.iters * 3, args.rounds
+    )
+    one = images[:1]
+    where = f"{args.backbone}, batch {args.batch}, {args.size} px"
+    rows = [
+        [
+            where,
+            f"training step, {args.method} / baseline (same originals)",
+            f"{train_o:.1f} / {train_b:.1f}",
+            f"**{train_b / train_o:.2f}x** the cost",
+        ],
+        [
+            where,
+            f"inference, saved {args.method} model / baseline",
+            f"{infer_o:.1f} / {infer_b:.1f}",
+            f"**{infer_o / infer_b:.3f}**",
+        ],
+        [
+            where,
+            "parameters used by the inference graph",
+            f"{count_parameters(inf_o):,} / {count_parameters(inf_b):,}",
+            "",
+        ],
+        [
+            where,
+            "inference FLOPs per image (saved model / baseline)",
+            f"{flops(inf_o, one):,} / {flops(inf_b, one):,}",
+            "",
+        ],
+    ]
+    command = "python benchmarks/method_cost.py " + " ".join(sys.argv[1:])
+    text = (
+        f"## Cost of {args.method} against the baseline\n\n"
+        f"Command: `{command.strip()}`. Machine: {machine()}. Medians of {args.rounds} interleaved rounds.\n\n"
+        + markdown_table(["setting", "measure", f"{args.method} / baseline", "result"], rows)
+    )
+    print(text)
+    if not args.no_write:
+        write_section(f"cost-{args.method}", text)
+
+
+if __name__ == "__main__":
+    main()
