@@ -69,21 +69,29 @@ def main() -> None:
     base = build("baseline", args.backbone, args.classes, ["method.label_smoothing=0.0"])
     other = build(args.method, args.backbone, args.classes, args.options)
 
-    def stepper(method):
+    def stepper(method, x=images, y=labels):
         method.train()
         opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            method.training_losses(images, labels)["loss"].backward()
+            method.training_losses(x, y)["loss"].backward()
             opt.step()
 
         return step
+
+    # The baseline on twice the images in one batch: what DCL's originals + destroyed batch
+    # costs the backbone, so DCL's own overhead can be told from the batch-size effect.
+    double = (torch.cat([images, images.flip(-1)]), torch.cat([labels, labels]))
+    train_o2, train_b2 = interleaved(
+        stepper(other), stepper(base, *double), args.batch, args.iters, args.rounds
+    )
 
     train_o, train_b = interleaved(
         stepper(other), stepper(base), args.batch, args.iters, args.rounds
     )
     inf_o, inf_b = other.for_inference().eval(), base.eval()
+    used = (graph_parameters(inf_o, images[:1]), graph_parameters(inf_b, images[:1]))
 
     def forward(module):
         def run():
@@ -106,6 +114,12 @@ def main() -> None:
         ],
         [
             where,
+            f"training step, {args.method} / baseline on the same batch doubled (2B images)",
+            f"{train_o2:.1f} / {train_b2:.1f} (originals/s)",
+            f"**{train_b2 / train_o2:.2f}x** the cost",
+        ],
+        [
+            where,
             f"inference, saved {args.method} model / baseline",
             f"{infer_o:.1f} / {infer_b:.1f}",
             f"**{infer_o / infer_b:.3f}**",
@@ -113,8 +127,8 @@ def main() -> None:
         [
             where,
             "parameters used by the inference graph",
-            f"{count_parameters(inf_o):,} / {count_parameters(inf_b):,}",
-            "",
+            f"{used[0]:,} / {used[1]:,}",
+            f"stored: {count_parameters(inf_o):,} / {count_parameters(inf_b):,}",
         ],
         [
             where,
