@@ -49,7 +49,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an image file fully into 8-bit RGB, or raise BadImageError saying why not."""
     data = _read_bytes(path)
-    image, _ = _decode(path, data, max_pixels)
+    image, _ = decode_bytes(path, data, max_pixels)
     return image
 
 
@@ -74,7 +74,7 @@ def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         return ImageReport(str(path), ok=False, problem=e.reason)
     sha1 = hashlib.sha1(data).hexdigest()
     try:
-        image, mode = _decode(path, data, max_pixels)
+        image, mode = decode_bytes(path, data, max_pixels)
     except BadImageError as e:
         return ImageReport(str(path), ok=False, problem=e.reason, sha1=sha1)
     return ImageReport(
@@ -216,8 +216,10 @@ def _sniff(data: bytes) -> str | None:
     return next((fmt for magic, fmt in _MAGIC.items() if data.startswith(magic)), None)
 
 
-def _decode(path: str | Path, data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
-    """Fully decode bytes into RGB; returns the image and the file's original mode."""
+def decode_bytes(
+    path: str | Path, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, str]:
+    """Fully decode in-memory image bytes (named `path` in errors) to RGB, with the original mode."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size

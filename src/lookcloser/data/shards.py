@@ -35,10 +35,9 @@ from typing import IO, Any
 import torch
 from PIL import Image
 
-from lookcloser.data.images import DEFAULT_MAX_PIXELS, load_image
-from lookcloser.data.images import _decode as _decode_bytes
+from lookcloser.data.images import DEFAULT_MAX_PIXELS, decode_bytes, load_image
 from lookcloser.data.info import count_summary
-from lookcloser.data.sources import DatasetSplits
+from lookcloser.data.sources import DatasetSplits, numeric_meta_keys
 from lookcloser.errors import BadImageError, DataError
 
 log = logging.getLogger(__name__)
@@ -119,34 +118,6 @@ def pack_shards(
     tmp.write_text(json.dumps(index, indent=1) + "\n")
     os.replace(tmp, out / INDEX_NAME)
     return written
-
-
-def numeric_meta_keys(samples: list[Any]) -> list[str]:
-    """Meta keys whose values are numbers, or number lists of one length, in every sample."""
-    if not samples:
-        return []
-    shapes: dict[str, set] = {k: set() for k in samples[0].meta}
-    for sample in samples:
-        for key in list(shapes):
-            if key not in sample.meta:
-                del shapes[key]
-            else:
-                shapes[key].add(_numeric_shape(sample.meta[key]))
-    return sorted(k for k, found in shapes.items() if len(found) == 1 and None not in found)
-
-
-def _numeric_shape(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return 0
-    if (
-        isinstance(value, list | tuple)
-        and value
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-    ):
-        return len(value)
-    return None
 
 
 def _write_shard(
@@ -539,7 +510,7 @@ def decode_sample(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise DataError(f"shard sample {key}: no image file ({', '.join(IMAGE_EXTS)})")
     if "cls" not in sample:
         raise DataError(f"shard sample {key}: no .cls label file")
-    image, _ = _decode_bytes(f"{key}.{ext}", sample[ext], max_pixels)
+    image, _ = decode_bytes(f"{key}.{ext}", sample[ext], max_pixels)
     record = json.loads(sample["json"]) if "json" in sample else {}
     return image, int(sample["cls"]), record.get("meta", {})
 

@@ -45,6 +45,34 @@ class DatasetSplits:
         return DatasetSplits(self.classes, train, test, self.name, list(self.annotations))
 
 
+def numeric_meta_keys(samples: list[Sample]) -> list[str]:
+    """Meta keys whose values are numbers, or number lists of one length, in every sample."""
+    if not samples:
+        return []
+    shapes: dict[str, set] = {k: set() for k in samples[0].meta}
+    for sample in samples:
+        for key in list(shapes):
+            if key not in sample.meta:
+                del shapes[key]
+            else:
+                shapes[key].add(_numeric_shape(sample.meta[key]))
+    return sorted(k for k, found in shapes.items() if len(found) == 1 and None not in found)
+
+
+def _numeric_shape(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return 0
+    if (
+        isinstance(value, list | tuple)
+        and value
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        return len(value)
+    return None
+
+
 SourceFn = Callable[[DataConfig], DatasetSplits]
 SOURCES: dict[str, SourceFn] = {}
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lookcloser.data.images import load_image
 from lookcloser.data.shards import ShardDataset, ShardIndex
-from lookcloser.data.sources import Sample
+from lookcloser.data.sources import Sample, numeric_meta_keys
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -68,35 +67,6 @@ class ImageDataset(Dataset):
             for k in self.meta_keys
         }
         return tensor, sample.label, meta
-
-
-def numeric_meta_keys(samples: Sequence[Sample]) -> list[str]:
-    """Metadata keys whose values are numbers (or fixed-length number lists) in every sample."""
-    if not samples:
-        return []
-    keys = set(samples[0].meta)
-    for s in samples:
-        keys &= set(s.meta)
-    numeric = []
-    for key in sorted(keys):
-        shapes = {_numeric_shape(s.meta[key]) for s in samples}
-        if len(shapes) == 1 and None not in shapes:
-            numeric.append(key)
-    return numeric
-
-
-def _numeric_shape(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return 0
-    if (
-        isinstance(value, list | tuple)
-        and value
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-    ):
-        return len(value)
-    return None
 
 
 class EpochSampler(Sampler):
