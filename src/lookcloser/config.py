@@ -57,6 +57,8 @@ class DataConfig:
     crop_pct: float = 0.875
     train_scale: tuple[float, float] = (0.5, 1.0)
     hflip: float = 0.5
+    # Random rotation up to this many degrees either way (0 = off), before the crop.
+    rotation: float = 0.0
     color_jitter: float = 0.2
     auto_augment: str | None = None
     random_erasing: float = 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torchvision.transforms as T
 from timm.data import create_transform
 
 from lookcloser.config import DataConfig
@@ -16,8 +17,8 @@ IDENTITY_NORM = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
 
 def train_transform(cfg: DataConfig, interpolation: str = "bicubic") -> Callable:
-    """Random-resized crop, flip, colour jitter and optional AutoAugment / random erasing."""
-    return create_transform(
+    """Optional rotation, random-resized crop, flip, colour jitter, AutoAugment, erasing."""
+    transform = create_transform(
         input_size=cfg.image_size,
         is_training=True,
         scale=cfg.train_scale,
@@ -28,6 +29,11 @@ def train_transform(cfg: DataConfig, interpolation: str = "bicubic") -> Callable
         re_prob=cfg.random_erasing,
         **IDENTITY_NORM,
     )
+    if cfg.rotation > 0:
+        # timm has no rotation option; the FGVC recipes (DCL's among them) rotate first.
+        rotate = T.RandomRotation(cfg.rotation, interpolation=T.InterpolationMode.BILINEAR)
+        transform = T.Compose([rotate, *transform.transforms])
+    return transform
 
 
 def eval_transform(image_size: int, crop_pct: float, interpolation: str = "bicubic") -> Callable:
