@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -76,27 +75,6 @@ def _run_dir(cfg: Config, rank_zero: bool) -> Path:
     return Path("runs") / f"{stamp}-{cfg.method.get('name', 'baseline')}-{backbone}"
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
-    from lookcloser.modeldir import invalidate, is_model_dir
-
-    resuming = cfg.trainer.resume is not None
-    if is_model_dir(run_dir) and not cfg.overwrite:
-        raise ConfigError(
-            f"out: {run_dir} already holds a trained model; pass overwrite=true or choose another out"
-        )
-    if (run_dir / "checkpoints").is_dir() and not (resuming or cfg.overwrite):
-        raise ConfigError(
-            f"out: {run_dir} holds an unfinished run; resume it with trainer.resume=last, "
-            "or pass overwrite=true to start again"
-        )
-    if cfg.overwrite and not resuming:
-        invalidate(run_dir)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        shutil.rmtree(run_dir / "logs", ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-
-
 def _resume_path(cfg: Config, run_dir: Path) -> str | None:
     resume = cfg.trainer.resume
     if resume is None:
@@ -107,9 +85,17 @@ def _resume_path(cfg: Config, run_dir: Path) -> str | None:
     return str(path)
 
 
-def _verified(
-    splits: DatasetSplits, cfg: Config, run_dir: Path | None
-) -> tuple[DatasetSplits, list[str]]:
+def check_config(cfg: Config) -> Config:
+    """Every range and the method's options, checked before any data or model is touched."""
+    from lookcloser.config import method_options
+    from lookcloser.methods.base import method_class
+
+    cfg.validate()
+    method_options(cfg, method_class(cfg.method.get("name", "baseline")).Options)
+    return cfg
+
+
+def _verified(splits: DatasetSplits, cfg: Config) -> tuple[DatasetSplits, list[str]]:
     """Splits without bad images (or a DataError listing them, per data.on_bad_image)."""
     if not cfg.data.verify_images:
         return splits, []
@@ -122,8 +108,6 @@ def _verified(
         splits.test, cfg.data.on_bad_image, cfg.data.max_image_pixels
     )
     skipped = [f"{r.path}: {r.problem}" for r in bad_train + bad_test]
-    if skipped and run_dir is not None:
-        (run_dir / "skipped.txt").write_text("\n".join(skipped) + "\n")
     return splits.replace_samples(good_train, good_test), skipped
 
 
@@ -136,17 +120,30 @@ def train(
 ) -> TrainResult | None:
     """Train a method, evaluate it on the test split and write a model directory.
 
-    `callbacks` are extra Lightning callbacks. Returns None in DDP processes other than rank 0.
+    Nothing is written until the config, the data and the model have passed their checks; a
+    run that fails before its first checkpoint leaves no directory behind (and an overwritten
+    run is put back). `callbacks` are extra Lightning callbacks. Returns None in DDP
+    processes other than rank 0.
     """
-    cfg = as_config(config, overrides)
+    from lookcloser.rundir import RunDir
+
+    cfg = check_config(as_config(config, overrides))
     rank_zero = _global_rank() == 0
     run_dir = _run_dir(cfg, rank_zero)
-    if rank_zero:
-        _prepare_run_dir(cfg, run_dir)
+    # DDP children re-run the command; only rank 0 owns the directory.
+    plan = (
+        RunDir.plan(run_dir, resume=cfg.trainer.resume, overwrite=cfg.overwrite)
+        if rank_zero
+        else None
+    )
     previous = os.environ.get("LOOKCLOSER_RUN_DIR")
     os.environ["LOOKCLOSER_RUN_DIR"] = str(run_dir.resolve())  # inherited by DDP children
     try:
-        return _train(cfg, run_dir, progress, callbacks)
+        return _train(cfg, run_dir, plan, progress, callbacks)
+    except BaseException:
+        if plan is not None:
+            plan.abandon()
+        raise
     finally:
         if previous is None:
             os.environ.pop("LOOKCLOSER_RUN_DIR", None)
@@ -155,7 +152,7 @@ def train(
 
 
 def _train(
-    cfg: Config, run_dir: Path, progress: bool, callbacks: list | None
+    cfg: Config, run_dir: Path, plan, progress: bool, callbacks: list | None
 ) -> TrainResult | None:
     import lightning as L
     import torch
@@ -166,7 +163,6 @@ def _train(
     from lookcloser.engine.trainer import build_trainer
     from lookcloser.methods import build_method
 
-    rank_zero = _global_rank() == 0
     ckpt_path = _resume_path(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -177,9 +173,11 @@ def _train(
         index = _shard_index(cfg)
         classes, num_train = index.classes, index.counts["train"]
         num_test = index.counts.get("test") or 0
+        _check_classes(classes, cfg)
     else:
         splits = build_source(cfg.data)
-        splits, skipped = _verified(splits, cfg, run_dir if rank_zero else None)
+        _check_classes(splits.classes, cfg)
+        splits, skipped = _verified(splits, cfg)
         classes, num_train, num_test = splits.classes, len(splits.train), len(splits.test)
     method = build_method(cfg, len(classes))
     interpolation = method.backbone.data_config.get("interpolation", "bicubic")
@@ -214,7 +212,14 @@ def _train(
             max_pixels=cfg.data.max_image_pixels,
             weights=weights,
         )
-    trainer = build_trainer(cfg, run_dir, progress, has_val=bool(num_test), callbacks=callbacks)
+    trainer = build_trainer(
+        cfg,
+        run_dir,
+        progress,
+        has_val=bool(num_test),
+        callbacks=callbacks,
+        on_checkpoint=(lambda _: plan.checkpoint_saved()) if plan is not None else None,
+    )
     if index is not None:
         # A ShardDataset rank yields whole batches only (no short last batch).
         per_rank = num_train // trainer.world_size // cfg.data.batch_size
@@ -232,6 +237,8 @@ def _train(
         cutmix=cfg.data.cutmix,
         ema_decay=cfg.trainer.ema_decay,
     )
+    if plan is not None:
+        plan.claim(cfg.to_yaml(), skipped)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -254,6 +261,7 @@ def _train(
         cfg.data.crop_pct,
         interpolation,
         device="cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
+        max_pixels=cfg.data.max_image_pixels,
     )
     metrics = _evaluate_and_write(predictor, cfg, run_dir, progress, splits=splits, index=index)
     training = {
@@ -416,7 +424,7 @@ def evaluate(
     else:
         splits = build_source(cfg.data)
         _check_same_classes(splits.classes, predictor.classes)
-        splits, _ = _verified(splits, cfg, None)
+        splits, _ = _verified(splits, cfg)
     out = _test_outputs(predictor, cfg, progress, splits=splits, index=index)
     if out is None:
         raise DataError(f"data.root={cfg.data.root}: no test split to evaluate")
@@ -424,6 +432,16 @@ def evaluate(
     if write_to is not None:
         write_confusion(metrics["confusion"], predictor.classes, write_to)
     return {**summary(metrics), "most_confused": metrics["most_confused"]}
+
+
+def _check_classes(classes: list[str], cfg: Config) -> None:
+    """A classifier needs at least two classes (refused before anything is built)."""
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise DataError(
+            f"data.root={cfg.data.root}: a classifier needs at least 2 classes, found {found} "
+            f"(data.source={cfg.data.source})"
+        )
 
 
 def _check_same_classes(data_classes: list[str], model_classes: list[str]) -> None:
@@ -438,10 +456,16 @@ def _check_same_classes(data_classes: list[str], model_classes: list[str]) -> No
 
 
 def predict(
-    model_dir: str | Path, paths: list[str | Path], top_k: int = 5, batch_size: int = 32
+    model_dir: str | Path,
+    paths: list[str | Path],
+    top_k: int = 5,
+    batch_size: int = 32,
+    on_bad_image: str = "error",
 ) -> list:
-    """Top-k predictions for files and folders."""
-    return load(model_dir).predict(paths, top_k=top_k, batch_size=batch_size)
+    """Top-k predictions for files and folders (`on_bad_image="skip"`: see `.skipped`)."""
+    return load(model_dir).predict(
+        paths, top_k=top_k, batch_size=batch_size, on_bad_image=on_bad_image
+    )
 
 
 def explain(
@@ -455,8 +479,8 @@ def explain(
     from lookcloser.explain.overlay import save_explanation
 
     explanation = load(model_dir).explain(image, target, map_name)
-    out = Path(out) if out else Path(image).with_suffix(".heatmap.png").name
-    return save_explanation(explanation, out)
+    out = Path(out) if out else Path(model_dir) / "explanations" / f"{Path(image).stem}.png"
+    return save_explanation(explanation, out, map_name=map_name)
 
 
 def export(

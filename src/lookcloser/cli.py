@@ -79,7 +79,11 @@ def cmd_predict(args) -> int:
     from lookcloser import api
 
     predictor = api.load(args.model_dir, args.device)
-    predictions = predictor.predict(args.paths, top_k=args.top_k, batch_size=args.batch_size)
+    predictions = predictor.predict(
+        args.paths, top_k=args.top_k, batch_size=args.batch_size, on_bad_image=args.on_bad_image
+    )
+    for path, reason in predictions.skipped:
+        print(f"skipped: {path}: {reason}", file=sys.stderr)
     if args.format == "json":
         print(json.dumps([p.as_dict() for p in predictions], indent=2))
     elif args.format == "csv":
@@ -222,9 +226,27 @@ def cmd_data_pack(args) -> int:
 
 
 # ---- parser -----------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), like every other user error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"lookcloser: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lookcloser",
         description="Fine-grained visual categorization: train, evaluate, predict, explain, export.",
     )
@@ -264,15 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("predict", "Top-k classes for image files or folders.", cmd_predict)
     p.add_argument("model_dir")
     p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--top-k", type=_positive_int, default=5, help="classes per image")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument(
+        "--on-bad-image",
+        choices=["error", "skip"],
+        default="error",
+        help="error: stop, naming every unreadable file; skip: list them on stderr and "
+        "predict the rest (default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
 
     p = command("explain", "Write an attention heatmap over an image as a PNG.", cmd_explain)
     p.add_argument("model_dir")
     p.add_argument("image")
-    p.add_argument("--out", help="PNG to write (default: <image name>.heatmap.png here)")
+    p.add_argument("--out", help="PNG to write (default: MODEL_DIR/explanations/<image name>.png)")
     p.add_argument("--target", help="class to explain (default: the predicted one)")
     p.add_argument("--map", help="which of the method's maps (default: its first, grad-cam)")
 

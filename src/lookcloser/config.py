@@ -20,15 +20,54 @@ import yaml
 from lookcloser.errors import ConfigError
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid numeric range of a config key (checked when set and before a run)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (
+            self.high is not None and (value > self.high or (self.high_open and value == self.high))
+        )
+
+    def describe(self) -> str:
+        """The range as text, e.g. '>= 1' or 'in (0, 1]'."""
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
+
+
+def _num(value: float | None) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def ranged(default: Any, low=None, high=None, *, low_open=False, high_open=False) -> Any:
+    """A dataclass field whose numeric value (or each number of a tuple) must lie in a range."""
+    return field(default=default, metadata={"range": Range(low, high, low_open, high_open)})
+
+
+POSITIVE = {"low": 0, "low_open": True}
+FRACTION = {"low": 0, "high": 1}  # a probability or share, 0 and 1 included
+
+
 @dataclass
 class SyntheticConfig:
     """Parameters of the built-in synthetic fine-grained set (`data.source=synthetic`)."""
 
-    classes: int = 8
-    per_class: int = 60
-    test_per_class: int = 20
-    size: int = 128
-    seed: int = 0
+    classes: int = ranged(8, 2)
+    per_class: int = ranged(60, 1)
+    test_per_class: int = ranged(20, 0)
+    size: int = ranged(128, 32)
+    seed: int = ranged(0, 0)
 
 
 @dataclass
@@ -37,14 +76,14 @@ class DataConfig:
 
     source: str = "synthetic"
     root: str | None = None
-    image_size: int = 224
-    batch_size: int = 32
-    num_workers: int = 2
+    image_size: int = ranged(224, 16)
+    batch_size: int = ranged(32, 1)
+    num_workers: int = ranged(2, 0)
     on_bad_image: Literal["error", "skip"] = "error"
     verify_images: bool = True
-    max_image_pixels: int = 89_478_485
+    max_image_pixels: int = ranged(89_478_485, 1)
     # Single-folder ImageFolder / CSV without a split column: seeded stratified split.
-    test_fraction: float = 0.2
+    test_fraction: float = ranged(0.2, 0, 1, low_open=True, high_open=True)
     split_seed: int = 0
     # Label granularity for datasets that have several (FGVC-Aircraft: variant|family|manufacturer;
     # iNaturalist: species|genus|...|kingdom|supercategory).
@@ -52,20 +91,20 @@ class DataConfig:
     # Which official training split (aircraft, flowers102: trainval|train; inat 2021: train|train_mini).
     train_split: str | None = None
     # Streaming shards (data.source=shards): samples held for shuffling.
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = ranged(1000, 1)
     # Train-time augmentation (timm create_transform); eval is resize + centre crop.
-    crop_pct: float = 0.875
-    train_scale: tuple[float, float] = (0.5, 1.0)
-    hflip: float = 0.5
+    crop_pct: float = ranged(0.875, **POSITIVE, high=1)
+    train_scale: tuple[float, float] = ranged((0.5, 1.0), **POSITIVE, high=1)
+    hflip: float = ranged(0.5, **FRACTION)
     # Random rotation up to this many degrees either way (0 = off), before the crop.
-    rotation: float = 0.0
-    color_jitter: float = 0.2
+    rotation: float = ranged(0.0, 0, 180)
+    color_jitter: float = ranged(0.2, 0)
     auto_augment: str | None = None
-    random_erasing: float = 0.0
+    random_erasing: float = ranged(0.0, **FRACTION)
     # Training sampler: uniform shuffling, or drawing with class-balanced / sqrt-frequency weights.
     sampler: Literal["uniform", "balanced", "sqrt"] = "uniform"
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    mixup: float = ranged(0.0, 0)
+    cutmix: float = ranged(0.0, 0)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -79,8 +118,8 @@ class ModelConfig:
     weights: str | None = None
     # How checkpoint keys map onto the model: none | position | strip:<prefix> | a registered name.
     weights_key_map: str = "none"
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
+    drop_rate: float = ranged(0.0, 0, 1, high_open=True)
+    drop_path_rate: float = ranged(0.0, 0, 1, high_open=True)
 
 
 @dataclass
@@ -88,41 +127,41 @@ class OptimConfig:
     """Optimizer and learning-rate schedule (timm optimizers and schedulers)."""
 
     name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.9
+    lr: float = ranged(1e-3, **POSITIVE)
+    weight_decay: float = ranged(0.01, 0)
+    momentum: float = ranged(0.9, 0, 1, high_open=True)
     # New heads learn this many times faster than the pretrained backbone.
-    head_lr_scale: float = 1.0
-    layer_decay: float | None = None
+    head_lr_scale: float = ranged(1.0, **POSITIVE)
+    layer_decay: float | None = ranged(None, **POSITIVE, high=1)
     scheduler: Literal["cosine", "step", "none"] = "cosine"
-    warmup_epochs: float = 0.0
-    min_lr: float = 0.0
-    step_epochs: int = 30
-    step_gamma: float = 0.1
+    warmup_epochs: float = ranged(0.0, 0)
+    min_lr: float = ranged(0.0, 0)
+    step_epochs: int = ranged(30, 1)
+    step_gamma: float = ranged(0.1, **POSITIVE, high=1)
 
 
 @dataclass
 class TrainerConfig:
     """Lightning Trainer settings: devices, precision, checkpoints, logs."""
 
-    epochs: int = 10
+    epochs: int = ranged(10, 1)
     accelerator: str = "auto"
     devices: int | str = "auto"
     strategy: str = "auto"
-    num_nodes: int = 1
+    num_nodes: int = ranged(1, 1)
     precision: str = "32-true"
     deterministic: bool = False
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float | None = None
-    val_every_n_epochs: int = 1
-    log_every_n_steps: int = 10
+    accumulate_grad_batches: int = ranged(1, 1)
+    gradient_clip_val: float | None = ranged(None, **POSITIVE)
+    val_every_n_epochs: int = ranged(1, 0)
+    log_every_n_steps: int = ranged(10, 1)
     # Mid-epoch checkpoints (for resuming long epochs); end-of-epoch ones are always kept.
-    checkpoint_every_n_steps: int | None = None
+    checkpoint_every_n_steps: int | None = ranged(None, 1)
     # `last` resumes from the run directory's last checkpoint; or a checkpoint path.
     resume: str | None = None
     progress: Literal["rich", "tqdm", "none"] = "rich"
-    max_steps: int = -1
-    ema_decay: float | None = None
+    max_steps: int = ranged(-1, -1)
+    ema_decay: float | None = ranged(None, 0, 1, low_open=True, high_open=True)
 
 
 @dataclass
@@ -134,7 +173,7 @@ class Config:
     method: dict[str, Any] = field(default_factory=lambda: {"name": "baseline"})
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    seed: int = 0
+    seed: int = ranged(0, 0)
     out: str | None = None
     overwrite: bool = False
 
@@ -200,11 +239,31 @@ class Config:
                 raise ConfigError(_unknown(key, candidates, where))
             if i == len(parts) - 1:
                 hint = typing.get_type_hints(type(node))[part]
-                setattr(node, part, _check_type(key, value, hint, where))
+                value = _check_type(key, value, hint, where)
+                _check_range(key, value, _field(node, part), where)
+                setattr(node, part, value)
                 return
             node = getattr(node, part)
             if not dataclasses.is_dataclass(node):
                 raise ConfigError(f"{where}: {key}: {'.'.join(parts[: i + 1])} has no sub-keys")
+
+    def validate(self, where: str = "config") -> Config:
+        """Check every value's range and the rules between keys (before anything is built)."""
+        for key, node, name in _leaves(self):
+            _check_range(key, getattr(node, name), _field(node, name), where)
+        low, high = self.data.train_scale
+        if low > high:
+            raise ConfigError(
+                f"{where}: data.train_scale: expected [low, high] with low <= high, got {[low, high]}"
+            )
+        if self.trainer.max_steps == 0:
+            raise ConfigError(f"{where}: trainer.max_steps: expected -1 (no limit) or >= 1, got 0")
+        devices = self.trainer.devices
+        if isinstance(devices, int) and devices != -1 and devices < 1:
+            raise ConfigError(
+                f"{where}: trainer.devices: expected 'auto', -1 (all) or >= 1, got {devices}"
+            )
+        return self
 
     # ---- output -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -234,10 +293,34 @@ def method_options(cfg: Config, options_type: type) -> Any:
                 _unknown(f"method.{name}", candidates, f"method {cfg.method['name']!r}")
             )
         values[name] = _check_type(f"method.{name}", value, hints[name], "config")
+        _check_range(f"method.{name}", values[name], fields[name], "config")
     return options_type(**values)
 
 
 # ---- helpers ------------------------------------------------------------------------------
+def _field(node: Any, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(node) if f.name == name)
+
+
+def _leaves(node: Any, prefix: str = ""):
+    """(dotted key, owning dataclass, field name) of every non-group field."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", node, f.name
+
+
+def _check_range(key: str, value: Any, spec: dataclasses.Field, where: str) -> None:
+    valid: Range | None = spec.metadata.get("range")
+    if valid is None or value is None:
+        return
+    for number in value if isinstance(value, tuple | list) else (value,):
+        if number not in valid:
+            raise ConfigError(f"{where}: {key}: expected a value {valid.describe()}, got {value!r}")
+
+
 def _unknown(key: str, candidates: list[str], where: str) -> str:
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(candidates)}"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 from lookcloser.config import Config
+
+DEMO_MAP = "grad-cam"  # every method's attention maps include it
 
 
 def demo_config(out: Path) -> Config:
@@ -20,10 +24,45 @@ def demo_config(out: Path) -> Config:
     return cfg
 
 
+def prediction_rows(
+    examples: Sequence[Path], predictions: Sequence, test_dir: Path
+) -> list[tuple[str, str, str]]:
+    """(image path relative to the test folder, true class, top-k with probabilities) per image."""
+    rows = []
+    for path, p in zip(examples, predictions, strict=True):
+        path = Path(path)
+        try:
+            shown = path.relative_to(test_dir).as_posix()
+        except ValueError:
+            shown = str(path)
+        top = ", ".join(f"{c} ({q:.2f})" for c, q in zip(p.classes, p.probs, strict=True))
+        rows.append((shown, path.parent.name, top))
+    return rows
+
+
+def try_next_command(run_dir: str | Path, image: str | Path) -> str:
+    """A shell command predicting one image with the saved model (paths quoted as needed)."""
+    return f"lookcloser predict {shlex.quote(str(run_dir))} {shlex.quote(str(image))}"
+
+
+def summary_table(rows: Sequence[tuple[str, str]]):
+    """The demo's summary: long values (paths, the command) fold onto more lines, never cut."""
+    from rich.table import Table
+    from rich.text import Text
+
+    summary = Table(title="lookcloser demo: summary", show_header=False)
+    summary.add_column(style="bold", overflow="fold")
+    summary.add_column(overflow="fold")
+    for name, value in rows:
+        summary.add_row(Text(name), Text(value))  # Text: no markup read into paths or names
+    return summary
+
+
 def run_demo(out: str | Path = "lookcloser-demo", progress: bool = True) -> dict:
     """Generate data, fine-tune, evaluate, save, predict, explain; print a summary table."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from lookcloser import api
     from lookcloser.data.synthetic import generate
@@ -53,22 +92,19 @@ def run_demo(out: str | Path = "lookcloser-demo", progress: bool = True) -> dict
     examples = [next(iter(sorted(d.iterdir()))) for d in sorted(test_dir.iterdir())[:4]]
     predictions = predictor.predict(examples, top_k=3)
     table = Table(title="predictions")
-    table.add_column("image")
-    table.add_column("true class")
-    table.add_column("top-3 (probability)")
-    for path, p in zip(examples, predictions, strict=True):
-        top = ", ".join(f"{c} ({q:.2f})" for c, q in zip(p.classes, p.probs, strict=True))
-        table.add_row(path.name, path.parent.name, top)
+    table.add_column("image (under test/)", overflow="fold")
+    table.add_column("true class", overflow="fold")
+    table.add_column("top-3 (probability)", overflow="fold")
+    for row in prediction_rows(examples, predictions, test_dir):
+        table.add_row(*(Text(value) for value in row))
     console.print(table)
 
     console.print("[bold]4/5[/] explaining one prediction")
-    heatmap = save_explanation(predictor.explain(examples[0]), out / "heatmap.png")
+    explanation = predictor.explain(examples[0], map_name=DEMO_MAP)
+    heatmap = save_explanation(explanation, out / "heatmap.png", map_name=DEMO_MAP)
 
     total = time.perf_counter() - started
     m = result.metrics
-    summary = Table(title="lookcloser demo: summary", show_header=False)
-    summary.add_column(style="bold")
-    summary.add_column()
     rows = [
         (
             "test top-1",
@@ -83,11 +119,15 @@ def run_demo(out: str | Path = "lookcloser-demo", progress: bool = True) -> dict
         ("dataset", str(cfg.data.root)),
         ("model directory", str(result.run_dir)),
         ("confusion matrix", str(result.run_dir / "confusion.png")),
-        ("heatmap", str(heatmap)),
-        ("try next", f"lookcloser predict {result.run_dir} {examples[0]}"),
+        (
+            "heatmap",
+            f"{heatmap} ({DEMO_MAP} for {explanation.class_name}, p = {explanation.prob:.3f})",
+        ),
+        ("try next", try_next_command(result.run_dir, examples[0])),
     ]
-    for row in rows:
-        summary.add_row(*row)
     console.print("[bold]5/5[/] done")
-    console.print(summary)
+    console.print(summary_table(rows))
+    # The command once more, unframed and never broken by rich, so that it copy-pastes whole.
+    console.print("try next (copy-paste):", style="bold")
+    console.print(rows[-1][1], soft_wrap=True, highlight=False, markup=False)
     return {"metrics": m, "seconds": total, "run_dir": result.run_dir, "heatmap": heatmap}

@@ -22,6 +22,15 @@ class BadImageError(DataError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class BadImagesError(DataError):
+    """Several image files cannot be decoded; the message names every one with its reason."""
+
+    def __init__(self, bad: list[tuple[str, str]], total: int, hint: str = ""):
+        self.bad = bad
+        listed = "; ".join(f"{path} ({reason})" for path, reason in bad)
+        super().__init__(f"{len(bad)} unreadable image(s) of {total}: {listed}{hint}")
+
+
 class WeightsError(LookcloserError):
     """Pretrained or checkpoint weights cannot be found or do not fit the model."""
 

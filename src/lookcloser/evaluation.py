@@ -68,21 +68,21 @@ def write_confusion(
         for name, row in zip(classes, confusion, strict=True):
             writer.writerow([name, *row])
     png_path = out_dir / "confusion.png"
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (not pyplot): no display backend needed, nothing left open.
+    from matplotlib.figure import Figure
 
     n = len(classes)
     size = min(4 + 0.35 * n, 40)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size + 1.0, size))
+    ax = fig.add_subplot()
     matrix = torch.tensor(confusion, dtype=torch.float32)
     normalized = matrix / matrix.sum(dim=1, keepdim=True).clamp_min(1)
-    ax.imshow(normalized.numpy(), cmap="Blues", vmin=0, vmax=1)
+    image = ax.imshow(normalized.numpy(), cmap="Blues", vmin=0, vmax=1)
     if n <= 60:
         ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
         ax.set_yticks(range(n), classes, fontsize=7)
-    if n <= 25:
+    numbers = n <= 25
+    if numbers:
         for i in range(n):
             for j in range(n):
                 if confusion[i][j]:
@@ -90,12 +90,16 @@ def write_confusion(
                     ax.text(
                         j, i, confusion[i][j], ha="center", va="center", fontsize=7, color=color
                     )
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion (rows normalized)")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    what = "numbers: image counts; " if numbers else ""
+    ax.set_title(f"confusion matrix\n({what}colour: share of the true class)", fontsize=10)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("share of the true class's images (each row sums to 1)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    fig.clear()
     return csv_path, png_path
 
 

@@ -14,10 +14,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lookcloser.config import Config
-from lookcloser.data.images import list_image_files, load_image
+from lookcloser.data.images import DEFAULT_MAX_PIXELS, list_image_files, load_image
 from lookcloser.data.sources import Sample
 from lookcloser.data.transforms import eval_transform
 from lookcloser.engine.datamodule import ImageDataset, collate
+from lookcloser.errors import BadImageError, BadImagesError, ConfigError
 from lookcloser.methods import build_method
 from lookcloser.methods.base import Method
 from lookcloser.modeldir import read_model_json, read_weights
@@ -39,6 +40,40 @@ class Prediction:
             for c, i, p in zip(self.classes, self.indices, self.probs, strict=True)
         ]
         return {"path": self.path, "top": top}
+
+
+class Predictions(list):
+    """Predictions in input order; `skipped` holds (path, reason) of images not read."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.skipped: list[tuple[str, str]] = []
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """Image files for prediction: (position, tensor, None), or (position, None, reason)."""
+
+    def __init__(self, files: Sequence[str], transform, max_pixels: int):
+        self.files = files
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.transform(load_image(self.files[index], self.max_pixels)), None
+        except BadImageError as err:
+            return index, None, err.reason
+
+
+def _collate_files(items):
+    """(positions of good images, their stacked tensors, [(path, reason)] of bad ones)."""
+    good = [(i, t) for i, t, _ in items if t is not None]
+    bad = [(i, r) for i, t, r in items if t is None]
+    images = torch.stack([t for _, t in good]) if good else torch.empty(0)
+    return [i for i, _ in good], images, bad
 
 
 @dataclass
@@ -79,6 +114,7 @@ class Predictor:
         interpolation: str = "bicubic",
         device: str | torch.device | None = "cpu",
         info: dict[str, Any] | None = None,
+        max_pixels: int | None = None,
     ):
         self.device = resolve_device(device)
         self.method = method.eval().to(self.device)
@@ -87,6 +123,8 @@ class Predictor:
         self.crop_pct = crop_pct
         self.transform = eval_transform(image_size, crop_pct, interpolation)
         self.info = info or {}
+        recorded = self.info.get("config", {}).get("data", {}).get("max_image_pixels")
+        self.max_pixels = max_pixels or recorded or DEFAULT_MAX_PIXELS
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device | None = "cpu") -> Predictor:
@@ -128,19 +166,16 @@ class Predictor:
     def preprocess(self, image: Image.Image | str | Path) -> Tensor:
         """One image (PIL or file) as a 3 x H x W tensor the model takes."""
         if not isinstance(image, Image.Image):
-            image = load_image(image)
+            image = load_image(image, self.max_pixels)
         return self.transform(image.convert("RGB"))
 
     # ---- files ---------------------------------------------------------------------------------
     def _loader(self, samples: Sequence[Sample], batch_size: int, num_workers: int) -> DataLoader:
-        dataset = ImageDataset(samples, self.transform, max_pixels=self._max_pixels())
+        dataset = ImageDataset(samples, self.transform, max_pixels=self.max_pixels)
         dataset.meta_keys = []  # inference needs no metadata tensors
         return DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate
         )
-
-    def _max_pixels(self) -> int:
-        return self.info.get("config", {}).get("data", {}).get("max_image_pixels", 89_478_485)
 
     def predict(
         self,
@@ -148,17 +183,41 @@ class Predictor:
         top_k: int = 5,
         batch_size: int = 32,
         num_workers: int = 0,
-    ) -> list[Prediction]:
-        """Top-k predictions for image files and folders (searched recursively), batched."""
+        on_bad_image: str = "error",
+    ) -> Predictions:
+        """Top-k predictions for image files and folders (searched recursively), batched.
+
+        `on_bad_image="error"` raises a BadImagesError naming every unreadable file (after
+        reading them all); `"skip"` predicts the rest and lists the bad ones in `.skipped`.
+        """
+        if on_bad_image not in ("error", "skip"):
+            raise ConfigError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
+        if top_k < 1:
+            raise ConfigError(f"top_k: expected an integer >= 1, got {top_k}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size}")
         files = [str(f) for p in paths for f in list_image_files(p)]
-        samples = [Sample(f, -1) for f in files]
         k = min(top_k, len(self.classes))
-        results: list[Prediction] = []
-        for images, _, _ in self._loader(samples, batch_size, num_workers):
+        results = Predictions()
+        loader = DataLoader(
+            _FileDataset(files, self.transform, self.max_pixels),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate_files,
+        )
+        for indices, images, failures in loader:
+            results.skipped += [(files[i], reason) for i, reason in failures]
+            if results.skipped and on_bad_image == "error":
+                continue  # no more predictions, but keep reading to name every bad file
+            if not indices:
+                continue
             probs, idx = self.probabilities(images).topk(k, dim=1)
-            for p, i in zip(probs.tolist(), idx.tolist(), strict=True):
-                path = files[len(results)]
-                results.append(Prediction(path, [self.classes[j] for j in i], p, i))
+            for n, p, i in zip(indices, probs.tolist(), idx.tolist(), strict=True):
+                results.append(Prediction(files[n], [self.classes[j] for j in i], p, i))
+        if results.skipped and on_bad_image == "error":
+            raise BadImagesError(
+                results.skipped, len(files), "; pass on_bad_image=skip to predict the others"
+            )
         return results
 
     def run_samples(
@@ -201,12 +260,18 @@ class Predictor:
         probs = self.probabilities(tensor)[0]
         if isinstance(target, str):
             if target not in self.classes:
-                raise ValueError(f"unknown class {target!r}")
+                raise ConfigError(
+                    f"target: unknown class {target!r}; the model's classes: {', '.join(self.classes)}"
+                )
             target = self.classes.index(target)
+        if target is not None and not 0 <= int(target) < len(self.classes):
+            raise ConfigError(
+                f"target: class index {target} out of range; expected 0..{len(self.classes) - 1}"
+            )
         index = int(probs.argmax()) if target is None else int(target)
         maps = self.method.attention_maps(tensor, torch.tensor([index], device=self.device))
         if map_name is not None and map_name not in maps:
-            raise ValueError(f"unknown map {map_name!r}; this model has: {', '.join(maps)}")
+            raise ConfigError(f"map: unknown map {map_name!r}; this model has: {', '.join(maps)}")
         heatmap = maps[map_name or next(iter(maps))][0]
         view = Image.fromarray(
             (tensor[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)

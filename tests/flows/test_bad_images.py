@@ -82,3 +82,25 @@ def test_train_with_skip_succeeds_and_lists_skipped(messy_root, tmp_path):
     record = json.loads((out / "model.json").read_text())
     assert record["data"]["skipped"] == 4
     assert record["data"]["train_images"] == 48 + 2  # CMYK and 16-bit images are used
+
+
+def test_predict_skip_lists_every_bad_file_and_predicts_the_rest(messy_root, trained_model):
+    folder = messy_root / "train" / sorted(p.name for p in (messy_root / "train").iterdir())[0]
+    args = ["predict", str(trained_model), str(folder), "--format", "json"]
+    result = run_cli(*args, "--on-bad-image", "skip")
+    skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped: ")]
+    assert {line.split(":")[1].strip().rsplit("/", 1)[-1] for line in skipped} == BAD
+    assert all(line.count(": ") >= 2 for line in skipped)  # each with its reason
+    predicted = {p["path"].rsplit("/", 1)[-1] for p in json.loads(result.stdout)}
+    assert len(predicted) == 16 + 2 and not predicted & BAD  # 16 good, CMYK, 16-bit
+
+
+def test_predict_error_names_every_bad_file(messy_root, trained_model):
+    folder = messy_root / "train" / sorted(p.name for p in (messy_root / "train").iterdir())[0]
+    result = run_cli("predict", str(trained_model), str(folder), check=False)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("lookcloser: error: 4 unreadable image(s) of 22")
+    for name in BAD:
+        assert f"{name} (" in line
+    assert result.stdout == ""

@@ -70,10 +70,13 @@ def test_explain_writes_heatmap_png(trained_model, synthetic_root, tmp_path):
     image = next((synthetic_root / "test").rglob("*.png"))
     out = tmp_path / "heat.png"
     run_cli("explain", str(trained_model), str(image), "--out", str(out))
-    png = Image.open(out)
-    assert png.size == (2 * 64 * 2, 64 * 2)  # image and overlay side by side, 2x
-    left, right = np.asarray(png)[:, :128], np.asarray(png)[:, 128:]
-    assert np.abs(left.astype(int) - right.astype(int)).mean() > 5  # the overlay is drawn
+    png = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert png.shape[1] > 2 * png.shape[0] * 0.9  # input, overlay and colour bar side by side
+    # Without --out the picture goes into the model directory, not the current folder.
+    default = run_cli("explain", str(trained_model), str(image), cwd=tmp_path)
+    written = trained_model / "explanations" / f"{image.stem}.png"
+    assert default.stdout.strip() == str(written) and written.is_file()
+    assert not list(tmp_path.glob("*.png*")) or list(tmp_path.glob("*.png")) == [out]
 
 
 def test_export_onnx_matches_pytorch(trained_model, tmp_path):

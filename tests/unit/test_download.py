@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import re
+import stat
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -114,57 +117,264 @@ def test_http_404_is_a_clear_error(http_server, tmp_path):
 
 
 # ---- safe_extract ---------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "member",
-    [
-        _file("../evil.txt"),
-        _file("data/../../evil.txt"),
-        _file("/tmp/lookcloser-evil.txt"),
-        _link("data/link", "../../outside"),
-        _link("link", "/etc/passwd"),
-        _link("hard", "../outside.txt", tarfile.LNKTYPE),
-    ],
-    ids=["dotdot", "nested-dotdot", "absolute", "symlink-up", "symlink-absolute", "hardlink-up"],
-)
-def test_safe_extract_refuses_escaping_members(tmp_path, member):
+@pytest.fixture(params=["data-filter", "no-filter"])
+def tar_filter(request, monkeypatch) -> bool:
+    """Extract with tarfile's `data` filter, and without one as on Python 3.11.0-3.11.3."""
+    if request.param == "data-filter":
+        if not hasattr(tarfile, "data_filter"):
+            pytest.skip("this Python's tarfile has no extraction filters")
+        return True
+    # safe_extract looks up tarfile.data_filter at each call (dl._data_filter). Python >= 3.14
+    # filters by default even so; an identity default filter turns that off too.
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    monkeypatch.setattr(
+        tarfile.TarFile,
+        "extraction_filter",
+        staticmethod(lambda member, path: member),
+        raising=False,
+    )
+    return False
+
+
+def _spec_tar(spec: list[tuple], outside: Path, mode: str = "w") -> bytes:
+    """A tar from rows (kind, name, data or link[, mode]): kind f/d/s/h/c/p file, folder,
+    symlink, hard link, character device, FIFO; OUT in a name or link stands for `outside`."""
+    members = []
+    for kind, name, *rest in spec:
+        name = name.replace("OUT", str(outside))
+        arg = rest[0].replace("OUT", str(outside)) if rest and isinstance(rest[0], str) else None
+        if kind == "f":
+            info, data = _file(name, rest[0] if rest else b"x")
+            info.mode = rest[1] if len(rest) > 1 else info.mode
+            members.append((info, data))
+        elif kind in ("s", "h"):
+            members.append(_link(name, arg, tarfile.SYMTYPE if kind == "s" else tarfile.LNKTYPE))
+        else:
+            info = tarfile.TarInfo(name)
+            info.type = {"d": tarfile.DIRTYPE, "c": tarfile.CHRTYPE, "p": tarfile.FIFOTYPE}[kind]
+            members.append((info, None))
+    return _tar(members, mode=mode)
+
+
+def _snapshot(root: Path) -> dict[str, object]:
+    """Everything under `root`: each file's bytes, each symlink's text, each folder."""
+    state: dict[str, object] = {}
+    for folder, dirs, files in os.walk(root):  # does not follow symlinks
+        for name in dirs + files:
+            path = Path(folder, name)
+            key = str(path.relative_to(root))
+            if path.is_symlink():
+                state[key] = ("symlink", os.readlink(path))
+            elif path.is_dir():
+                state[key] = "folder"
+            elif path.is_file():
+                state[key] = path.read_bytes()
+            else:
+                state[key] = "special"
+    return state
+
+
+# Each row: the archive, symlinks already in the target, the member refused, why. Without
+# our checks, each archive (without the filter) writes outside the target or leaves a symlink
+# that leads outside. OUT is tmp_path/outside, which holds keep.txt; the target's parent is
+# tmp_path.
+_REFUSED = {
+    "symlink-chain": (
+        [("s", "a", "."), ("s", "b", "a/.."), ("s", "c", "b/outside"), ("f", "c/keep.txt", b"!")],
+        {},
+        "b",
+        "resolves outside the target folder through symlink 'a' -> '.'",
+    ),
+    "symlink-chain-closed-later": (
+        [("s", "s", "p/.."), ("s", "p", "."), ("f", "s/outside/keep.txt", b"pwned")],
+        {},
+        "s/outside/keep.txt",
+        "resolves outside the target folder through symlink 'p' -> '.'",
+    ),
+    "symlink-left-leading-outside": (
+        [("s", "s", "p/.."), ("s", "p", ".")],
+        {},
+        "s",
+        "with later members resolves outside the target folder",
+    ),
+    "symlink-up": ([("s", "data/link", "../../outside")], {}, "data/link", "resolves outside"),
+    "symlink-absolute": (
+        [("s", "link", "OUT"), ("f", "link/keep.txt", b"pwned")],
+        {},
+        "link",
+        "absolute path",
+    ),
+    "symlink-loop": (
+        [("s", "a", "b"), ("s", "b", "a"), ("f", "a/evil.txt")],
+        {},
+        "a/evil.txt",
+        "more than 40 symlinks",
+    ),
+    "hardlink-up": (
+        [("h", "hard", "../outside/keep.txt"), ("f", "hard", b"pwned")],
+        {},
+        "hard",
+        "resolves outside",
+    ),
+    "hardlink-absolute": (
+        [("h", "hard", "OUT/keep.txt"), ("f", "hard", b"pwned")],
+        {},
+        "hard",
+        "absolute path",
+    ),
+    "hardlink-to-escaping-symlink": (
+        [
+            ("s", "s", "p/../outside/keep.txt"),
+            ("s", "p", "."),
+            ("h", "h", "s"),
+            ("f", "h", b"pwned"),
+        ],
+        {},
+        "h",
+        "is a hard link to 's', which resolves outside the target folder through symlink 'p'",
+    ),
+    # tarfile would copy the symlink member 'sub/s' to 'h', one folder up: h -> ../outside.
+    "hardlink-to-dangling-symlink": (
+        [("d", "sub"), ("s", "sub/s", "../outside"), ("h", "h", "sub/s"), ("f", "h/keep.txt")],
+        {},
+        "h",
+        "not a file extracted before it",
+    ),
+    "hardlink-forward": (
+        [("h", "h", "later.txt"), ("f", "later.txt")],
+        {},
+        "h",
+        "not a file extracted before it",
+    ),
+    "under-symlinked-folder-on-disk": (
+        [("f", "d/keep.txt", b"pwned")],
+        {"d": "../outside"},
+        "d/keep.txt",
+        "through symlink 'd' -> '../outside'",
+    ),
+    "hardlink-to-symlink-on-disk": (
+        [("h", "h", "evil"), ("f", "h", b"pwned")],
+        {"evil": "OUT/keep.txt"},
+        "h",
+        "follows the absolute symlink 'evil'",
+    ),
+    "absolute-member": ([("f", "OUT/keep.txt", b"pwned")], {}, "OUT/keep.txt", "absolute"),
+    "dotdot": ([("f", "../outside/keep.txt", b"pwned")], {}, "../outside/keep.txt", "'..'"),
+    "nested-dotdot": ([("f", "data/../../evil.txt")], {}, "data/../../evil.txt", "'..'"),
+    "backslash-dotdot": ([("f", "..\\evil.txt")], {}, "..\\evil.txt", "'..'"),
+    "backslash": ([("f", "data\\evil.txt")], {}, "data\\evil.txt", "backslash"),
+    "drive": ([("f", "C:evil.txt")], {}, "C:evil.txt", "drive"),
+    "device": ([("c", "dev/null")], {}, "dev/null", "device file or FIFO"),
+    "fifo": ([("p", "pipe")], {}, "pipe", "device file or FIFO"),
+}
+
+
+@pytest.mark.parametrize("case", list(_REFUSED), ids=list(_REFUSED))
+def test_safe_extract_refuses_escaping_members(tmp_path, tar_filter, case):
+    spec, on_disk, refused, why = _REFUSED[case]
+    outside, target = tmp_path / "outside", tmp_path / "target"
+    outside.mkdir()
+    (outside / "keep.txt").write_bytes(b"keep")
+    target.mkdir()
+    for name, link in on_disk.items():
+        (target / name).symlink_to(link.replace("OUT", str(outside)))
     archive = tmp_path / "bad.tar.gz"
-    archive.write_bytes(_tar([_file("data/ok.txt"), member]))
-    target = tmp_path / "target" / "inner"
+    archive.write_bytes(_spec_tar([("f", "data/ok.txt"), *spec], outside, mode="w:gz"))
+    before = _snapshot(tmp_path)
     with pytest.raises(DataError) as err:
         dl.safe_extract(archive, target)
-    assert repr(member[0].name) in str(err.value)
-    outside = [p for p in tmp_path.rglob("*") if "evil" in p.name or p.name == "outside"]
-    assert outside == []
+    message = str(err.value)
+    # Our own check names the member and the reason; tarfile's filter never had to step in.
+    assert repr(refused.replace("OUT", str(outside))) in message and why in message, message
+    assert str(archive) in message and "data filter" not in message and "corrupt" not in message
+    # Nothing was written anywhere: not outside the target, not in it.
+    assert _snapshot(tmp_path) == before
 
 
-def test_safe_extract_refuses_device_files(tmp_path):
-    device = tarfile.TarInfo("dev/null")
-    device.type = tarfile.CHRTYPE
-    archive = tmp_path / "dev.tar"
-    archive.write_bytes(_tar([(device, None)], mode="w"))
-    with pytest.raises(DataError, match="device"):
+def test_safe_extract_keeps_links_inside_and_reports_top_level(tmp_path, tar_filter):
+    spec = [
+        ("d", "pkg"),
+        ("f", "pkg/a.txt", b"A"),
+        ("s", "pkg/b.txt", "a.txt"),
+        ("s", "latest", "pkg"),
+        ("f", "latest/c.txt", b"C"),  # through a symlink that stays inside
+        ("d", "pkg/sub"),
+        ("s", "pkg/sub/up", ".."),
+        ("f", "pkg/sub/up/d.txt", b"D"),
+        ("h", "hard", "latest/a.txt"),
+        ("h", "pkg/sub/same", "pkg/b.txt"),  # a hard link through a symlink to a file
+        ("f", "pkg/old.txt", b"old"),
+        ("h", "pkg/old.txt", "pkg/a.txt"),  # a hard link replaces what is at its name
+        ("f", "README", b"r", 0o666),
+    ]
+    archive = tmp_path / "good.tar.bz2"
+    archive.write_bytes(_spec_tar(spec, tmp_path, mode="w:bz2"))
+    target = tmp_path / "t"
+    assert dl.safe_extract(archive, target) == ["README", "hard", "latest", "pkg"]
+    pkg = target / "pkg"
+    assert os.readlink(pkg / "b.txt") == "a.txt" and os.readlink(target / "latest") == "pkg"
+    assert (pkg / "b.txt").read_bytes() == b"A"
+    assert (pkg / "c.txt").read_bytes() == b"C" and (pkg / "d.txt").read_bytes() == b"D"
+    for name in ("hard", "pkg/sub/same", "pkg/old.txt"):
+        assert not (target / name).is_symlink() and os.path.samefile(target / name, pkg / "a.txt")
+    # The data filter drops group/other write bits; without it the archive's mode is kept.
+    assert stat.S_IMODE((target / "README").stat().st_mode) == (0o644 if tar_filter else 0o666)
+    # A second archive into the same folder may use the first one's links and files.
+    second = tmp_path / "second.tar"
+    second.write_bytes(_spec_tar([("f", "latest/e.txt", b"E"), ("h", "h2", "README")], tmp_path))
+    assert dl.safe_extract(second, target) == ["h2", "latest"]
+    assert (pkg / "e.txt").read_bytes() == b"E" and (target / "h2").read_bytes() == b"r"
+
+
+def test_filter_refusal_still_names_the_member(tmp_path, monkeypatch):
+    if not hasattr(tarfile, "FilterError"):
+        pytest.skip("this Python's tarfile has no extraction filters")
+
+    def refuse_all(member, path):
+        raise tarfile.AbsolutePathError(member)
+
+    monkeypatch.setattr(dl, "_data_filter", lambda: refuse_all)
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(_tar([_file("data/ok.txt")], mode="w"))
+    with pytest.raises(DataError, match=r"member 'data/ok.txt' was refused by tarfile's data"):
         dl.safe_extract(archive, tmp_path / "t")
 
 
-def test_safe_extract_keeps_links_inside_and_reports_top_level(tmp_path):
-    archive = tmp_path / "good.tar.bz2"
-    members = [_file("pkg/a.txt", b"A"), _link("pkg/b.txt", "a.txt"), _file("README", b"r")]
-    archive.write_bytes(_tar(members, mode="w:bz2"))
-    target = tmp_path / "t"
-    assert dl.safe_extract(archive, target) == ["README", "pkg"]
-    assert (target / "pkg" / "b.txt").read_bytes() == b"A"
-
-
 def test_safe_extract_zip(tmp_path):
-    good, bad = tmp_path / "good.zip", tmp_path / "bad.zip"
+    good = tmp_path / "good.zip"
     with zipfile.ZipFile(good, "w") as zf:
         zf.writestr("train2017.json", "{}")
-    with zipfile.ZipFile(bad, "w") as zf:
-        zf.writestr("../evil.json", "{}")
     assert dl.safe_extract(good, tmp_path / "g") == ["train2017.json"]
-    with pytest.raises(DataError, match=re.escape("'../evil.json'")):
-        dl.safe_extract(bad, tmp_path / "b")
-    assert not (tmp_path / "evil.json").exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../evil.json",
+        "a/../../evil.json",
+        "/tmp/lookcloser-evil.json",
+        "C:/evil.json",
+        "C:evil.json",
+        "..\\evil.json",
+        "\\\\server\\share\\evil.json",
+        "dir\\evil.json",
+        "link",
+    ],
+)
+def test_safe_extract_zip_refuses_escaping_members(tmp_path, name):
+    archive = tmp_path / "bad.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("first.json", "{}")
+        info = zipfile.ZipInfo(name)
+        if name == "link":
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "../../outside" if name == "link" else "{}")
+    target = tmp_path / "target"
+    with pytest.raises(DataError, match=re.escape(repr(name))):
+        dl.safe_extract(archive, target)
+    # Every member is checked first: not even the good one was written.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip", "target"]
+    assert list(target.iterdir()) == []
 
 
 def test_safe_extract_rejects_non_archives(tmp_path):

@@ -101,3 +101,36 @@ def test_write_confusion_csv_and_png(tmp_path):
     with Image.open(png_path) as image:
         assert image.format == "PNG"
         assert image.size[0] > 100 and image.size[1] > 100
+
+
+def test_confusion_png_says_what_numbers_and_colour_show(tmp_path, monkeypatch):
+    """Cells print raw counts and the colour is the share of the true class: title and bar say so."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    saved = []
+    original = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        saved.append(
+            {
+                "title": fig.axes[0].get_title(),
+                "bar_label": fig.axes[-1].get_ylabel(),
+                "axes": len(fig.axes),
+                "cells": [t.get_text() for t in fig.axes[0].texts],
+            }
+        )
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    open_before = plt.get_fignums()
+    confusion = [[3, 1, 0], [0, 2, 0], [1, 0, 4]]
+    write_confusion(confusion, ["owl", "hawk", "wren"], tmp_path)
+    (figure,) = saved
+    assert "rows normalized" not in figure["title"]
+    assert "numbers: image counts" in figure["title"]
+    assert "colour: share of the true class" in figure["title"]
+    assert figure["axes"] == 2  # the matrix and its colour bar
+    assert "share of the true class" in figure["bar_label"]
+    assert sorted(figure["cells"]) == ["1", "1", "2", "3", "4"]  # counts, not shares
+    assert plt.get_fignums() == open_before

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from lookcloser import modeldir
 from lookcloser.api import _save
 from lookcloser.config import Config
-from lookcloser.errors import BadImageError, ModelDirError
+from lookcloser.errors import BadImagesError, ModelDirError
 from lookcloser.methods import build_method
 from lookcloser.modeldir import is_model_dir, read_model_json, save_model_dir
 from lookcloser.predictor import Predictor
@@ -185,14 +185,18 @@ def test_predict_folder(saved, tmp_path):
 
 
 def test_predict_corrupt_file_names_it(saved, tmp_path):
-    """A corrupt image makes predict raise BadImageError naming the file."""
+    """A corrupt image makes predict raise naming the file; skip predicts the others."""
     _, run_dir = saved
     good = _png(tmp_path / "good.png", 0)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    with pytest.raises(BadImageError) as err:
-        Predictor.load(run_dir).predict([good, bad])
-    assert str(bad) in str(err.value)
+    predictor = Predictor.load(run_dir)
+    with pytest.raises(BadImagesError) as err:
+        predictor.predict([good, bad])
+    assert str(bad) in str(err.value) and [p for p, _ in err.value.bad] == [str(bad)]
+    kept = predictor.predict([bad, good], on_bad_image="skip", batch_size=1)
+    assert [p.path for p in kept] == [str(good)]
+    assert kept.skipped == [(str(bad), err.value.bad[0][1])]
 
 
 def test_explain_heatmap(saved, tmp_path):

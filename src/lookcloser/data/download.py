@@ -25,7 +25,7 @@ import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from lookcloser.errors import DataError
 
@@ -563,75 +563,282 @@ def _content_range_start(header: str | None) -> int:
 
 
 # ---- extraction ---------------------------------------------------------------------------
+# Linux gives up after 40 symlinks in one path lookup; a longer chain is a loop or an attack.
+_MAX_LINK_HOPS = 40
+# What tarfile raises when its `data` filter refuses a member (Python >= 3.11.4).
+_FILTER_ERRORS: tuple[type[Exception], ...] = (
+    (tarfile.FilterError,) if hasattr(tarfile, "FilterError") else ()
+)
+# A place inside the target folder, as real names: no symlink, '.' or '..' left in it.
+_Location = tuple[str, ...]
+
+
 def safe_extract(archive: str | Path, target: str | Path) -> list[str]:
     """Extract a tar (any compression) or zip into `target`, refusing any member that escapes it.
 
-    Refused: absolute paths, `..` components, symlinks or hard links pointing outside
-    `target`, device files and FIFOs. Returns the top-level names extracted.
+    Every member is checked before anything is written, so a refused archive leaves `target`
+    as it was. Refused: absolute paths, drive letters, backslashes, `..` components; a member
+    whose path or link resolves outside `target`, following the symlinks made by earlier
+    members (chains included) and those already in `target`; a hard link to anything but a
+    file extracted before it; device files and FIFOs. Returns the top-level names extracted.
     """
     archive, target = Path(archive), Path(target)
     target.mkdir(parents=True, exist_ok=True)
     if zipfile.is_zipfile(archive):
         return _extract_zip(archive, target)
+    # Symlinks already in `target` (an earlier archive's, the user's) are read from disk; a
+    # fresh folder has none, which saves a system call per path component.
+    disk = target if any(target.iterdir()) else None
+    wanted = _check_tar(archive, disk)
+    # Pass 2 checks each member again before writing it, in case the file changed meanwhile.
+    names = _Namespace(archive, disk, wanted, strict=True)
+    top: set[str] = set()
+
+    def extract(tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        path, location, source = names.check(member)
+        if path.parts:
+            top.add(path.parts[0])
+        data_filter = _data_filter()
+        if source is not None:
+            _make_hard_link(archive, member, target, location, source)
+        elif data_filter is None:
+            tar.extract(member, target)
+        else:
+            tar.extract(member, target, filter=data_filter)  # defence in depth
+
+    _each_member(archive, extract)
+    names.check_links()
+    return sorted(top - {"."})
+
+
+def _data_filter() -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None] | None:
+    """tarfile's `data` extraction filter, or None on Python 3.11.0-3.11.3, which has none."""
+    # Looked up at each call, so a test can delete tarfile.data_filter to act like those.
+    return getattr(tarfile, "data_filter", None)
+
+
+def _check_tar(archive: Path, disk: Path | None) -> set[_Location]:
+    """Check every member of a tar without writing; returns the hard-link sources to track."""
+    names = _Namespace(archive, disk, set(), strict=False)
+
+    def check(tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        names.check(member)
+
+    _each_member(archive, check)
+    wanted = names.unverified
+    if wanted:
+        # Which files the hard links need is known only now: a second pass tracks just those,
+        # as remembering every file would not fit in memory for millions of members.
+        names = _Namespace(archive, disk, wanted, strict=True)
+        _each_member(archive, check)
+    names.check_links()
+    return wanted
+
+
+def _each_member(archive: Path, visit: Callable[[tarfile.TarFile, tarfile.TarInfo], None]) -> None:
+    """Call `visit` on each member of a tar in one streaming pass, errors as DataError."""
     try:
         # Streaming mode: one pass, no member index in memory. Closed by `with tar` below.
         tar = tarfile.open(archive, "r|*")  # noqa: SIM115
     except tarfile.TarError as err:
         raise DataError(f"{archive}: not a tar or zip archive ({err})") from None
-    top: set[str] = set()
     with tar:
         try:
             for count, member in enumerate(tar, start=1):
-                path = _check_tar_member(archive, member)
-                if path.parts:
-                    top.add(path.parts[0])
-                if hasattr(tarfile, "data_filter"):
-                    tar.extract(member, target, filter="data")  # defence in depth
-                else:  # Python < 3.11.4 has no extraction filters
-                    tar.extract(member, target)
+                visit(tar, member)
                 if count % 10_000 == 0:
                     tar.members = []  # streaming mode needs no history; keeps memory flat
+        except _FILTER_ERRORS as err:
+            # Only reached if our own checks let something through; still name the member.
+            name = getattr(getattr(err, "tarinfo", None), "name", "?")
+            raise DataError(
+                f"{archive}: member {name!r} was refused by tarfile's data filter ({err}); "
+                "refusing to extract"
+            ) from None
         except tarfile.TarError as err:
             raise DataError(f"{archive}: corrupt or truncated archive ({err})") from None
-    return sorted(top - {"."})
+
+
+class _Escape(Exception):
+    """A path that leaves the target folder, or loops, while its symlinks are followed."""
+
+
+class _Namespace:
+    """What an archive's members have made of the target so far, to resolve paths as the OS will.
+
+    Files and folders are written through a symlink already at their name; a symlink or hard
+    link replaces what is at its name, so only its folder is followed. A symlink's text is
+    read from its own folder, a hard link's from the archive root.
+    """
+
+    def __init__(
+        self, archive: Path, disk: Path | None, wanted: set[_Location], strict: bool
+    ) -> None:
+        self.archive = archive
+        self.disk = disk  # where to look for symlinks the archive did not make; None: nowhere
+        # Symlinks made by earlier members: where each is -> (its text, the member's name).
+        self.links: dict[_Location, tuple[str, str]] = {}
+        # Places where a hard link replaced a symlink that pass 1 still sees on disk.
+        self.replaced: set[_Location] = set()
+        # Files extracted so far, among `wanted` only (hard-link sources).
+        self.wanted = wanted
+        self.files: set[_Location] = set()
+        # strict: refuse a hard link to a place not known to hold a file; otherwise note its
+        # source in `unverified`, for a pass that tracks it.
+        self.strict = strict
+        self.unverified: set[_Location] = set()
+
+    def check(self, member: tarfile.TarInfo) -> tuple[PurePosixPath, _Location, _Location | None]:
+        """Refuse `member` unless all it writes stays inside; its path, location, link source."""
+        name = member.name
+        path = _check_member_path(self.archive, name)
+        parts = path.parts
+        if member.issym() or member.islnk():
+            kind = "symlink" if member.issym() else "hard link"
+            text = member.linkname
+            if text.startswith("/") or PureWindowsPath(text).anchor:
+                raise self._refuse(name, f"is a {kind} to the absolute path {text!r}")
+            if "\\" in text:
+                raise self._refuse(
+                    name, f"is a {kind} to {text!r}, with a backslash (a separator on Windows)"
+                )
+            if not parts:
+                raise self._refuse(name, f"is a {kind} in place of the target folder")
+            location = (*self._follow(name, parts[:-1]), parts[-1])
+            if member.issym():
+                self._follow(
+                    name, (*location[:-1], *text.split("/")), f"is a {kind} to {text!r}, which "
+                )
+                self.links[location] = (text, name)
+                self.files.discard(location)
+                return path, location, None
+            source = self._follow(name, tuple(text.split("/")), f"is a {kind} to {text!r}, which ")
+            if not self._holds_file(source):
+                if self.strict:
+                    raise self._refuse(
+                        name, f"is a hard link to {text!r}, which is not a file extracted before it"
+                    )
+                self.unverified.add(source)
+            if self.links.pop(location, None) is None and self.disk is not None:
+                self.replaced.add(location)
+            if location in self.wanted:
+                self.files.add(location)
+            return path, location, source
+        if not (member.isfile() or member.isdir()):
+            raise self._refuse(name, "is a device file or FIFO")
+        location = self._follow(name, parts)
+        if member.isfile():
+            if not location:
+                raise self._refuse(name, "is a file in place of the target folder")
+            if location in self.wanted:
+                self.files.add(location)
+        return path, location, None
+
+    def check_links(self) -> None:
+        """Refuse a symlink that was inside when made but leads outside through a later one."""
+        for location, (text, name) in self.links.items():
+            parts = (*location[:-1], *text.split("/"))
+            self._follow(name, parts, f"is a symlink to {text!r}, which with later members ")
+
+    def _refuse(self, name: str, reason: str) -> DataError:
+        return DataError(f"{self.archive}: member {name!r} {reason}; refusing to extract")
+
+    def _follow(self, name: str, parts: tuple[str, ...], what: str = "") -> _Location:
+        try:
+            return self._resolve(parts)
+        except _Escape as err:
+            raise self._refuse(name, f"{what}{err}") from None
+
+    def _resolve(self, parts: tuple[str, ...]) -> _Location:
+        # Like the kernel: one component at a time, a symlink's text replacing its name.
+        pending = list(reversed(parts))
+        done: list[str] = []
+        hops, via = 0, ""
+        while pending:
+            part = pending.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not done:
+                    raise _Escape("resolves outside the target folder" + via)
+                done.pop()
+                continue
+            done.append(part)
+            text = self._link_at(tuple(done))
+            if text is None:
+                continue
+            hops += 1
+            via = f" through symlink {'/'.join(done)!r} -> {text!r}"
+            if hops > _MAX_LINK_HOPS:
+                raise _Escape(f"passes through more than {_MAX_LINK_HOPS} symlinks{via} (a loop?)")
+            if text.startswith("/"):  # only ones already on disk; the archive's are refused
+                raise _Escape(f"follows the absolute symlink {'/'.join(done)!r} -> {text!r}")
+            done.pop()
+            pending.extend(reversed(text.split("/")))
+        return tuple(done)
+
+    def _link_at(self, location: _Location) -> str | None:
+        link = self.links.get(location)
+        if link is not None:
+            return link[0]
+        if self.disk is None or location in self.replaced:
+            return None
+        try:
+            return os.readlink(self.disk.joinpath(*location))
+        except OSError:  # not a symlink, or nothing there
+            return None
+
+    def _holds_file(self, location: _Location) -> bool:
+        if location in self.files:
+            return True
+        if self.disk is None or not location:
+            return False
+        try:
+            return stat.S_ISREG(os.lstat(self.disk.joinpath(*location)).st_mode)
+        except OSError:
+            return False
+
+
+def _make_hard_link(
+    archive: Path, member: tarfile.TarInfo, target: Path, location: _Location, source: _Location
+) -> None:
+    # Made here rather than by tarfile: where os.link fails, tarfile falls back to re-extracting
+    # the member named by the link, which may be a symlink that then lands somewhere else.
+    data_filter = _data_filter()
+    if data_filter is not None:
+        data_filter(member, str(target))  # defence in depth, as for the other members
+    destination, source_path = target.joinpath(*location), target.joinpath(*source)
+    if destination.is_dir() and not destination.is_symlink():
+        raise DataError(
+            f"{archive}: member {member.name!r} is a hard link in place of a folder; "
+            "refusing to extract"
+        )
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(destination):
+        destination.unlink()  # as tar does: the link replaces what was there
+    try:
+        os.link(source_path, destination, follow_symlinks=False)
+    except OSError:  # a file system without hard links: a copy holds the same bytes
+        shutil.copy2(source_path, destination, follow_symlinks=False)
 
 
 def _check_member_path(archive: Path, name: str) -> PurePosixPath:
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or (path.parts and path.parts[0].endswith(":")):
-        raise DataError(f"{archive}: member {name!r} has an absolute path; refusing to extract")
-    if ".." in path.parts:
-        raise DataError(f"{archive}: member {name!r} leaves the target folder via '..'; refusing")
-    return path
-
-
-def _inside(path: PurePosixPath) -> bool:
-    depth = 0
-    for part in path.parts:
-        if part == "..":
-            depth -= 1
-            if depth < 0:
-                return False
-        elif part != ".":
-            depth += 1
-    return True
-
-
-def _check_tar_member(archive: Path, member: tarfile.TarInfo) -> PurePosixPath:
-    path = _check_member_path(archive, member.name)
-    if member.issym() or member.islnk():
-        link = PurePosixPath(member.linkname.replace("\\", "/"))
-        kind = "symlink" if member.issym() else "hard link"
-        # A symlink resolves from its own folder; a hard link from the archive root.
-        resolved = path.parent / link if member.issym() else link
-        if link.is_absolute() or not _inside(resolved):
-            raise DataError(
-                f"{archive}: member {member.name!r} is a {kind} to {member.linkname!r}, "
-                "outside the target folder; refusing to extract"
-            )
-    elif not (member.isfile() or member.isdir()):
+    """Refuse a member name that is absolute, has a drive, climbs with '..' or has a backslash."""
+    path = PurePosixPath(name)
+    absolute, climbs = path.is_absolute(), ".." in path.parts
+    if "\\" in name or ":" in name:
+        # Windows reads a backslash as a separator and 'C:' as a drive.
+        windows = PureWindowsPath(name)
+        absolute, climbs = absolute or bool(windows.anchor), climbs or ".." in windows.parts
+    if absolute:
         raise DataError(
-            f"{archive}: member {member.name!r} is a device file or FIFO; refusing to extract"
+            f"{archive}: member {name!r} has an absolute path or a drive; refusing to extract"
+        )
+    if climbs:
+        raise DataError(f"{archive}: member {name!r} leaves the target folder via '..'; refusing")
+    if "\\" in name:
+        raise DataError(
+            f"{archive}: member {name!r} has a backslash (a separator on Windows); refusing"
         )
     return path
 
@@ -639,7 +846,9 @@ def _check_tar_member(archive: Path, member: tarfile.TarInfo) -> PurePosixPath:
 def _extract_zip(archive: Path, target: Path) -> list[str]:
     top: set[str] = set()
     with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
+        members = zf.infolist()
+        # Every member is checked first, so a refused archive writes nothing.
+        for info in members:
             path = _check_member_path(archive, info.filename)
             kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the zip records no type
             if kind == stat.S_IFLNK:
@@ -648,6 +857,7 @@ def _extract_zip(archive: Path, target: Path) -> list[str]:
                 raise DataError(f"{archive}: member {info.filename!r} is not a regular file")
             if path.parts:
                 top.add(path.parts[0])
+        for info in members:
             zf.extract(info, target)
     return sorted(top - {"."})
 

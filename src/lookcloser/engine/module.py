@@ -100,12 +100,17 @@ class FGVCSystem(L.LightningModule):
         checkpoint["lookcloser_position"] = {
             "epoch": self.current_epoch,
             "batches_done": self.batches_done,
+            # Saved after the epoch's last batch (at its end, or on that batch): Lightning
+            # resumes such a checkpoint at the next epoch's start, so nothing is to be skipped.
+            "epoch_finished": self.batches_done >= self.trainer.num_training_batches,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         position = checkpoint.get("lookcloser_position")
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        if position and position["batches_done"] and hasattr(datamodule, "resume_at"):
+        if not position or not position["batches_done"] or position.get("epoch_finished"):
+            return
+        if hasattr(datamodule, "resume_at"):
             datamodule.resume_at(position["epoch"], position["batches_done"])
 
     # ---- optimizer and schedule -------------------------------------------------------------

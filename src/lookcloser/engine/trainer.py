@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lookcloser.config import Config
+from lookcloser.engine.checkpoint import LastCheckpoint
+
+
+class _WithoutVersion:
+    """Progress bar metrics without Lightning's `v_num` (our logger versions are folder names)."""
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class RichBar(_WithoutVersion, RichProgressBar):
+    """Lightning's rich progress bar, minus `v_num`."""
+
+
+class TQDMBar(_WithoutVersion, TQDMProgressBar):
+    """Lightning's tqdm progress bar, minus `v_num`."""
 
 
 def build_trainer(
@@ -18,25 +37,22 @@ def build_trainer(
     progress: bool = True,
     has_val: bool = True,
     callbacks: list | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> L.Trainer:
-    """A Trainer writing checkpoints and CSV + TensorBoard logs under `run_dir`."""
+    """A Trainer writing checkpoints and CSV + TensorBoard logs under `run_dir`.
+
+    `on_checkpoint(path)` is called (on rank 0) after every checkpoint is written.
+    """
     # Lightning's info lines (available accelerators, tips) are noise in a CLI; warnings stay.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     t = cfg.trainer
-    every_steps = t.checkpoint_every_n_steps
     callbacks = list(callbacks or []) + [
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            save_last=True,
-            save_top_k=0,
-            every_n_train_steps=every_steps,
-            every_n_epochs=None if every_steps else 1,
-        )
+        LastCheckpoint(run_dir / "checkpoints", t.checkpoint_every_n_steps, on_checkpoint)
     ]
     if progress and t.progress == "rich":
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(RichBar(leave=True))
     elif progress and t.progress == "tqdm":
-        callbacks.append(TQDMProgressBar())
+        callbacks.append(TQDMBar())
     validate = has_val and t.val_every_n_epochs > 0
     return L.Trainer(
         default_root_dir=run_dir,

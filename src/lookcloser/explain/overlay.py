@@ -1,11 +1,18 @@
-"""Heatmaps drawn over images."""
+"""Heatmaps drawn over images, and the explanation figure saved by `lookcloser explain`."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+CMAP = "jet"  # the overlay's colormap; the figure's colour bar uses the same one
 
 
 def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Image.Image:
@@ -15,23 +22,77 @@ def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Ima
     heat = Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize(
         image.size, Image.BILINEAR
     )
-    colored = colormaps["jet"](np.asarray(heat) / 255.0)[..., :3]
+    colored = colormaps[CMAP](np.asarray(heat) / 255.0)[..., :3]
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     mixed = (1 - alpha) * base + alpha * colored
     return Image.fromarray((mixed * 255).round().astype(np.uint8))
 
 
-def save_explanation(explanation, out: str | Path, scale: int = 2) -> Path:
-    """Write the input view and its overlay side by side as a PNG."""
-    view = explanation.image
+def explanation_title(explanation, map_name: str | None = None) -> str:
+    """The figure's title line: the explained class, its probability and the map, if named."""
+    title = f"explained: {explanation.class_name} (p = {explanation.prob:.3f})"
+    if map_name:
+        title += f"  ·  map: {map_name}"
+    return title
+
+
+def explanation_figure(explanation, map_name: str | None = None) -> Figure:
+    """Input view, overlay and a 0-1 colour bar under a title naming the class and probability.
+
+    The figure is not registered with pyplot (nothing to close, no display needed). Its size in
+    inches is fixed, so the text reads the same for a 64 px and a 448 px input view.
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    view = explanation.image.convert("RGB")
     over = overlay(view, explanation.heatmap)
     w, h = view.size
-    sheet = Image.new("RGB", (2 * w, h))
-    sheet.paste(view, (0, 0))
-    sheet.paste(over, (w, 0))
-    if scale != 1:
-        sheet = sheet.resize((2 * w * scale, h * scale), Image.NEAREST)
+    # Layout in inches: [pad | view | gap | overlay | gap | bar | tick labels], title on top.
+    side = 3.2  # the longer side of each picture (~480 px at the default 150 dpi)
+    pw, ph = (side, side * h / w) if w >= h else (side * w / h, side)
+    title = textwrap.fill(explanation_title(explanation, map_name), 70)
+    pad, gap, bar_gap, bar_w, right = 0.15, 0.12, 0.15, 0.16, 0.85
+    top = 0.35 + 0.22 * title.count("\n") + 0.3  # title line(s), then the panel titles
+    bottom = 0.15
+    fw = pad + pw + gap + pw + bar_gap + bar_w + right
+    fh = bottom + ph + top
+    fig = Figure(figsize=(fw, fh))
+
+    def box(x: float, width: float) -> list[float]:
+        return [x / fw, bottom / fh, width / fw, ph / fh]
+
+    ax_view = fig.add_axes(box(pad, pw))
+    ax_over = fig.add_axes(box(pad + pw + gap, pw))
+    ax_bar = fig.add_axes(box(pad + 2 * pw + gap + bar_gap, bar_w))
+    for ax, picture, name in (
+        (ax_view, view, f"input ({w} x {h} px)"),
+        (ax_over, over, f"{map_name or 'attention'} overlay"),
+    ):
+        ax.imshow(picture, interpolation="antialiased")
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), CMAP), cax=ax_bar)
+    bar.set_ticks([0, 0.5, 1], labels=["0 low", "0.5", "1 high"])
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label("attention", fontsize=9, labelpad=2)
+    fig.suptitle(title, fontsize=11, y=1 - 0.1 / fh, va="top")
+    return fig
+
+
+def save_explanation(
+    explanation, out: str | Path, scale: int = 2, map_name: str | None = None
+) -> Path:
+    """Write the explanation figure (view, overlay, colour bar, class and probability) as a PNG.
+
+    `scale` sets the resolution: 75 dpi per step (the default 2 gives 150 dpi).
+    """
+    fig = explanation_figure(explanation, map_name)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    try:
+        fig.savefig(out, dpi=75 * max(1, scale), facecolor="white")
+    finally:
+        fig.clear()
     return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lookcloser.config import ranged
 from lookcloser.methods.base import Method, register_method
 from lookcloser.models.backbones import Backbone
 
@@ -15,7 +16,7 @@ from lookcloser.models.backbones import Backbone
 class BaselineOptions:
     """Options of the baseline method."""
 
-    label_smoothing: float = 0.1
+    label_smoothing: float = ranged(0.1, 0, 1, high_open=True)
 
 
 @register_method
