@@ -43,7 +43,7 @@ def _metric_rows(metrics: dict) -> list[tuple[str, str]]:
 def cmd_demo(args) -> int:
     from lookcloser.demo import run_demo
 
-    run_demo(args.out, progress=not args.no_progress)
+    run_demo(args.out, progress=not args.no_progress, overrides=args.overrides)
     return 0
 
 
@@ -267,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="lookcloser-demo", help="output directory (default: %(default)s)"
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="demo recipe overrides, e.g. trainer.epochs=3",
+    )
 
     p = command("train", "Train a model; prints the run directory.", cmd_train)
     p.add_argument("--config", help="YAML config file (see configs/)")

@@ -160,6 +160,8 @@ class TrainerConfig:
     # `last` resumes from the run directory's last checkpoint; or a checkpoint path.
     resume: str | None = None
     progress: Literal["rich", "tqdm", "none"] = "rich"
+    # torch CPU threads while training: `auto` follows the cores other processes leave free.
+    cpu_threads: int | Literal["auto"] = ranged("auto", 1)
     max_steps: int = ranged(-1, -1)
     ema_decay: float | None = ranged(None, 0, 1, low_open=True, high_open=True)
 
@@ -317,7 +319,7 @@ def _check_range(key: str, value: Any, spec: dataclasses.Field, where: str) -> N
     if valid is None or value is None:
         return
     for number in value if isinstance(value, tuple | list) else (value,):
-        if number not in valid:
+        if isinstance(number, int | float) and number not in valid:  # words such as "auto" pass
             raise ConfigError(f"{where}: {key}: expected a value {valid.describe()}, got {value!r}")
 
 

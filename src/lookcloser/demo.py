@@ -13,15 +13,15 @@ from lookcloser.config import Config
 DEMO_MAP = "grad-cam"  # every method's attention maps include it
 
 
-def demo_config(out: Path) -> Config:
-    """The packaged demo recipe, writing under `out`."""
+def demo_config(out: Path, overrides: list[str] | None = None) -> Config:
+    """The packaged demo recipe plus `key=value` overrides, writing under `out`."""
     recipe = resources.files("lookcloser") / "configs" / "demo.yaml"
     with resources.as_file(recipe) as path:
         cfg = Config.load(path)
     cfg.data.root = str(out / "data")
     cfg.out = str(out / "model")
     cfg.overwrite = True
-    return cfg
+    return cfg.apply_overrides(overrides or [])
 
 
 def prediction_rows(
@@ -58,7 +58,9 @@ def summary_table(rows: Sequence[tuple[str, str]]):
     return summary
 
 
-def run_demo(out: str | Path = "lookcloser-demo", progress: bool = True) -> dict:
+def run_demo(
+    out: str | Path = "lookcloser-demo", progress: bool = True, overrides: list[str] | None = None
+) -> dict:
     """Generate data, fine-tune, evaluate, save, predict, explain; print a summary table."""
     from rich.console import Console
     from rich.table import Table
@@ -70,7 +72,7 @@ def run_demo(out: str | Path = "lookcloser-demo", progress: bool = True) -> dict
 
     console = Console()
     out = Path(out)
-    cfg = demo_config(out)
+    cfg = demo_config(out, overrides)
     started = time.perf_counter()
     s = cfg.data.synthetic
     console.print(

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lookcloser.config import Config
 from lookcloser.engine.checkpoint import LastCheckpoint
+from lookcloser.engine.threads import CPUThreads
 
 
 class _WithoutVersion:
@@ -47,7 +48,8 @@ def build_trainer(
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     t = cfg.trainer
     callbacks = list(callbacks or []) + [
-        LastCheckpoint(run_dir / "checkpoints", t.checkpoint_every_n_steps, on_checkpoint)
+        LastCheckpoint(run_dir / "checkpoints", t.checkpoint_every_n_steps, on_checkpoint),
+        CPUThreads(None if t.cpu_threads == "auto" else t.cpu_threads),
     ]
     if progress and t.progress == "rich":
         callbacks.append(RichBar(leave=True))
