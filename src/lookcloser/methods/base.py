@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from lookcloser.models.backbones import Backbone
+from lookcloser.models.backbones import Backbone, BackboneFactory
+from lookcloser.models.heads import build_head
 
 
 @dataclass
@@ -27,11 +28,25 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
 
-    def __init__(self, backbone: Backbone, num_classes: int, options: Any = None):
+    def __init__(
+        self, backbone: Backbone, num_classes: int, options: Any = None, head: str = "linear"
+    ):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.options = options if options is not None else self.Options()
+        self.head_type = head
+
+    @classmethod
+    def build(
+        cls, make_backbone: BackboneFactory, num_classes: int, options: Any, head: str = "linear"
+    ) -> Method:
+        """The method on backbones from `make_backbone`; override to build several or edit them."""
+        return cls(make_backbone(), num_classes, options, head=head)
+
+    def make_head(self, in_features: int) -> nn.Module:
+        """A class head of the configured type (`model.head`): embeddings -> class logits."""
+        return build_head(self.head_type, in_features, self.num_classes)
 
     # ---- inference path -----------------------------------------------------------------
     def forward_features(self, images: Tensor) -> Tensor:
@@ -67,7 +82,10 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def new_modules(self) -> list[nn.Module]:
-        """Modules trained from scratch (they get `optim.head_lr_scale` x the learning rate)."""
+        """Modules trained from scratch (they get `optim.head_lr_scale` x the learning rate).
+
+        Backbones' declared `new_prefixes` count as new too, without being listed here.
+        """
         return []
 
     def for_inference(self) -> Method:

@@ -220,10 +220,18 @@ class DCL(Method):
     name = "dcl"
     Options = DCLOptions
 
-    def __init__(self, backbone: Backbone, num_classes: int, options: DCLOptions | None = None):
-        super().__init__(backbone, num_classes, options)
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        options: DCLOptions | None = None,
+        head: str = "linear",
+    ):
+        super().__init__(backbone, num_classes, options, head)
         opts: DCLOptions = self.options
-        self.head = nn.Linear(backbone.num_features, num_classes)
+        self.head = self.make_head(backbone.num_features)
+        # A plain Linear, not a registry head: it tells originals from destroyed images (a
+        # domain classifier inside DCL's loss), not classes, so model.head must not change it.
         domains = 2 if opts.adversarial_head == "binary" else 2 * num_classes
         self.adversary = nn.Linear(backbone.num_features, domains)
         self.alignment = RegionAlignment(backbone.num_features, opts.regions, opts.alignment)
@@ -337,9 +345,13 @@ class DCLClassifier(Baseline):
     Options = DCLClassifierOptions
 
     def __init__(
-        self, backbone: Backbone, num_classes: int, options: DCLClassifierOptions | None = None
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        options: DCLClassifierOptions | None = None,
+        head: str = "linear",
     ):
-        super().__init__(backbone, num_classes, options)
+        super().__init__(backbone, num_classes, options, head)
         opts: DCLClassifierOptions = self.options
         self.alignment = RegionAlignment(backbone.num_features, opts.regions, opts.alignment)
 

@@ -1,0 +1,143 @@
+"""The Method contract's open ends: heads, backbone factories and parameter groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lookcloser.config import Config
+from lookcloser.engine.module import parameter_groups
+from lookcloser.errors import ConfigError
+from lookcloser.methods import build_method
+from lookcloser.methods.base import METHODS, Method, register_method
+from lookcloser.methods.baseline import Baseline
+from lookcloser.models.heads import HEADS, build_head, register_head
+
+TINY = "test_efficientnet"  # 5 one-block stages; timm's group_matcher gives layer-decay depths
+
+
+def tiny_cfg(*overrides: str) -> Config:
+    return Config.load(None, [f"model.backbone={TINY}", "model.pretrained=false", *overrides])
+
+
+@pytest.fixture
+def registries():
+    """Methods and heads registered by a test are gone after it."""
+    methods, heads = dict(METHODS), dict(HEADS)
+    yield
+    METHODS.clear()
+    METHODS.update(methods)
+    HEADS.clear()
+    HEADS.update(heads)
+
+
+# ---- heads ------------------------------------------------------------------------------------
+def test_unknown_head_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"model.head: unknown head 'cosine'; available: linear"):
+        build_head("cosine", 8, 3)
+    with pytest.raises(ConfigError, match="unknown head 'cosine'"):
+        build_method(tiny_cfg("model.head=cosine"), 3)
+    from lookcloser.api import check_config
+
+    with pytest.raises(ConfigError, match="unknown head 'cosine'"):
+        check_config(tiny_cfg("model.head=cosine"))
+
+
+def test_methods_build_their_class_heads_from_the_registry(registries):
+    """model.head picks the class head of every method; DCL's adversary stays a Linear."""
+
+    class Scaled(nn.Linear):
+        pass
+
+    @register_head("scaled")
+    def scaled(in_features: int, num_classes: int) -> nn.Module:
+        return Scaled(in_features, num_classes)
+
+    baseline = build_method(tiny_cfg("model.head=scaled"), 3)
+    assert type(baseline.head) is Scaled and baseline.head.out_features == 3
+    dcl = build_method(tiny_cfg("model.head=scaled", "method.name=dcl", "method.regions=2"), 3)
+    assert type(dcl.head) is Scaled and type(dcl.adversary) is nn.Linear
+    assert type(build_method(tiny_cfg(), 3).head) is nn.Linear
+
+
+# ---- several backbones through the factory ------------------------------------------------------
+class TwoNetworks(Baseline):
+    """A method with a second backbone of another architecture (as TASN has)."""
+
+    name = "test-two-networks"
+
+    def __init__(self, backbone, num_classes, options=None, head="linear", second=None):
+        super().__init__(backbone, num_classes, options, head)
+        self.second = second
+        self.second_head = self.make_head(second.num_features)
+
+    @classmethod
+    def build(cls, make_backbone, num_classes, options, head="linear"):
+        return cls(make_backbone(), num_classes, options, head, second=make_backbone("test_vit"))
+
+    def new_modules(self):
+        return [self.head, self.second_head]
+
+
+def test_a_method_builds_two_backbones(registries):
+    register_method(TwoNetworks)
+    method = build_method(tiny_cfg("method.name=test-two-networks"), 3)
+    assert method.backbone.name == TINY and method.second.name == "test_vit"
+    groups = parameter_groups(method, tiny_cfg("optim.layer_decay=0.5").optim)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in method.parameters())  # each once
+    second = {id(p) for p in method.second.parameters()}
+    scales = {g.get("lr_scale", 1.0) for g in groups if second & {id(p) for p in g["params"]}}
+    assert len(scales) > 2  # the second backbone gets its own layer-decay depths
+
+
+# ---- parameter groups ---------------------------------------------------------------------------
+class ZeroResidual(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+class WithInsertedBlock(Baseline):
+    """A baseline with a new block inside the backbone's stage 1 (declared as new)."""
+
+    name = "test-inserted-block"
+
+    @classmethod
+    def build(cls, make_backbone, num_classes, options, head="linear"):
+        def insert(model: nn.Module) -> None:
+            model.blocks[1].append(ZeroResidual(model.blocks[1][-1].conv_pwl.out_channels))
+
+        backbone = make_backbone(edit=insert, new_prefixes=["blocks.1.1."])
+        return cls(backbone, num_classes, options, head)
+
+
+def scales_by_name(method: Method, optim) -> dict[str, float]:
+    groups = parameter_groups(method, optim)
+    by_id = {id(p): g.get("lr_scale", 1.0) for g in groups for p in g["params"]}
+    return {name: by_id[id(p)] for name, p in method.named_parameters()}
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.5])
+def test_new_block_inside_the_backbone_gets_the_head_rate(registries, layer_decay):
+    register_method(WithInsertedBlock)
+    overrides = ["optim.head_lr_scale=10"]
+    if layer_decay is not None:
+        overrides.append(f"optim.layer_decay={layer_decay}")
+    optim = tiny_cfg(*overrides).optim
+    plain = scales_by_name(build_method(tiny_cfg(), 3), optim)
+    method = build_method(tiny_cfg("method.name=test-inserted-block"), 3)
+    inserted = scales_by_name(method, optim)
+    new = {n for n in inserted if n.startswith("backbone.model.blocks.1.1.")}
+    assert new == {"backbone.model.blocks.1.1.conv.weight", "backbone.model.blocks.1.1.conv.bias"}
+    assert all(inserted[n] == 10 for n in new) and inserted["head.weight"] == 10
+    # Every pretrained tensor keeps the scale it has without the new block.
+    assert {n: inserted[n] for n in plain} == plain
+    depths = {v for n, v in plain.items() if n.startswith("backbone.")}
+    # Layer decay gives depths from the stem (smallest) to the last conv (1.0).
+    assert len(depths) == 1 if layer_decay is None else len(depths) > 4
