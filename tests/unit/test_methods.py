@@ -1,4 +1,5 @@
-"""The Method contract's open ends: heads, backbone factories and parameter groups."""
+"""The Method contract's open ends: heads, backbone factories, parameter groups and
+training-only parts."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import torch
 from torch import nn
 
 from lookcloser.config import Config
-from lookcloser.engine.module import parameter_groups
+from lookcloser.engine.module import FGVCSystem, parameter_groups
 from lookcloser.errors import ConfigError
 from lookcloser.methods import build_method
 from lookcloser.methods.base import METHODS, Method, register_method
 from lookcloser.methods.baseline import Baseline
+from lookcloser.models.backbones import Backbone
 from lookcloser.models.heads import HEADS, build_head, register_head
 
 TINY = "test_efficientnet"  # 5 one-block stages; timm's group_matcher gives layer-decay depths
@@ -141,3 +143,28 @@ def test_new_block_inside_the_backbone_gets_the_head_rate(registries, layer_deca
     depths = {v for n, v in plain.items() if n.startswith("backbone.")}
     # Layer decay gives depths from the stem (smallest) to the last conv (1.0).
     assert len(depths) == 1 if layer_decay is None else len(depths) > 4
+
+
+# ---- training-only parts ------------------------------------------------------------------------
+class WithAuxiliary(Baseline):
+    name = "test-auxiliary"
+    training_only = ("aux",)
+
+    def __init__(self, backbone, num_classes, options=None, head="linear"):
+        super().__init__(backbone, num_classes, options, head)
+        self.aux = nn.Linear(backbone.num_features, 2)
+
+
+def test_for_inference_drops_training_only_parts_and_shares_the_rest():
+    method = WithAuxiliary(Backbone(TINY), 3)
+    inference = method.for_inference()
+    assert inference is not method and inference.inference_only and not method.inference_only
+    assert "aux" not in dict(inference.named_children()) and "aux" in dict(method.named_children())
+    assert not any(n.startswith("aux.") for n in inference.state_dict())
+    assert inference.backbone is method.backbone and inference.head is method.head
+    assert inference.for_inference() is inference  # nothing left to drop
+    method.register_buffer("extra", torch.zeros(1))  # the copy's registries are its own
+    assert "extra" not in inference.state_dict()
+    with pytest.raises(ConfigError, match="inference form"):
+        FGVCSystem(inference, tiny_cfg().optim, epochs=1)
+    assert Baseline(Backbone(TINY), 3).for_inference().inference_only is False

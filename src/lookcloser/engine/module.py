@@ -12,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lookcloser.config import OptimConfig
 from lookcloser.engine.datamodule import sample_seed
+from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method
 from lookcloser.models.backbones import Backbone
 
@@ -30,6 +31,11 @@ class FGVCSystem(L.LightningModule):
         ema_decay: float | None = None,
     ):
         super().__init__()
+        if getattr(method, "inference_only", False):
+            raise ConfigError(
+                f"method {method.name!r}: this is its inference form (training-only parts "
+                "dropped); train the method as built by build_method"
+            )
         self.method = method
         self.optim_cfg = optim
         self.epochs = epochs

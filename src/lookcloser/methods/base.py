@@ -8,6 +8,7 @@ attention-sampled images, crops) are made inside the method, on tensors.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,10 +24,15 @@ class NoOptions:
 
 
 class Method(nn.Module):
-    """Backbone + heads + losses. Subclasses set `name`, `Options` and the forward split."""
+    """Backbone + heads + losses. Subclasses set `name`, `Options` and the forward split.
+
+    `training_only` names the child modules used by `training_losses` alone (DCL's
+    adversary): `for_inference()` drops them, so they are neither saved nor loaded.
+    """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    training_only: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, backbone: Backbone, num_classes: int, options: Any = None, head: str = "linear"
@@ -36,6 +42,7 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.options = options if options is not None else self.Options()
         self.head_type = head
+        self.inference_only = False  # True on for_inference() copies
 
     @classmethod
     def build(
@@ -89,8 +96,19 @@ class Method(nn.Module):
         return []
 
     def for_inference(self) -> Method:
-        """The method to save and serve; training-only branches may be dropped here."""
-        return self
+        """The method to save and serve: a copy without `training_only` parts, sharing weights."""
+        if not any(name in self._modules for name in self.training_only):
+            return self
+        model = copy.copy(self)
+        # The copy gets its own registries (modules, parameters, buffers, hooks); the modules
+        # and tensors in them stay shared.
+        for key, value in vars(self).items():
+            if key.startswith("_") and isinstance(value, dict | set):
+                model.__dict__[key] = copy.copy(value)
+        for name in self.training_only:
+            model._modules.pop(name, None)
+        model.inference_only = True
+        return model
 
 
 MethodType = type[Method]
