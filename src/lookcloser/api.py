@@ -92,7 +92,7 @@ def check_config(cfg: Config) -> Config:
     from lookcloser.models.heads import head_factory
 
     cfg.validate()
-    cls = method_class(cfg.method.get("name", "baseline"))
+    cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
     method_options(cfg, cls.Options)
     head_factory(cfg.model.head)
     return cfg

@@ -137,7 +137,8 @@ class Predictor:
         record = read_model_json(model_dir)
         cfg = Config.from_dict(record["config"], where=f"{model_dir}/model.json")
         name = LEGACY_METHOD_NAMES.get(record["method"], record["method"])
-        cfg.method = {"name": name, **record.get("method_options", {})}
+        module = {"module": cfg.method["module"]} if cfg.method.get("module") else {}
+        cfg.method = {"name": name, **module, **record.get("method_options", {})}
         # The method as trained, less its training-only parts: exactly what was saved.
         method = build_method(cfg, len(record["classes"]), pretrained=False).for_inference()
         state = read_weights(model_dir, record)

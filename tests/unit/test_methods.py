@@ -1,7 +1,11 @@
-"""The Method contract's open ends: heads, backbone factories, parameter groups and
-training-only parts."""
+"""The Method contract's open ends: heads, backbone factories, parameter groups, training-only
+parts and methods defined outside the package."""
 
 from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from lookcloser.config import Config
 from lookcloser.engine.module import FGVCSystem, parameter_groups
 from lookcloser.errors import ConfigError
 from lookcloser.methods import build_method
-from lookcloser.methods.base import METHODS, Method, register_method
+from lookcloser.methods.base import METHODS, Method, method_class, register_method
 from lookcloser.methods.baseline import Baseline
 from lookcloser.models.backbones import Backbone
 from lookcloser.models.heads import HEADS, build_head, register_head
@@ -168,3 +172,74 @@ def test_for_inference_drops_training_only_parts_and_shares_the_rest():
     with pytest.raises(ConfigError, match="inference form"):
         FGVCSystem(inference, tiny_cfg().optim, epochs=1)
     assert Baseline(Backbone(TINY), 3).for_inference().inference_only is False
+
+
+# ---- methods defined outside the package ----------------------------------------------------------
+PLUGIN = '''
+from lookcloser.methods.base import register_method
+from lookcloser.methods.baseline import Baseline
+
+
+@register_method
+class Plugged(Baseline):
+    """A method that lives outside lookcloser."""
+
+    name = "{name}"
+'''
+
+
+def write_plugin(folder: Path, module: str, name: str) -> None:
+    (folder / f"{module}.py").write_text(textwrap.dedent(PLUGIN.format(name=name)))
+
+
+def forget(module: str, name: str) -> None:
+    """As a fresh process would be: neither the module nor its method known."""
+    sys.modules.pop(module, None)
+    METHODS.pop(name, None)
+
+
+def test_method_from_an_importable_module(tmp_path, monkeypatch, registries):
+    from lookcloser.api import _save
+    from lookcloser.predictor import Predictor
+
+    write_plugin(tmp_path, "lc_plugin_methods", "plugged")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown method 'plugged'.*method.module"):
+        build_method(tiny_cfg("method.name=plugged"), 3)
+    cfg = tiny_cfg("method.module=lc_plugin_methods", "method.name=plugged")
+    method = build_method(cfg, 3).eval()
+    assert type(method).__module__ == "lc_plugin_methods" and method.name == "plugged"
+
+    run_dir = tmp_path / "run"
+    _save(run_dir, method, ["a", "b", "c"], {}, cfg, {}, "bicubic", [])
+    forget("lc_plugin_methods", "plugged")
+    predictor = Predictor.load(run_dir)  # model.json's config names the module
+    assert type(predictor.method).__module__ == "lc_plugin_methods"
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(predictor.logits(images), method(images))
+    forget("lc_plugin_methods", "plugged")
+
+
+def test_unknown_method_module_is_named():
+    with pytest.raises(ConfigError, match=r"method.module: cannot import 'no_such_methods_mod'"):
+        method_class("plugged", "no_such_methods_mod")
+    with pytest.raises(ConfigError, match="no_such_methods_mod"):
+        build_method(tiny_cfg("method.module=no_such_methods_mod", "method.name=x"), 3)
+
+
+def test_method_from_an_entry_point(tmp_path, monkeypatch, registries):
+    """An installed distribution's `lookcloser.methods` entry point is loaded on demand."""
+    write_plugin(tmp_path, "lc_ep_methods", "ep-plugged")
+    info = tmp_path / "lc_ep_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lc-ep-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[lookcloser.methods]\nep-plugged = lc_ep_methods:Plugged\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "ep-plugged" not in METHODS
+    assert method_class("ep-plugged").__module__ == "lc_ep_methods"
+    with pytest.raises(ConfigError, match="available: .*ep-plugged"):
+        method_class("nope")
+    forget("lc_ep_methods", "ep-plugged")

@@ -24,6 +24,6 @@ def build_method(cfg: Config, num_classes: int, pretrained: bool | None = None) 
     from lookcloser.methods.base import method_class
     from lookcloser.models.backbones import BackboneFactory
 
-    cls = method_class(cfg.method.get("name", "baseline"))
+    cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
     options = method_options(cfg, cls.Options)
     return cls.build(BackboneFactory(cfg.model, pretrained), num_classes, options, cfg.model.head)

@@ -4,18 +4,27 @@ A method never knows about files, devices or the training loop: the engine calls
 `training_losses` during training; everything after training (predict, eval, explain,
 export, serve) calls `forward` and `attention`. Extra training-time views (destroyed images,
 attention-sampled images, crops) are made inside the method, on tensors.
+
+Methods register with `@register_method`. Methods defined outside the package are found
+through `method.module=<importable module>` (imported before the name is resolved) or the
+`lookcloser.methods` entry-point group (loaded when a name is not registered).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from lookcloser.errors import ConfigError
 from lookcloser.models.backbones import Backbone, BackboneFactory
 from lookcloser.models.heads import build_head
+
+ENTRY_POINT_GROUP = "lookcloser.methods"
 
 
 @dataclass
@@ -121,14 +130,40 @@ def register_method(cls: MethodType) -> MethodType:
     return cls
 
 
-def method_class(name: str) -> MethodType:
-    """The registered Method class called `name`."""
-    from lookcloser.config import ConfigError
+def method_class(name: str, module: str | None = None) -> MethodType:
+    """The registered Method class called `name`, importing `module` first if given."""
     from lookcloser.methods import _import_builtin_methods
 
     _import_builtin_methods()
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"method.module: cannot import {module!r}: {err}") from None
     if name not in METHODS:
+        _load_entry_point(name)
+    if name not in METHODS:
+        plugins = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+        available = sorted(set(METHODS) | set(plugins))
+        where = f" (after importing {module!r})" if module else ""
         raise ConfigError(
-            f"method.name: unknown method {name!r}; available: {', '.join(sorted(METHODS))}"
+            f"method.name: unknown method {name!r}{where}; available: {', '.join(available)}; "
+            "a method defined elsewhere needs method.module=<its module>"
         )
     return METHODS[name]
+
+
+def _load_entry_point(name: str) -> None:
+    """Load the `lookcloser.methods` entry point called `name` (a module or a Method class)."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name != name:
+            continue
+        try:
+            loaded = ep.load()  # importing the module registers its methods
+        except ImportError as err:
+            raise ConfigError(
+                f"method.name: entry point {name!r} ({ep.value}) cannot be imported: {err}"
+            ) from None
+        if isinstance(loaded, type) and issubclass(loaded, Method) and name not in METHODS:
+            METHODS[name] = loaded
+        return
