@@ -294,6 +294,15 @@ def test_factory_other_networks_and_no_weights(tmp_path):
     assert not torch.equal(fresh.model.conv_stem.weight, source.conv_stem.weight)
 
 
+def test_factory_kwargs_add_to_the_configured_ones():
+    """A method's kwargs for its backbone add to model.kwargs (here: a dynamic-size ViT)."""
+    cfg = _model_cfg("model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=64")
+    backbone = BackboneFactory(cfg)(kwargs={"dynamic_img_size": True})
+    assert backbone.model.patch_embed.grid_size == (4, 4)
+    assert backbone.forward_features(torch.rand(1, 3, 96, 96)).shape == (1, 37, 192)
+    assert cfg.kwargs == {"img_size": 64}  # the config is not changed
+
+
 # ---- inside the network -------------------------------------------------------------------
 def test_intermediates_of_resnet_and_vit():
     """Stage maps of a CNN and block maps of a ViT, NCHW, from normalized input."""

@@ -67,6 +67,30 @@ def test_methods_build_their_class_heads_from_the_registry(registries):
     assert type(build_method(tiny_cfg(), 3).head) is nn.Linear
 
 
+# ---- model.kwargs in saved models -----------------------------------------------------------------
+def test_vit_with_img_size_reloads_from_its_model_directory(tmp_path):
+    """model.json keeps model.kwargs, so Predictor.load rebuilds the 96 px ViT."""
+    from lookcloser.api import _save
+    from lookcloser.predictor import Predictor
+
+    cfg = Config.load(
+        None,
+        [
+            "model.backbone=vit_tiny_patch16_224",
+            "model.pretrained=false",
+            "model.kwargs.img_size=96",
+            "data.image_size=96",
+        ],
+    )
+    method = build_method(cfg, 3).eval()
+    _save(tmp_path, method, ["a", "b", "c"], {}, cfg, {}, "bicubic", [])
+    predictor = Predictor.load(tmp_path)
+    assert predictor.method.backbone.model.patch_embed.grid_size == (6, 6)
+    images = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(predictor.logits(images), method(images))
+
+
 # ---- several backbones through the factory ------------------------------------------------------
 class TwoNetworks(Baseline):
     """A method with a second backbone of another architecture (as TASN has)."""

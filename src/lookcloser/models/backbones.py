@@ -397,8 +397,9 @@ class BackboneFactory:
     """Makes Backbones from the run's `model.*` config; a method calls it for each network.
 
     `make_backbone()` is the configured backbone. `make_backbone(name, **overrides)` is another
-    (its own weights from timm; model.weights and model.kwargs belong to `model.backbone`), and
-    overrides are Backbone arguments (kwargs, edit, new_prefixes, drop_rate, ...).
+    (its own weights from timm; model.weights and model.kwargs belong to `model.backbone`).
+    Overrides are Backbone arguments (edit, new_prefixes, drop_rate, ...); `kwargs` given
+    here are added to model.kwargs.
     """
 
     def __init__(self, model: ModelConfig, pretrained: bool | None = None):
@@ -419,5 +420,6 @@ class BackboneFactory:
             "drop_path_rate": cfg.drop_path_rate,
             "kwargs": dict(cfg.kwargs) if configured else {},
         }
+        args["kwargs"].update(overrides.pop("kwargs", None) or {})
         args.update(overrides)
         return Backbone(name or cfg.backbone, **args)
