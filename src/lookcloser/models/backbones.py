@@ -252,7 +252,7 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as err:  # a keyword the architecture does not take
-        if "argument" not in str(err):
+        if not any(f"'{key}'" in str(err) for key in kwargs):
             raise
         raise ConfigError(f"model.kwargs: timm model {name!r} rejects them: {err}") from None
 
@@ -371,6 +371,8 @@ class Backbone(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+        if not probs:  # attention modules that never call attn_drop on their probabilities
+            raise ConfigError(f"model.backbone: {self.name!r} exposes no attention probabilities")
         return probs
 
     def new_parameters(self) -> list[nn.Parameter]:
