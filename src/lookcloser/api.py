@@ -89,9 +89,12 @@ def check_config(cfg: Config) -> Config:
     """Every range and the method's options, checked before any data or model is touched."""
     from lookcloser.config import method_options
     from lookcloser.methods.base import method_class
+    from lookcloser.models.heads import head_factory
 
     cfg.validate()
-    method_options(cfg, method_class(cfg.method.get("name", "baseline")).Options)
+    cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
+    method_options(cfg, cls.Options)
+    head_factory(cfg.model.head)
     return cfg
 
 

@@ -2,7 +2,8 @@
 
 Every run saves its resolved config, so a run can be repeated from its directory alone.
 Method options live under `method.*`; their types come from the chosen method's `Options`
-dataclass, so they are checked like every other key once the method is known.
+dataclass, so they are checked like every other key once the method is known. Open mappings
+(`method.*`, `model.kwargs.*`) take one level of dotted keys; their values may be any YAML.
 """
 
 from __future__ import annotations
@@ -120,6 +121,11 @@ class ModelConfig:
     weights_key_map: str = "none"
     drop_rate: float = ranged(0.0, 0, 1, high_open=True)
     drop_path_rate: float = ranged(0.0, 0, 1, high_open=True)
+    # Extra arguments for timm.create_model, e.g. model.kwargs.img_size=448,
+    # model.kwargs.dynamic_img_size=true, model.kwargs.output_stride=16.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # The class head (models.heads registry): linear.
+    head: str = "linear"
 
 
 @dataclass
@@ -228,7 +234,9 @@ class Config:
                     f"{where}: {key}: method options are one level deep (method.<option>)"
                 )
             if parts[1] == "name" and value != self.method.get("name"):
-                self.method = {"name": _check_type(key, value, str, where)}
+                # Another method: drop the old one's options, keep where methods come from.
+                kept = {"module": self.method["module"]} if "module" in self.method else {}
+                self.method = {"name": _check_type(key, value, str, where), **kept}
             else:
                 self.method[parts[1]] = value
             return
@@ -239,8 +247,18 @@ class Config:
             if part not in names:
                 candidates = [f"{prefix}.{n}" if prefix else n for n in names]
                 raise ConfigError(_unknown(key, candidates, where))
+            if i < len(parts) - 1 and typing.get_origin(_hint(node, part)) is dict:
+                # An open mapping (model.kwargs): the next part is an entry's name.
+                dotted = ".".join(parts[: i + 1])
+                if len(parts) != i + 2:
+                    raise ConfigError(
+                        f"{where}: {key}: {dotted} entries are one level deep "
+                        f"({dotted}.<name>=<YAML value>, e.g. {dotted}.block_args={{attn_layer: se}})"
+                    )
+                getattr(node, part)[parts[-1]] = value
+                return
             if i == len(parts) - 1:
-                hint = typing.get_type_hints(type(node))[part]
+                hint = _hint(node, part)
                 value = _check_type(key, value, hint, where)
                 _check_range(key, value, _field(node, part), where)
                 setattr(node, part, value)
@@ -277,8 +295,26 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def keys(self) -> list[str]:
-        """Every valid dotted key (method options excluded: they depend on the method)."""
-        return [k for k, _ in _flatten(self.to_dict()) if not k.startswith("method.")]
+        """Every valid dotted key (open mappings as `<key>.*`; method options depend on the method)."""
+        plain = [k for k, _ in _flatten(self.to_dict()) if k.split(".")[0] != "method"]
+        plain = [k for k in plain if not any(k.startswith(f"{m}.") for m in OPEN_MAPPINGS)]
+        return plain + [f"{m}.*" for m in OPEN_MAPPINGS if m != "method"]
+
+
+def _open_mappings(node: type, prefix: str = "") -> list[str]:
+    """Dotted names of the dict-typed fields: mappings whose entries are free-form."""
+    found = []
+    hints = typing.get_type_hints(node)
+    for f in dataclasses.fields(node):
+        if typing.get_origin(hints[f.name]) is dict:
+            found.append(f"{prefix}{f.name}")
+        elif dataclasses.is_dataclass(hints[f.name]):
+            found += _open_mappings(hints[f.name], f"{prefix}{f.name}.")
+    return found
+
+
+# Dict-typed keys (model.kwargs, method): their entries are set as <key>.<name>=<value>.
+OPEN_MAPPINGS = _open_mappings(Config)
 
 
 def method_options(cfg: Config, options_type: type) -> Any:
@@ -287,10 +323,10 @@ def method_options(cfg: Config, options_type: type) -> Any:
     hints = typing.get_type_hints(options_type)
     values = {}
     for name, value in cfg.method.items():
-        if name == "name":
+        if name in ("name", "module"):
             continue
         if name not in fields:
-            candidates = ["method.name"] + [f"method.{n}" for n in fields]
+            candidates = ["method.name", "method.module"] + [f"method.{n}" for n in fields]
             raise ConfigError(
                 _unknown(f"method.{name}", candidates, f"method {cfg.method['name']!r}")
             )
@@ -300,6 +336,10 @@ def method_options(cfg: Config, options_type: type) -> Any:
 
 
 # ---- helpers ------------------------------------------------------------------------------
+def _hint(node: Any, name: str) -> Any:
+    return typing.get_type_hints(type(node))[name]
+
+
 def _field(node: Any, name: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(node) if f.name == name)
 
@@ -332,15 +372,16 @@ def _unknown(key: str, candidates: list[str], where: str) -> str:
 def _flatten(raw: dict[str, Any], prefix: str = ""):
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and dotted != "method" and not dotted.startswith("method."):
-            yield from _flatten(value, dotted + ".")
-        elif dotted == "method" and isinstance(value, dict):
-            # `name` first, so that setting the name does not drop the options after it.
-            if "name" in value:
+        if isinstance(value, dict) and dotted in OPEN_MAPPINGS:
+            # One level: entry values stay whole. `name` first, so that setting a method's
+            # name does not drop the options after it.
+            if "name" in value and dotted == "method":
                 yield "method.name", value["name"]
             for k, v in value.items():
-                if k != "name":
-                    yield f"method.{k}", v
+                if not (k == "name" and dotted == "method"):
+                    yield f"{dotted}.{k}", v
+        elif isinstance(value, dict):
+            yield from _flatten(value, dotted + ".")
         else:
             yield dotted, value
 
@@ -363,6 +404,8 @@ def _type_name(hint: Any) -> str:
         return "null"
     if origin is tuple:
         return f"a list of {len(typing.get_args(hint))} numbers"
+    if origin is dict:
+        return "a mapping"
     return getattr(hint, "__name__", str(hint))
 
 
@@ -396,7 +439,11 @@ def _check_type(key: str, value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise fail
         return [_check_type(key, v, arg, where) for v in value]
-    if origin is dict or hint is Any:
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail
+        return dict(value)
+    if hint is Any:
         return value
     if hint is bool:
         if isinstance(value, bool):

@@ -95,6 +95,11 @@ class EvalOutput:
     paths: list[str] = field(default_factory=list)
 
 
+# Compat: model directories written before training-only parts existed name DCL's saved
+# form "dcl-classifier"; it is a `dcl` model without its adversary (same tensors).
+LEGACY_METHOD_NAMES = {"dcl-classifier": "dcl"}
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """`auto` -> cuda if available, else cpu."""
     if device in (None, "auto"):
@@ -131,8 +136,11 @@ class Predictor:
         """Load a model directory (JSON + safetensors; nothing is unpickled)."""
         record = read_model_json(model_dir)
         cfg = Config.from_dict(record["config"], where=f"{model_dir}/model.json")
-        cfg.method = {"name": record["method"], **record.get("method_options", {})}
-        method = build_method(cfg, len(record["classes"]), pretrained=False)
+        name = LEGACY_METHOD_NAMES.get(record["method"], record["method"])
+        module = {"module": cfg.method["module"]} if cfg.method.get("module") else {}
+        cfg.method = {"name": name, **module, **record.get("method_options", {})}
+        # The method as trained, less its training-only parts: exactly what was saved.
+        method = build_method(cfg, len(record["classes"]), pretrained=False).for_inference()
         state = read_weights(model_dir, record)
         try:
             method.load_state_dict(state, strict=True)

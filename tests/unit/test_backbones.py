@@ -9,10 +9,13 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from lookcloser.errors import WeightsError
+from lookcloser.config import Config
+from lookcloser.errors import ConfigError, WeightsError
 from lookcloser.models.backbones import (
     Backbone,
+    BackboneFactory,
     create_timm_model,
     map_by_position,
     offline_weights_path,
@@ -234,3 +237,187 @@ def test_normalization_from_data_config():
     backbone.eval()
     expected = backbone.model.forward_features((images - backbone.mean) / backbone.std)
     assert torch.allclose(backbone.forward_features(images), expected)
+
+
+# ---- model.kwargs ---------------------------------------------------------------------------
+def _model_cfg(*overrides: str):
+    return Config.load(None, ["model.pretrained=false", *overrides]).model
+
+
+def test_vit_img_size_from_config_kwargs():
+    """model.kwargs.img_size=64 builds a ViT that runs on 64 px input (and only that)."""
+    cfg = _model_cfg("model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=64")
+    backbone = BackboneFactory(cfg)()
+    assert backbone.model.patch_embed.grid_size == (4, 4)
+    assert backbone(torch.rand(1, 3, 64, 64)).shape == (1, backbone.num_features)
+    with pytest.raises(AssertionError):  # timm's own size check: the kwarg really went in
+        backbone(torch.rand(1, 3, 224, 224))
+
+
+def test_resnet_output_stride_doubles_the_last_map():
+    """model.kwargs.output_stride=16 gives a last feature map twice as large as stride 32."""
+    images = torch.rand(1, 3, 64, 64)
+    plain = BackboneFactory(_model_cfg("model.backbone=resnet18"))().forward_features(images)
+    cfg = _model_cfg("model.backbone=resnet18", "model.kwargs.output_stride=16")
+    dilated = BackboneFactory(cfg)().forward_features(images)
+    assert plain.shape[-2:] == (2, 2) and dilated.shape[-2:] == (4, 4)
+
+
+def test_bad_kwargs_are_config_errors():
+    """Keys the Backbone sets itself, and keys timm rejects, are ConfigErrors naming them."""
+    with pytest.raises(ConfigError, match="model.kwargs.num_classes"):
+        Backbone("test_efficientnet", kwargs={"num_classes": 3})
+    with pytest.raises(ConfigError, match="model.kwargs.*not_an_argument"):
+        Backbone("test_efficientnet", kwargs={"not_an_argument": 1})
+
+
+def test_factory_other_networks_and_no_weights(tmp_path):
+    """Another name leaves model.weights/kwargs behind; a no-weights factory never loads."""
+    source = timm.create_model("test_efficientnet", pretrained=False)
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    cfg = Config.load(
+        None,
+        [
+            "model.backbone=test_efficientnet",
+            f"model.weights={path}",
+            "model.kwargs.fix_stem=true",
+        ],
+    ).model
+    make = BackboneFactory(cfg)
+    loaded = make()
+    assert torch.equal(loaded.model.conv_stem.weight, source.conv_stem.weight)
+    other = make("test_vit", pretrained=False)
+    assert other.name == "test_vit"
+    torch.manual_seed(5)
+    fresh = BackboneFactory(cfg, pretrained=False)(pretrained=True)
+    assert not torch.equal(fresh.model.conv_stem.weight, source.conv_stem.weight)
+
+
+def test_factory_kwargs_add_to_the_configured_ones():
+    """A method's kwargs for its backbone add to model.kwargs (here: a dynamic-size ViT)."""
+    cfg = _model_cfg("model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=64")
+    backbone = BackboneFactory(cfg)(kwargs={"dynamic_img_size": True})
+    assert backbone.model.patch_embed.grid_size == (4, 4)
+    assert backbone.forward_features(torch.rand(1, 3, 96, 96)).shape == (1, 37, 192)
+    assert cfg.kwargs == {"img_size": 64}  # the config is not changed
+
+
+# ---- inside the network -------------------------------------------------------------------
+def test_intermediates_of_resnet_and_vit():
+    """Stage maps of a CNN and block maps of a ViT, NCHW, from normalized input."""
+    resnet = Backbone("resnet18").eval()
+    images = torch.rand(2, 3, 64, 64)
+    maps = resnet.intermediates(images)
+    assert [tuple(m.shape[1:]) for m in maps] == [
+        (64, 32, 32),
+        (64, 16, 16),
+        (128, 8, 8),
+        (256, 4, 4),
+        (512, 2, 2),
+    ]
+    last_two = resnet.intermediates(images, indices=2)
+    assert torch.allclose(last_two[-1], resnet.forward_features(images))
+    vit = Backbone("vit_tiny_patch16_224", kwargs={"img_size": 64}).eval()
+    blocks = vit.intermediates(images, indices=[0, 5, 11])
+    assert [tuple(m.shape) for m in blocks] == [(2, 192, 4, 4)] * 3
+    # Normalization happens inside, as in forward_features.
+    raw = vit.model.forward_intermediates(images, indices=[0], intermediates_only=True)
+    assert not torch.allclose(raw[0], blocks[0])
+
+
+def test_attention_probs_are_softmax_rows_and_fused_attention_comes_back():
+    """Per block B x heads x N x N rows summing to 1, equal to timm's AttentionExtract."""
+    from timm.utils import AttentionExtract
+
+    from lookcloser.models.backbones import unfused_attention
+
+    vit = Backbone("vit_tiny_patch16_224", kwargs={"img_size": 64})
+    attention = [m for m in vit.model.modules() if hasattr(m, "fused_attn")]
+    for module in attention:
+        module.fused_attn = True  # as on any machine with scaled_dot_product_attention
+    images = torch.rand(2, 3, 64, 64)
+    probs = vit.attention_probs(images)
+    assert len(probs) == 12
+    for block in probs:
+        assert block.shape == (2, 3, 17, 17)  # 4 x 4 patches + the class token
+        assert torch.allclose(block.sum(-1), torch.ones(2, 3, 17))
+    assert all(m.fused_attn for m in attention)
+    assert vit.training  # mode kept
+    assert not any(m.attn_drop._forward_pre_hooks for m in attention)  # hooks removed
+    with unfused_attention(vit.model):
+        expected = AttentionExtract(vit.model, mode="train")(vit.normalize(images))
+    assert all(m.fused_attn for m in attention)
+    for mine, theirs in zip(probs, expected.values(), strict=True):
+        assert torch.allclose(mine, theirs)
+    with pytest.raises(ConfigError, match="no attention maps"):
+        Backbone("resnet18").attention_probs(images)
+
+
+# ---- new modules inside a pretrained backbone -------------------------------------------------
+class ZeroResidual(nn.Module):
+    """x + conv1x1(x) with the conv at zero: an identity until it is trained."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+def insert_after_stage_2(model: nn.Module) -> None:
+    """Append a ZeroResidual to EfficientNet stage 2 (its tensors: blocks.2.<n>.conv.*)."""
+    stage = model.blocks[2]
+    stage.append(ZeroResidual(stage[-1].conv_pwl.out_channels))
+
+
+def test_declared_new_block_in_pretrained_lite0(caplog):
+    """A declared block loads without error and, as an identity at step 0, changes nothing."""
+    images = torch.rand(2, 3, 64, 64)
+    plain = Backbone("tf_efficientnet_lite0", pretrained=True).eval()
+    with caplog.at_level("INFO", logger="lookcloser.models.backbones"):
+        edited = Backbone(
+            "tf_efficientnet_lite0",
+            pretrained=True,
+            edit=insert_after_stage_2,
+            new_prefixes=["blocks.2.2."],
+        ).eval()
+    assert isinstance(edited.model.blocks[2][2], ZeroResidual)
+    logged = [r.getMessage() for r in caplog.records if "new modules" in r.getMessage()]
+    assert len(logged) == 1 and "blocks.2.2.conv.weight" in logged[0]
+    with torch.no_grad():
+        assert torch.equal(edited(images), plain(images))
+    assert [id(p) for p in edited.new_parameters()] == [
+        id(edited.model.blocks[2][2].conv.weight),
+        id(edited.model.blocks[2][2].conv.bias),
+    ]
+    # Undeclared, the same block does not fit the package's tensors.
+    with pytest.raises(WeightsError, match="tensors"):
+        Backbone("tf_efficientnet_lite0", pretrained=True, edit=insert_after_stage_2)
+
+
+def test_undeclared_missing_or_unexpected_keys_are_named(tmp_path):
+    """Outside new_prefixes, a missing or an extra tensor is a WeightsError naming it."""
+    source = timm.create_model("test_efficientnet", pretrained=False)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path))
+
+    def add_block(model: nn.Module) -> None:
+        model.blocks[1].append(ZeroResidual(model.blocks[1][-1].conv_pwl.out_channels))
+
+    index = len(source.blocks[1])
+    with pytest.raises(WeightsError, match=rf"blocks\.1\.{index}\.conv\.weight"):
+        Backbone("test_efficientnet", weights=path, edit=add_block)
+    # Declared (fnmatch patterns allowed), it loads; the checkpoint's tensors all land.
+    declared = Backbone(
+        "test_efficientnet", weights=path, edit=add_block, new_prefixes=[f"blocks.*.{index}."]
+    )
+    assert torch.equal(declared.model.conv_stem.weight, source.conv_stem.weight)
+    extra = tmp_path / "extra.safetensors"
+    save_file({**state, "aux.weight": torch.zeros(2)}, str(extra))
+    with pytest.raises(WeightsError, match=r"aux\.weight"):
+        Backbone("test_efficientnet", weights=extra)

@@ -234,3 +234,56 @@ def test_keys_lists_valid_dotted_keys():
     assert "trainer.epochs" in keys
     assert "data.synthetic.classes" in keys
     assert not any(k.startswith("method.") for k in keys)
+
+
+# ---- open mappings: model.kwargs and method.module ---------------------------------------
+def test_model_kwargs_from_overrides_and_yaml(tmp_path):
+    """`model.kwargs.<name>=value` entries (any YAML value) land in ModelConfig.kwargs."""
+    cfg = Config.load(
+        None,
+        [
+            "model.kwargs.img_size=448",
+            "model.kwargs.dynamic_img_size=true",
+            "model.kwargs.block_args={attn_layer: se}",
+        ],
+    )
+    assert cfg.model.kwargs == {
+        "img_size": 448,
+        "dynamic_img_size": True,
+        "block_args": {"attn_layer": "se"},
+    }
+    path = _write(tmp_path, "model:\n  kwargs:\n    output_stride: 16\n    block_args: {x: 1}\n")
+    from_yaml = Config.load(path, ["model.kwargs.img_size=96"])
+    assert from_yaml.model.kwargs == {"output_stride": 16, "block_args": {"x": 1}, "img_size": 96}
+    assert Config().model.kwargs == {}
+
+
+def test_model_kwargs_round_trip(tmp_path):
+    """kwargs survive to_dict/from_dict and YAML, as model.json and config.yaml store them."""
+    cfg = Config.load(None, ["model.kwargs.img_size=96", "model.kwargs.block_args={a: [1, 2]}"])
+    again = Config.from_dict(cfg.to_dict())
+    assert again == cfg and again.model.kwargs == {"img_size": 96, "block_args": {"a": [1, 2]}}
+    path = tmp_path / "saved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert Config.load(path) == cfg
+    keys = cfg.keys()  # Config's dotted keys (not a dict)
+    assert "model.kwargs.*" in keys and "model.kwargs.img_size" not in keys
+
+
+def test_model_kwargs_errors():
+    """Entries are one level deep; a whole mapping must be a mapping."""
+    with pytest.raises(ConfigError, match=r"model.kwargs entries are one level deep"):
+        Config.load(None, ["model.kwargs.block_args.attn_layer=se"])
+    with pytest.raises(ConfigError, match=r"model.kwargs: expected a mapping, got 3"):
+        Config.load(None, ["model.kwargs=3"])
+    cfg = Config.load(None, ["model.kwargs={img_size: 64}"])
+    assert cfg.model.kwargs == {"img_size": 64}
+
+
+def test_method_module_survives_a_name_change():
+    """`method.module` is where methods come from, so choosing a method keeps it."""
+    cfg = Config.load(None, ["method.module=my_methods", "method.name=mine", "method.x=1"])
+    assert cfg.method == {"name": "mine", "module": "my_methods", "x": 1}
+    assert method_options(Config.load(None, ["method.module=m"]), BaselineOptions) == (
+        BaselineOptions()
+    )

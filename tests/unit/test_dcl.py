@@ -1,4 +1,4 @@
-"""DCL: region confusion, alignment targets, losses, the saved classifier and its maps."""
+"""DCL: region confusion, alignment targets, losses, the saved model and its maps."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from lookcloser.methods import build_method
 from lookcloser.methods.baseline import Baseline
 from lookcloser.methods.dcl import (
     DCL,
-    DCLClassifier,
     DCLOptions,
     RegionAlignment,
     alignment_map,
@@ -336,7 +335,7 @@ def onnx_parameter_count(method: nn.Module, tmp_path: Path, name: str) -> int:
 def test_inference_graph_costs_exactly_the_baselines(tmp_path: Path) -> None:
     method = tiny_dcl()
     inference = method.for_inference().eval()
-    assert isinstance(inference, DCLClassifier) and inference.name == "dcl-classifier"
+    assert isinstance(inference, DCL) and inference.name == "dcl" and inference.inference_only
     baseline = Baseline(Backbone(TINY), 5).eval()
     images = torch.rand(2, 3, 64, 64)
 
@@ -358,12 +357,17 @@ def test_inference_graph_costs_exactly_the_baselines(tmp_path: Path) -> None:
     # The adversarial head is gone; the alignment conv stays (for explain) but is not in the graph.
     keys = set(inference.state_dict())
     assert not any(k.startswith("adversary.") for k in keys)
+    assert not any(k.startswith("adversary.") for k, _ in inference.named_parameters())
     assert keys - set(shared.state_dict()) == {"alignment.conv.weight", "alignment.conv.bias"}
+    # The training model keeps it, and computes the same logits.
+    assert "adversary.weight" in method.state_dict()
+    with torch.no_grad():
+        assert torch.equal(method.eval()(images), inference(images))
 
 
-def test_model_directory_round_trip_and_explain_maps(tmp_path: Path) -> None:
+def saved_dcl(run_dir: Path) -> tuple[DCL, Config]:
+    """A tiny DCL (regions=2, index alignment) saved as a model directory in `run_dir`."""
     from lookcloser.api import _save
-    from lookcloser.predictor import Predictor
 
     cfg = Config.load(
         None,
@@ -377,21 +381,29 @@ def test_model_directory_round_trip_and_explain_maps(tmp_path: Path) -> None:
             "method.gamma=0.01",
         ],
     )
-    classes = [f"c{i}" for i in range(5)]
-    method = build_method(cfg, len(classes))
+    method = build_method(cfg, 5)
     assert isinstance(method, DCL)
     inference = method.for_inference().eval()
     counts = {"train_images": 0, "test_images": 0}
-    _save(tmp_path, inference, classes, counts, cfg, {}, "bicubic", [])
+    _save(run_dir, inference, [f"c{i}" for i in range(5)], counts, cfg, {}, "bicubic", [])
+    return method.eval(), cfg
 
+
+def test_model_directory_round_trip_and_explain_maps(tmp_path: Path) -> None:
+    from lookcloser.predictor import Predictor
+
+    method, _ = saved_dcl(tmp_path)
+    inference = method.for_inference()
     predictor = Predictor.load(tmp_path)
-    assert isinstance(predictor.method, DCLClassifier)
-    assert predictor.info["trained_with"] == "dcl"
+    assert isinstance(predictor.method, DCL) and predictor.method.inference_only
+    assert predictor.info["method"] == predictor.info["trained_with"] == "dcl"
+    assert not hasattr(predictor.method, "adversary")
     assert predictor.method.options.regions == 2
     assert predictor.method.options.alignment == "index"
+    assert predictor.method.options.gamma == 0.01
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(predictor.logits(images), inference(images))
+        assert torch.equal(predictor.logits(images), method(images))
 
     maps = predictor.method.attention_maps(images)
     assert list(maps) == ["grad-cam", "region-alignment"]
@@ -407,6 +419,39 @@ def test_model_directory_round_trip_and_explain_maps(tmp_path: Path) -> None:
     explanation = predictor.explain(picture, map_name="region-alignment")
     assert explanation.heatmap.shape == (64, 64)
     assert explanation.heatmap.min() > 0 and explanation.heatmap.max() <= 1
+
+
+def test_loading_is_strict_about_training_only_tensors(tmp_path: Path) -> None:
+    """A directory holding the adversary too does not fit the rebuilt model: no silent extras."""
+    from lookcloser.errors import ModelDirError
+    from lookcloser.modeldir import read_model_json, save_model_dir
+    from lookcloser.predictor import Predictor
+
+    method, _ = saved_dcl(tmp_path)
+    record = read_model_json(tmp_path)
+    info = {k: v for k, v in record.items() if k not in ("format", "format_version", "weights")}
+    save_model_dir(tmp_path / "full", method.state_dict(), info)
+    with pytest.raises(ModelDirError, match="adversary"):
+        Predictor.load(tmp_path / "full")
+
+
+def test_directory_of_the_previous_version_loads(tmp_path: Path) -> None:
+    """model.json from before (method "dcl-classifier", its two options) loads as `dcl`."""
+    from lookcloser.modeldir import update_model_json
+    from lookcloser.predictor import Predictor
+
+    method, _ = saved_dcl(tmp_path)
+    # The previous version wrote the same tensors under this name and these options.
+    update_model_json(
+        tmp_path, method="dcl-classifier", method_options={"regions": 2, "alignment": "index"}
+    )
+    predictor = Predictor.load(tmp_path)
+    assert predictor.method.name == "dcl"
+    assert predictor.method.options.alignment == "index"
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(predictor.logits(images), method(images))
+    assert "region-alignment" in predictor.method.attention_maps(images)
 
 
 @pytest.mark.parametrize("kind", ["coords", "index"])

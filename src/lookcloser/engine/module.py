@@ -12,7 +12,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lookcloser.config import OptimConfig
 from lookcloser.engine.datamodule import sample_seed
+from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method
+from lookcloser.models.backbones import Backbone
 
 
 class FGVCSystem(L.LightningModule):
@@ -29,6 +31,11 @@ class FGVCSystem(L.LightningModule):
         ema_decay: float | None = None,
     ):
         super().__init__()
+        if getattr(method, "inference_only", False):
+            raise ConfigError(
+                f"method {method.name!r}: this is its inference form (training-only parts "
+                "dropped); train the method as built by build_method"
+            )
         self.method = method
         self.optim_cfg = optim
         self.epochs = epochs
@@ -152,13 +159,24 @@ class FGVCSystem(L.LightningModule):
 
 
 def parameter_groups(method: Method, cfg: OptimConfig) -> list[dict]:
-    """Backbone groups (weight decay, optional layer decay) plus new heads at head_lr_scale."""
+    """Pretrained groups (weight decay, optional layer decay) plus new modules at head_lr_scale.
+
+    New are `method.new_modules()` and every backbone's declared `new_prefixes`, wherever
+    they sit; each backbone's pretrained rest gets timm's groups, as if the new modules
+    were not there (so layer decay keeps its depths).
+    """
+    backbones = [m for m in method.modules() if isinstance(m, Backbone)]
     new_ids = {id(p) for m in method.new_modules() for p in m.parameters()}
-    backbone = method.backbone.model
-    if cfg.layer_decay is not None:
-        groups = param_groups_layer_decay(backbone, cfg.weight_decay, layer_decay=cfg.layer_decay)
-    else:
-        groups = param_groups_weight_decay(backbone, cfg.weight_decay)
+    new_ids |= {id(p) for b in backbones for p in b.new_parameters()}
+    groups = []
+    for backbone in backbones:
+        pretrained = _Pretrained(backbone.model, new_ids)
+        if cfg.layer_decay is not None:
+            groups += param_groups_layer_decay(
+                pretrained, cfg.weight_decay, layer_decay=cfg.layer_decay
+            )
+        else:
+            groups += param_groups_weight_decay(pretrained, cfg.weight_decay)
     seen = {id(p) for g in groups for p in g["params"]}
     rest = [p for p in method.parameters() if id(p) not in seen and p.requires_grad]
     new = [p for p in rest if id(p) in new_ids]
@@ -171,6 +189,23 @@ def parameter_groups(method: Method, cfg: OptimConfig) -> list[dict]:
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": scale})
     return [g for g in groups if g["params"]]
+
+
+class _Pretrained:
+    """A timm model as timm's param-group helpers see it: without the parameters in `skip`."""
+
+    def __init__(self, model: nn.Module, skip: set[int]):
+        self._model = model
+        self._skip = skip
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)  # group_matcher, pretrained_cfg, ...
+
+    def named_parameters(self, *args, **kwargs):
+        """The model's named parameters except the skipped ones."""
+        for name, param in self._model.named_parameters(*args, **kwargs):
+            if id(param) not in self._skip:
+                yield name, param
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -17,21 +17,13 @@ def _import_builtin_methods() -> None:
 def build_method(cfg: Config, num_classes: int, pretrained: bool | None = None) -> Method:
     """The method `cfg.method.name` on the backbone `cfg.model`, with typed options.
 
+    The method builds its networks through a `BackboneFactory` (one or several backbones);
     `pretrained=False` skips weight loading (used when a model directory's weights follow).
     """
     from lookcloser.config import method_options
     from lookcloser.methods.base import method_class
-    from lookcloser.models.backbones import Backbone
+    from lookcloser.models.backbones import BackboneFactory
 
-    cls = method_class(cfg.method.get("name", "baseline"))
+    cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
     options = method_options(cfg, cls.Options)
-    load = cfg.model.pretrained if pretrained is None else pretrained
-    backbone = Backbone(
-        cfg.model.backbone,
-        pretrained=load,
-        weights=cfg.model.weights if load else None,
-        key_map=cfg.model.weights_key_map,
-        drop_rate=cfg.model.drop_rate,
-        drop_path_rate=cfg.model.drop_path_rate,
-    )
-    return cls(backbone, num_classes, options)
+    return cls.build(BackboneFactory(cfg.model, pretrained), num_classes, options, cfg.model.head)

@@ -4,16 +4,27 @@ A method never knows about files, devices or the training loop: the engine calls
 `training_losses` during training; everything after training (predict, eval, explain,
 export, serve) calls `forward` and `attention`. Extra training-time views (destroyed images,
 attention-sampled images, crops) are made inside the method, on tensors.
+
+Methods register with `@register_method`. Methods defined outside the package are found
+through `method.module=<importable module>` (imported before the name is resolved) or the
+`lookcloser.methods` entry-point group (loaded when a name is not registered).
 """
 
 from __future__ import annotations
 
+import copy
+import importlib
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from lookcloser.models.backbones import Backbone
+from lookcloser.errors import ConfigError
+from lookcloser.models.backbones import Backbone, BackboneFactory
+from lookcloser.models.heads import build_head
+
+ENTRY_POINT_GROUP = "lookcloser.methods"
 
 
 @dataclass
@@ -22,16 +33,36 @@ class NoOptions:
 
 
 class Method(nn.Module):
-    """Backbone + heads + losses. Subclasses set `name`, `Options` and the forward split."""
+    """Backbone + heads + losses. Subclasses set `name`, `Options` and the forward split.
+
+    `training_only` names the child modules used by `training_losses` alone (DCL's
+    adversary): `for_inference()` drops them, so they are neither saved nor loaded.
+    """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    training_only: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, backbone: Backbone, num_classes: int, options: Any = None):
+    def __init__(
+        self, backbone: Backbone, num_classes: int, options: Any = None, head: str = "linear"
+    ):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.options = options if options is not None else self.Options()
+        self.head_type = head
+        self.inference_only = False  # True on for_inference() copies
+
+    @classmethod
+    def build(
+        cls, make_backbone: BackboneFactory, num_classes: int, options: Any, head: str = "linear"
+    ) -> Method:
+        """The method on backbones from `make_backbone`; override to build several or edit them."""
+        return cls(make_backbone(), num_classes, options, head=head)
+
+    def make_head(self, in_features: int) -> nn.Module:
+        """A class head of the configured type (`model.head`): embeddings -> class logits."""
+        return build_head(self.head_type, in_features, self.num_classes)
 
     # ---- inference path -----------------------------------------------------------------
     def forward_features(self, images: Tensor) -> Tensor:
@@ -67,12 +98,26 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def new_modules(self) -> list[nn.Module]:
-        """Modules trained from scratch (they get `optim.head_lr_scale` x the learning rate)."""
+        """Modules trained from scratch (they get `optim.head_lr_scale` x the learning rate).
+
+        Backbones' declared `new_prefixes` count as new too, without being listed here.
+        """
         return []
 
     def for_inference(self) -> Method:
-        """The method to save and serve; training-only branches may be dropped here."""
-        return self
+        """The method to save and serve: a copy without `training_only` parts, sharing weights."""
+        if not any(name in self._modules for name in self.training_only):
+            return self
+        model = copy.copy(self)
+        # The copy gets its own registries (modules, parameters, buffers, hooks); the modules
+        # and tensors in them stay shared.
+        for key, value in vars(self).items():
+            if key.startswith("_") and isinstance(value, dict | set):
+                model.__dict__[key] = copy.copy(value)
+        for name in self.training_only:
+            model._modules.pop(name, None)
+        model.inference_only = True
+        return model
 
 
 MethodType = type[Method]
@@ -85,14 +130,40 @@ def register_method(cls: MethodType) -> MethodType:
     return cls
 
 
-def method_class(name: str) -> MethodType:
-    """The registered Method class called `name`."""
-    from lookcloser.config import ConfigError
+def method_class(name: str, module: str | None = None) -> MethodType:
+    """The registered Method class called `name`, importing `module` first if given."""
     from lookcloser.methods import _import_builtin_methods
 
     _import_builtin_methods()
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"method.module: cannot import {module!r}: {err}") from None
     if name not in METHODS:
+        _load_entry_point(name)
+    if name not in METHODS:
+        plugins = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+        available = sorted(set(METHODS) | set(plugins))
+        where = f" (after importing {module!r})" if module else ""
         raise ConfigError(
-            f"method.name: unknown method {name!r}; available: {', '.join(sorted(METHODS))}"
+            f"method.name: unknown method {name!r}{where}; available: {', '.join(available)}; "
+            "a method defined elsewhere needs method.module=<its module>"
         )
     return METHODS[name]
+
+
+def _load_entry_point(name: str) -> None:
+    """Load the `lookcloser.methods` entry point called `name` (a module or a Method class)."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name != name:
+            continue
+        try:
+            loaded = ep.load()  # importing the module registers its methods
+        except ImportError as err:
+            raise ConfigError(
+                f"method.name: entry point {name!r} ({ep.value}) cannot be imported: {err}"
+            ) from None
+        if isinstance(loaded, type) and issubclass(loaded, Method) and name not in METHODS:
+            METHODS[name] = loaded
+        return

@@ -1,4 +1,4 @@
-"""The baseline: backbone + linear head, trained with label-smoothed cross-entropy."""
+"""The baseline: backbone + class head, trained with label-smoothed cross-entropy."""
 
 from __future__ import annotations
 
@@ -27,10 +27,14 @@ class Baseline(Method):
     Options = BaselineOptions
 
     def __init__(
-        self, backbone: Backbone, num_classes: int, options: BaselineOptions | None = None
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        options: BaselineOptions | None = None,
+        head: str = "linear",
     ):
-        super().__init__(backbone, num_classes, options)
-        self.head = nn.Linear(backbone.num_features, num_classes)
+        super().__init__(backbone, num_classes, options, head)
+        self.head = self.make_head(backbone.num_features)
 
     def forward_head(self, features: Tensor) -> Tensor:
         """Logits from the pooled feature map."""
@@ -43,5 +47,5 @@ class Baseline(Method):
         return {"loss": loss}
 
     def new_modules(self) -> list[nn.Module]:
-        """The linear head is new."""
+        """The class head is new."""
         return [self.head]

@@ -12,9 +12,9 @@ Training adds three things to a plain backbone + linear classifier:
 * **Construction (region alignment).** A 1x1 conv on the last feature map, pooled to N x N,
   predicts for every cell where the region shown there sits in the original image.
 
-L = alpha L_cls + beta L_adv + gamma L_loc. Inference is the plain classifier: `for_inference`
-returns a `DCLClassifier`, whose forward is exactly the baseline's; it only keeps the
-alignment conv so that `explain` can show the region-alignment map.
+L = alpha L_cls + beta L_adv + gamma L_loc. Inference is the plain classifier: the forward is
+exactly the baseline's, and `for_inference` drops the adversary (`training_only`); the
+alignment conv stays so that `explain` can show the region-alignment map.
 
 Image sizes not divisible by N: regions are floor(H / N) x floor(W / N) pixels and the region
 grid covers the centred floor(H / N) * N x floor(W / N) * N area; the fewer than N leftover
@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method, register_method
-from lookcloser.methods.baseline import Baseline
 from lookcloser.models.backbones import Backbone
 
 AlignmentKind = Literal["coords", "index"]
@@ -219,11 +218,21 @@ class DCL(Method):
 
     name = "dcl"
     Options = DCLOptions
+    # The alignment conv is not training-only: explain's region-alignment map needs it.
+    training_only = ("adversary",)
 
-    def __init__(self, backbone: Backbone, num_classes: int, options: DCLOptions | None = None):
-        super().__init__(backbone, num_classes, options)
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        options: DCLOptions | None = None,
+        head: str = "linear",
+    ):
+        super().__init__(backbone, num_classes, options, head)
         opts: DCLOptions = self.options
-        self.head = nn.Linear(backbone.num_features, num_classes)
+        self.head = self.make_head(backbone.num_features)
+        # A plain Linear, not a registry head: it tells originals from destroyed images (a
+        # domain classifier inside DCL's loss), not classes, so model.head must not change it.
         domains = 2 if opts.adversarial_head == "binary" else 2 * num_classes
         self.adversary = nn.Linear(backbone.num_features, domains)
         self.alignment = RegionAlignment(backbone.num_features, opts.regions, opts.alignment)
@@ -303,56 +312,3 @@ class DCL(Method):
     def new_modules(self) -> list[nn.Module]:
         """The classifier, the adversarial head and the alignment conv are new."""
         return [self.head, self.adversary, self.alignment]
-
-    def for_inference(self) -> DCLClassifier:
-        """The plain classifier (shared weights), plus the alignment conv for `explain`."""
-        model = DCLClassifier(
-            self.backbone,
-            self.num_classes,
-            DCLClassifierOptions(regions=self.options.regions, alignment=self.options.alignment),
-        )
-        model.head = self.head
-        model.alignment = self.alignment
-        return model
-
-
-# ---- the saved model --------------------------------------------------------------------------
-@dataclass
-class DCLClassifierOptions:
-    """What a saved DCL model needs beyond the baseline: the alignment head's shape."""
-
-    regions: int = 7
-    alignment: AlignmentKind = "coords"
-
-
-@register_method
-class DCLClassifier(Baseline):
-    """A trained DCL model for inference: the baseline's forward, plus the alignment map.
-
-    The alignment conv is stored but never used by `forward`, so predict, eval and export
-    run (and cost) exactly the baseline's graph.
-    """
-
-    name = "dcl-classifier"
-    Options = DCLClassifierOptions
-
-    def __init__(
-        self, backbone: Backbone, num_classes: int, options: DCLClassifierOptions | None = None
-    ):
-        super().__init__(backbone, num_classes, options)
-        opts: DCLClassifierOptions = self.options
-        self.alignment = RegionAlignment(backbone.num_features, opts.regions, opts.alignment)
-
-    def attention_maps(self, images: Tensor, target: Tensor | None = None) -> dict[str, Tensor]:
-        """Grad-CAM, and how well each region's position is recovered."""
-        return {
-            "grad-cam": self.attention(images, target),
-            "region-alignment": alignment_map(self, self.alignment, images),
-        }
-
-    def training_losses(self, images, targets, meta=None) -> dict[str, Tensor]:
-        """Not trainable as such: it is the saved form of a `dcl` model."""
-        raise ConfigError(
-            "method.name: 'dcl-classifier' is the inference form of a DCL model; "
-            "train with method.name=dcl"
-        )

