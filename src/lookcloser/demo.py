@@ -104,7 +104,7 @@ def run_demo(out: str | Path = "lookcloser-demo", progress: bool = True) -> dict
     heatmap = save_explanation(explanation, out / "heatmap.png", map_name=DEMO_MAP)
 
     total = time.perf_counter() - started
-    m = result.metrics
+    m = result.metrics["test"]
     rows = [
         (
             "test top-1",

@@ -15,7 +15,8 @@ def _import_builtin_methods() -> None:
 
 
 def build_method(cfg: Config, num_classes: int, pretrained: bool | None = None) -> Method:
-    """The method `cfg.method.name` on the backbone `cfg.model`, with typed options.
+    """The method `cfg.method.name` on the backbone `cfg.model`, with typed options, taking
+    the metadata `cfg.data.meta_keys`.
 
     `pretrained=False` skips weight loading (used when a model directory's weights follow).
     """
@@ -34,4 +35,4 @@ def build_method(cfg: Config, num_classes: int, pretrained: bool | None = None) 
         drop_rate=cfg.model.drop_rate,
         drop_path_rate=cfg.model.drop_path_rate,
     )
-    return cls(backbone, num_classes, options)
+    return cls(backbone, num_classes, options, meta_keys=cfg.data.meta_keys)

@@ -25,6 +25,7 @@ exact re-tiling of the original's regions, with equal-size regions only.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method, register_method
 from lookcloser.methods.baseline import Baseline
@@ -220,8 +222,14 @@ class DCL(Method):
     name = "dcl"
     Options = DCLOptions
 
-    def __init__(self, backbone: Backbone, num_classes: int, options: DCLOptions | None = None):
-        super().__init__(backbone, num_classes, options)
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        options: DCLOptions | None = None,
+        meta_keys: Sequence[str] = (),
+    ):
+        super().__init__(backbone, num_classes, options, meta_keys)
         opts: DCLOptions = self.options
         self.head = nn.Linear(backbone.num_features, num_classes)
         domains = 2 if opts.adversarial_head == "binary" else 2 * num_classes
@@ -229,14 +237,13 @@ class DCL(Method):
         self.alignment = RegionAlignment(backbone.num_features, opts.regions, opts.alignment)
         self._warned_grid = False
 
-    def forward_head(self, features: Tensor) -> Tensor:
+    def forward_head(self, features: Tensor, meta=None, meta_mask=None) -> Tensor:
         """Logits from the pooled feature map (the baseline's head)."""
         return self.head(self.backbone.pool(features))
 
-    def training_losses(
-        self, images: Tensor, targets: Tensor, meta: dict[str, Tensor] | None = None
-    ) -> dict[str, Tensor]:
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """'loss' = alpha cls + beta adv + gamma loc; 'cls', 'adv', 'loc' unweighted."""
+        images, targets = batch.images, batch.targets
         opts: DCLOptions = self.options
         b = images.shape[0]
         n = opts.regions
@@ -293,10 +300,12 @@ class DCL(Method):
             )
         self._warned_grid = True
 
-    def attention_maps(self, images: Tensor, target: Tensor | None = None) -> dict[str, Tensor]:
+    def attention_maps(
+        self, images: Tensor, target: Tensor | None = None, meta=None, meta_mask=None
+    ) -> dict[str, Tensor]:
         """Grad-CAM, and how well each region's position is recovered."""
         return {
-            "grad-cam": self.attention(images, target),
+            "grad-cam": self.attention(images, target, meta, meta_mask),
             "region-alignment": alignment_map(self, self.alignment, images),
         }
 
@@ -310,6 +319,7 @@ class DCL(Method):
             self.backbone,
             self.num_classes,
             DCLClassifierOptions(regions=self.options.regions, alignment=self.options.alignment),
+            self.meta_keys,
         )
         model.head = self.head
         model.alignment = self.alignment
@@ -337,20 +347,26 @@ class DCLClassifier(Baseline):
     Options = DCLClassifierOptions
 
     def __init__(
-        self, backbone: Backbone, num_classes: int, options: DCLClassifierOptions | None = None
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        options: DCLClassifierOptions | None = None,
+        meta_keys: Sequence[str] = (),
     ):
-        super().__init__(backbone, num_classes, options)
+        super().__init__(backbone, num_classes, options, meta_keys)
         opts: DCLClassifierOptions = self.options
         self.alignment = RegionAlignment(backbone.num_features, opts.regions, opts.alignment)
 
-    def attention_maps(self, images: Tensor, target: Tensor | None = None) -> dict[str, Tensor]:
+    def attention_maps(
+        self, images: Tensor, target: Tensor | None = None, meta=None, meta_mask=None
+    ) -> dict[str, Tensor]:
         """Grad-CAM, and how well each region's position is recovered."""
         return {
-            "grad-cam": self.attention(images, target),
+            "grad-cam": self.attention(images, target, meta, meta_mask),
             "region-alignment": alignment_map(self, self.alignment, images),
         }
 
-    def training_losses(self, images, targets, meta=None) -> dict[str, Tensor]:
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """Not trainable as such: it is the saved form of a `dcl` model."""
         raise ConfigError(
             "method.name: 'dcl-classifier' is the inference form of a DCL model; "
