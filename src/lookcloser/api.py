@@ -109,7 +109,7 @@ def train(
     progress: bool = True,
     callbacks: list | None = None,
 ) -> TrainResult | None:
-    """Train a method, evaluate it on the test split and write a model directory.
+    """Train a method, evaluate it on the val and test splits and write a model directory.
 
     Nothing is written until the config, the data and the model have passed their checks; a
     run that fails before its first checkpoint leaves no directory behind (and an overwritten
