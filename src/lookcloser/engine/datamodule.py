@@ -118,10 +118,10 @@ class _Batches(L.LightningDataModule):
             self.unlabelled_sampler.set_epoch(epoch)
             self.unlabelled_sampler.skip = skip * size
         unlabelled = self._loader(self.unlabelled_set, self.unlabelled_sampler, size)
-        # Equal lengths by construction; "max_size_cycle" keeps the labelled epoch whole.
-        return CombinedLoader(
-            {"labelled": labelled, "unlabelled": unlabelled}, mode="max_size_cycle"
-        )
+        # Equal lengths by construction. "min_size" ends the epoch when both are exhausted
+        # without restarting either ("max_size_cycle" would re-open the labelled loader for
+        # one discarded batch at every epoch end).
+        return CombinedLoader({"labelled": labelled, "unlabelled": unlabelled}, mode="min_size")
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int) -> Batch:
         """One Batch: the labelled batch with the unlabelled images drawn beside it."""
