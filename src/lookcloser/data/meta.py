@@ -110,6 +110,8 @@ def meta_tensors(
     """
     values = torch.zeros(len(metas), len(keys), dtype=torch.float32)
     mask = torch.zeros(len(metas), len(keys), dtype=torch.bool)
+    if not keys:
+        return values, mask  # image-only models: no pass over millions of samples
     for row, meta in enumerate(metas):
         where = names[row] if names is not None else f"sample {row}"
         for col, key in enumerate(keys):
