@@ -108,18 +108,20 @@ def meta_tensors(
 
     `names` (paths) make errors point at the sample at fault.
     """
-    values = torch.zeros(len(metas), len(keys), dtype=torch.float32)
-    mask = torch.zeros(len(metas), len(keys), dtype=torch.bool)
-    if not keys:
-        return values, mask  # image-only models: no pass over millions of samples
+    shape = (len(metas), len(keys))
+    if not keys:  # image-only models: no pass over millions of samples
+        return torch.zeros(shape), torch.zeros(shape, dtype=torch.bool)
+    values, present = [], []
     for row, meta in enumerate(metas):
         where = names[row] if names is not None else f"sample {row}"
-        for col, key in enumerate(keys):
+        for key in keys:
             number = meta_number(meta.get(key), key, where)
-            if number is not None:
-                values[row, col] = number
-                mask[row, col] = True
-    return values, mask
+            values.append(0.0 if number is None else number)
+            present.append(number is not None)
+    return (
+        torch.tensor(values, dtype=torch.float32).reshape(shape),
+        torch.tensor(present, dtype=torch.bool).reshape(shape),
+    )
 
 
 def check_meta_present(keys: Sequence[str], found: Sequence[str], where: str) -> None:
