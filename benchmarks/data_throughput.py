@@ -16,6 +16,7 @@ import time
 import torch
 
 from lookcloser import api
+from lookcloser.data.batch import Batch
 from lookcloser.data.shards import open_shards, pack_shards
 from lookcloser.data.sources import build_source
 from lookcloser.data.transforms import eval_transform, train_transform
@@ -29,7 +30,7 @@ def loader_rate(loader, batches: int) -> float:
     next(it)
     start, images = time.perf_counter(), 0
     for _ in range(batches):
-        images += len(next(it)[0])
+        images += len(next(it))  # a Batch
     return images / (time.perf_counter() - start)
 
 
@@ -47,7 +48,7 @@ def step_rate(cfg, num_classes: int, batch_size: int, size: int, steps: int) -> 
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        method.training_losses(images, labels, {})["loss"].backward()
+        method.training_losses(Batch(images, labels))["loss"].backward()
         optimizer.step()
 
     step()  # warm-up
@@ -100,7 +101,7 @@ def main() -> None:
         )
         folder = FGVCDataModule(
             splits.train,
-            splits.test,
+            [],
             *transforms,
             batch_size=args.batch_size,
             num_workers=args.workers,

@@ -22,6 +22,7 @@ from report import machine, markdown_table, write_section  # noqa: E402
 from throughput import interleaved  # noqa: E402
 
 from lookcloser.config import Config  # noqa: E402
+from lookcloser.data.batch import Batch  # noqa: E402
 from lookcloser.engine.module import count_parameters  # noqa: E402
 from lookcloser.methods import build_method  # noqa: E402
 
@@ -75,7 +76,7 @@ def main() -> None:
 
         def step():
             opt.zero_grad(set_to_none=True)
-            method.training_losses(x, y)["loss"].backward()
+            method.training_losses(Batch(x, y))["loss"].backward()
             opt.step()
 
         return step

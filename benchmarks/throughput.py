@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, markdown_table, write_section  # noqa: E402
 
 from lookcloser.config import Config  # noqa: E402
+from lookcloser.data.batch import Batch  # noqa: E402
 from lookcloser.methods import build_method  # noqa: E402
 from lookcloser.predictor import Predictor  # noqa: E402
 
@@ -69,7 +70,7 @@ def measure(
 
     def step_lookcloser():
         opt_m.zero_grad(set_to_none=True)
-        method.training_losses(images, labels)["loss"].backward()
+        method.training_losses(Batch(images, labels))["loss"].backward()
         opt_m.step()
 
     def step_bare():

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from lookcloser.config import Config
-from lookcloser.data.sources import DatasetSplits, build_source
+from lookcloser.data.prepare import SHARDS
+from lookcloser.data.sources import build_source
 from lookcloser.errors import ConfigError, DataError
 from lookcloser.predictor import Predictor
-
-SHARDS = "shards"  # data.source of streamed WebDataset shards (not a registered sample source)
 
 __all__ = [
     "TrainResult",
@@ -86,8 +85,10 @@ def _resume_path(cfg: Config, run_dir: Path) -> str | None:
 
 
 def check_config(cfg: Config) -> Config:
-    """Every range and the method's options, checked before any data or model is touched."""
+    """Every range, the method's options and the declared metadata, checked before any data
+    or model is touched."""
     from lookcloser.config import method_options
+    from lookcloser.data.meta import check_meta_keys
     from lookcloser.methods.base import method_class
     from lookcloser.models.heads import head_factory
 
@@ -95,23 +96,12 @@ def check_config(cfg: Config) -> Config:
     cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
     method_options(cfg, cls.Options)
     head_factory(cfg.model.head)
+    if check_meta_keys(cfg.data.meta_keys) and not cls.accepts_meta:
+        raise ConfigError(
+            f"data.meta_keys: method {cls.name!r} does not use metadata; leave data.meta_keys "
+            "empty or choose a method that takes it"
+        )
     return cfg
-
-
-def _verified(splits: DatasetSplits, cfg: Config) -> tuple[DatasetSplits, list[str]]:
-    """Splits without bad images (or a DataError listing them, per data.on_bad_image)."""
-    if not cfg.data.verify_images:
-        return splits, []
-    from lookcloser.data.images import verify_samples
-
-    good_train, bad_train = verify_samples(
-        splits.train, cfg.data.on_bad_image, cfg.data.max_image_pixels
-    )
-    good_test, bad_test = verify_samples(
-        splits.test, cfg.data.on_bad_image, cfg.data.max_image_pixels
-    )
-    skipped = [f"{r.path}: {r.problem}" for r in bad_train + bad_test]
-    return splits.replace_samples(good_train, good_test), skipped
 
 
 def train(
@@ -121,7 +111,7 @@ def train(
     progress: bool = True,
     callbacks: list | None = None,
 ) -> TrainResult | None:
-    """Train a method, evaluate it on the test split and write a model directory.
+    """Train a method, evaluate it on the val and test splits and write a model directory.
 
     Nothing is written until the config, the data and the model have passed their checks; a
     run that fails before its first checkpoint leaves no directory behind (and an overwritten
@@ -160,8 +150,9 @@ def _train(
     import lightning as L
     import torch
 
+    from lookcloser.data.prepare import prepare_data
     from lookcloser.data.transforms import eval_transform, train_transform
-    from lookcloser.engine.datamodule import FGVCDataModule, ShardDataModule
+    from lookcloser.engine.datamodule import build_datamodule
     from lookcloser.engine.module import FGVCSystem
     from lookcloser.engine.trainer import build_trainer
     from lookcloser.methods import build_method
@@ -169,64 +160,29 @@ def _train(
     ckpt_path = _resume_path(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    index, splits, skipped = None, None, []
-    if cfg.data.source == SHARDS:
-        # Streamed: classes and counts from the shard index; bad images are handled while
-        # decoding (data.on_bad_image), as no up-front pass over millions of files is made.
-        index = _shard_index(cfg)
-        classes, num_train = index.classes, index.counts["train"]
-        num_test = index.counts.get("test") or 0
-        _check_classes(classes, cfg)
-    else:
-        splits = build_source(cfg.data)
-        _check_classes(splits.classes, cfg)
-        splits, skipped = _verified(splits, cfg)
-        classes, num_train, num_test = splits.classes, len(splits.train), len(splits.test)
-    method = build_method(cfg, len(classes))
+    # Shards: classes and counts from the index; bad images are handled while decoding
+    # (data.on_bad_image), as no up-front pass over millions of files is made.
+    data = prepare_data(cfg.data)
+    method = build_method(cfg, len(data.classes))
     interpolation = method.backbone.data_config.get("interpolation", "bicubic")
-    transforms = (
+    datamodule = build_datamodule(
+        cfg,
+        data,
         train_transform(cfg.data, interpolation),
         eval_transform(cfg.data.image_size, cfg.data.crop_pct, interpolation),
     )
-    if index is not None:
-        datamodule = ShardDataModule(
-            index,
-            *transforms,
-            batch_size=cfg.data.batch_size,
-            num_workers=cfg.data.num_workers,
-            seed=cfg.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            max_pixels=cfg.data.max_image_pixels,
-            on_bad_image=cfg.data.on_bad_image,
-        )
-    else:
-        weights = None
-        if cfg.data.sampler != "uniform":
-            from lookcloser.data.samplers import sample_weights
-
-            weights = sample_weights([s.label for s in splits.train], cfg.data.sampler)
-        datamodule = FGVCDataModule(
-            splits.train,
-            splits.test,
-            *transforms,
-            batch_size=cfg.data.batch_size,
-            num_workers=cfg.data.num_workers,
-            seed=cfg.seed,
-            max_pixels=cfg.data.max_image_pixels,
-            weights=weights,
-        )
     trainer = build_trainer(
         cfg,
         run_dir,
         progress,
-        has_val=bool(num_test),
+        has_val=data.count("val") > 0,
         callbacks=callbacks,
         on_checkpoint=(lambda _: plan.checkpoint_saved()) if plan is not None else None,
     )
-    if index is not None:
+    if data.index is not None:
         # A ShardDataset rank yields whole batches only (no short last batch).
-        per_rank = num_train // trainer.world_size // cfg.data.batch_size
-        if per_rank == 0:
+        num_train = data.count("train")
+        if num_train // trainer.world_size // cfg.data.batch_size == 0:
             raise DataError(
                 f"data.batch_size={cfg.data.batch_size}: the shards hold {num_train} training "
                 f"samples for {trainer.world_size} process(es), less than one whole batch each"
@@ -241,7 +197,7 @@ def _train(
         ema_decay=cfg.trainer.ema_decay,
     )
     if plan is not None:
-        plan.claim(cfg.to_yaml(), skipped)
+        plan.claim(cfg.to_yaml(), data.skipped)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -259,14 +215,14 @@ def _train(
     inference = trained.for_inference().cpu().eval()
     predictor = Predictor(
         inference,
-        classes,
+        data.classes,
         cfg.data.image_size,
         cfg.data.crop_pct,
         interpolation,
         device="cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
         max_pixels=cfg.data.max_image_pixels,
     )
-    metrics = _evaluate_and_write(predictor, cfg, run_dir, progress, splits=splits, index=index)
+    metrics = _evaluate_and_write(predictor, cfg, data, run_dir, progress)
     training = {
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
@@ -274,55 +230,52 @@ def _train(
         "precision": str(trainer.precision),
         "accelerator": type(trainer.accelerator).__name__,
     }
-    counts = {"train_images": num_train, "test_images": num_test}
-    _save(run_dir, inference, classes, counts, cfg, metrics, interpolation, skipped, training)
-    return TrainResult(run_dir, metrics, classes, skipped)
+    _save(run_dir, inference, data, cfg, metrics, interpolation, training)
+    return TrainResult(run_dir, metrics, data.classes, data.skipped)
 
 
 def _evaluate_and_write(
-    predictor: Predictor,
-    cfg: Config,
-    run_dir: Path,
-    progress: bool,
-    *,
-    splits: DatasetSplits | None = None,
-    index=None,
+    predictor: Predictor, cfg: Config, data, run_dir: Path, progress: bool
 ) -> dict[str, Any]:
+    """metrics.json: the final model on the val split and on the test split (read only now)."""
     from lookcloser.evaluation import compute_metrics, summary, write_confusion
     from lookcloser.modeldir import atomic_write_text
 
-    out = _test_outputs(predictor, cfg, progress, splits=splits, index=index)
-    if out is None:
-        return {}
-    metrics = compute_metrics(out.logits, out.labels, predictor.classes)
-    write_confusion(metrics["confusion"], predictor.classes, run_dir)
-    full = {**summary(metrics), "most_confused": metrics["most_confused"], "split": "test"}
+    full = {}
+    for split in ("val", "test"):
+        out = _split_outputs(predictor, cfg, progress, split, data.index, getattr(data, split))
+        if out is None:
+            continue
+        metrics = compute_metrics(out.logits, out.labels, predictor.classes)
+        full[split] = {**summary(metrics), "most_confused": metrics["most_confused"]}
+        if split == "test":
+            write_confusion(metrics["confusion"], predictor.classes, run_dir)
     atomic_write_text(run_dir / "metrics.json", json.dumps(full, indent=2) + "\n")
     return full
 
 
-def _test_outputs(predictor: Predictor, cfg: Config, progress: bool, *, splits=None, index=None):
-    """The Predictor's logits over the test split of a source or of shards (None if empty)."""
+def _split_outputs(predictor: Predictor, cfg: Config, progress: bool, split: str, index, samples):
+    """The Predictor's logits over one split of a source or of shards (None if empty)."""
     if index is None:
-        if not splits.test:
+        if not samples:
             return None
         return predictor.run_samples(
-            splits.test, cfg.data.batch_size, cfg.data.num_workers, progress
+            samples, cfg.data.batch_size, cfg.data.num_workers, progress, f"evaluate {split}"
         )
-    if not index.urls.get("test"):
+    if not index.urls.get(split):
         return None
     from torch.utils.data import DataLoader
 
+    from lookcloser.data.batch import collate
     from lookcloser.data.shards import ShardDataset
-    from lookcloser.engine.datamodule import collate
 
     # The same decoded images and eval transform as the folder path, so the same logits.
     dataset = ShardDataset.from_index(
         index,
-        "test",
+        split,
         transform=predictor.transform,
-        meta_keys=[],
-        max_pixels=cfg.data.max_image_pixels,
+        meta_keys=predictor.meta_keys,
+        max_pixels=predictor.max_pixels,
         on_bad_image=cfg.data.on_bad_image,
         rank=0,
         world_size=1,
@@ -333,40 +286,22 @@ def _test_outputs(predictor: Predictor, cfg: Config, progress: bool, *, splits=N
         num_workers=cfg.data.num_workers,
         collate_fn=collate,
     )
-    return predictor.run_batches(loader, progress)
-
-
-def _shard_index(cfg: Config):
-    from lookcloser.data.shards import open_shards
-
-    index = open_shards(cfg.data.root)
-    if cfg.data.sampler != "uniform":
-        raise ConfigError(
-            f"data.sampler={cfg.data.sampler}: weighted sampling needs an in-memory sample list; "
-            "streamed shards support data.sampler=uniform only"
-        )
-    if index.counts.get("train") is None:
-        raise ConfigError(
-            f"data.root={cfg.data.root}: the pattern names shards the index does not count; "
-            "training needs the number of samples (use the shard folder or its dataset.json)"
-        )
-    return index
+    return predictor.run_batches(loader, progress, f"evaluate {split}")
 
 
 def _save(
     run_dir: Path,
     inference,
-    classes: list[str],
-    counts: dict[str, int | None],
+    data,
     cfg: Config,
     metrics: dict,
     interpolation: str,
-    skipped: list[str],
     training: dict | None = None,
 ) -> None:
     from lookcloser.evaluation import summary
     from lookcloser.modeldir import save_model_dir
 
+    classes = data.classes
     options = asdict(inference.options) if inference.options is not None else {}
     info = {
         "method": inference.name,
@@ -383,13 +318,10 @@ def _save(
             "mean": inference.backbone.mean.flatten().tolist(),
             "std": inference.backbone.std.flatten().tolist(),
         },
-        "data": {
-            "source": cfg.data.source,
-            "root": cfg.data.root,
-            **counts,
-            "skipped": len(skipped),
-        },
-        "metrics": summary(metrics),
+        # The metadata inputs, in the order of the `meta` / `meta_mask` columns.
+        "meta_keys": list(inference.meta_keys),
+        "data": {"source": cfg.data.source, "root": cfg.data.root, **data.summary()},
+        "metrics": {split: summary(values) for split, values in metrics.items()},
         "training": training or {},
         "config": cfg.to_dict(),
     }
@@ -410,6 +342,7 @@ def evaluate(
     write_to: str | Path | None = None,
 ) -> dict[str, Any]:
     """Metrics of a saved model on its test split (or on data.* overrides)."""
+    from lookcloser.data.prepare import verified
     from lookcloser.evaluation import compute_metrics, summary, write_confusion
 
     predictor = load(model_dir, device)
@@ -417,8 +350,11 @@ def evaluate(
     for item in overrides or []:
         if not item.startswith("data."):
             raise ConfigError(f"eval takes data.* overrides only, got {item!r}")
+        if item.startswith("data.meta_keys="):
+            raise ConfigError("eval: data.meta_keys is the model's own; it cannot be overridden")
     cfg.apply_overrides(overrides or [])
-    splits, index = None, None
+    predictor.max_pixels = cfg.data.max_image_pixels  # an override applies to evaluation too
+    test, index = [], None
     if cfg.data.source == SHARDS:
         from lookcloser.data.shards import open_shards
 
@@ -427,24 +363,14 @@ def evaluate(
     else:
         splits = build_source(cfg.data)
         _check_same_classes(splits.classes, predictor.classes)
-        splits, _ = _verified(splits, cfg)
-    out = _test_outputs(predictor, cfg, progress, splits=splits, index=index)
+        test = verified(splits.replace_samples([], splits.test, []), cfg.data)[0].test
+    out = _split_outputs(predictor, cfg, progress, "test", index, test)
     if out is None:
         raise DataError(f"data.root={cfg.data.root}: no test split to evaluate")
     metrics = compute_metrics(out.logits, out.labels, predictor.classes)
     if write_to is not None:
         write_confusion(metrics["confusion"], predictor.classes, write_to)
     return {**summary(metrics), "most_confused": metrics["most_confused"]}
-
-
-def _check_classes(classes: list[str], cfg: Config) -> None:
-    """A classifier needs at least two classes (refused before anything is built)."""
-    if len(classes) < 2:
-        found = f"only {classes[0]!r}" if classes else "none"
-        raise DataError(
-            f"data.root={cfg.data.root}: a classifier needs at least 2 classes, found {found} "
-            f"(data.source={cfg.data.source})"
-        )
 
 
 def _check_same_classes(data_classes: list[str], model_classes: list[str]) -> None:
@@ -464,11 +390,29 @@ def predict(
     top_k: int = 5,
     batch_size: int = 32,
     on_bad_image: str = "error",
+    meta: str | Path | dict | list | None = None,
 ) -> list:
-    """Top-k predictions for files and folders (`on_bad_image="skip"`: see `.skipped`)."""
+    """Top-k predictions for files and folders (`on_bad_image="skip"`: see `.skipped`).
+
+    `meta`: per-image metadata for models that take it: a CSV / JSON file (see
+    `data.meta.read_meta_file`), a mapping of path -> dict, or one dict per image.
+    """
     return load(model_dir).predict(
-        paths, top_k=top_k, batch_size=batch_size, on_bad_image=on_bad_image
+        paths,
+        top_k=top_k,
+        batch_size=batch_size,
+        on_bad_image=on_bad_image,
+        meta=_meta_argument(meta),
     )
+
+
+def _meta_argument(meta):
+    # A file path is read here; mappings and lists go to the Predictor as they are.
+    if isinstance(meta, str | Path):
+        from lookcloser.data.meta import read_meta_file
+
+        return read_meta_file(meta)
+    return meta
 
 
 def explain(
@@ -477,11 +421,18 @@ def explain(
     out: str | Path | None = None,
     target: str | None = None,
     map_name: str | None = None,
+    meta: str | Path | dict | None = None,
 ) -> Path:
-    """Write the image and its attention heatmap side by side as a PNG; returns its path."""
+    """Write the image and its attention heatmap side by side as a PNG; returns its path.
+
+    `meta`: the image's metadata dict, or a CSV / JSON metadata file to look the image up in.
+    """
+    from lookcloser.data.meta import same_path
     from lookcloser.explain.overlay import save_explanation
 
-    explanation = load(model_dir).explain(image, target, map_name)
+    if isinstance(meta, str | Path):
+        meta = _meta_argument(meta).get(same_path(image), {})
+    explanation = load(model_dir).explain(image, target, map_name, meta)
     out = Path(out) if out else Path(model_dir) / "explanations" / f"{Path(image).stem}.png"
     return save_explanation(explanation, out, map_name=map_name)
 

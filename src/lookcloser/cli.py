@@ -52,7 +52,8 @@ def cmd_train(args) -> int:
 
     result = api.train(args.config, args.overrides, progress=not args.no_progress)
     if result is not None:  # rank 0 (DDP workers print nothing)
-        _print_table(f"test metrics ({result.run_dir})", _metric_rows(result.metrics))
+        for split, metrics in result.metrics.items():
+            _print_table(f"{split} metrics ({result.run_dir})", _metric_rows(metrics))
         if result.skipped:
             print(
                 f"skipped {len(result.skipped)} bad image(s), listed in {result.run_dir}/skipped.txt",
@@ -79,8 +80,19 @@ def cmd_predict(args) -> int:
     from lookcloser import api
 
     predictor = api.load(args.model_dir, args.device)
+    meta = None
+    if args.meta:
+        from lookcloser.data.meta import read_meta_file
+
+        meta = read_meta_file(args.meta)
+        if not predictor.meta_keys:
+            print(f"note: {args.model_dir} takes no metadata; --meta is ignored", file=sys.stderr)
     predictions = predictor.predict(
-        args.paths, top_k=args.top_k, batch_size=args.batch_size, on_bad_image=args.on_bad_image
+        args.paths,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        on_bad_image=args.on_bad_image,
+        meta=meta,
     )
     for path, reason in predictions.skipped:
         print(f"skipped: {path}: {reason}", file=sys.stderr)
@@ -111,7 +123,7 @@ def cmd_predict(args) -> int:
 def cmd_explain(args) -> int:
     from lookcloser import api
 
-    out = api.explain(args.model_dir, args.image, args.out, args.target, args.map)
+    out = api.explain(args.model_dir, args.image, args.out, args.target, args.map, args.meta)
     print(out)
     return 0
 
@@ -201,11 +213,13 @@ def cmd_data_info(args) -> int:
 
 def cmd_data_pack(args) -> int:
     from lookcloser.api import as_config
+    from lookcloser.data.prepare import with_validation
     from lookcloser.data.shards import pack_shards
     from lookcloser.data.sources import build_source
 
     cfg = as_config(None, [*args.overrides, f"data.source={_source_name(args.source)}"])
-    splits = build_source(cfg.data)
+    # The val split training would use (the source's, or carved per data.val_fraction).
+    splits, _ = with_validation(build_source(cfg.data), cfg.data)
 
     def progress(split: str, done: int, total: int) -> None:
         print(f"{split}: {done}/{total} samples packed", file=sys.stderr, flush=True)
@@ -226,6 +240,13 @@ def cmd_data_pack(args) -> int:
 
 
 # ---- parser -----------------------------------------------------------------------------------
+META_HELP = (
+    "per-image metadata for models trained with data.meta_keys: a CSV with a `path` column "
+    "and one column per key, or a JSON object path -> {key: value}; relative paths are from "
+    "the file's folder; missing values are masked"
+)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (exit 2), like every other user error here."""
 
@@ -303,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         "predict the rest (default: %(default)s)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--meta", metavar="FILE", help=META_HELP)
 
     p = command("explain", "Write an attention heatmap over an image as a PNG.", cmd_explain)
     p.add_argument("model_dir")
@@ -310,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG to write (default: MODEL_DIR/explanations/<image name>.png)")
     p.add_argument("--target", help="class to explain (default: the predicted one)")
     p.add_argument("--map", help="which of the method's maps (default: its first, grad-cam)")
+    p.add_argument("--meta", metavar="FILE", help=META_HELP)
 
     p = command(
         "export", "Export the inference graph (ONNX) and check it against PyTorch.", cmd_export

@@ -85,7 +85,17 @@ class DataConfig:
     max_image_pixels: int = ranged(89_478_485, 1)
     # Single-folder ImageFolder / CSV without a split column: seeded stratified split.
     test_fraction: float = ranged(0.2, 0, 1, low_open=True, high_open=True)
+    # Validation during training: the source's own val split where it has one, else this share
+    # of each class carved from train (0 = no validation). The test split is for the report only.
+    val_fraction: float = ranged(0.1, 0, 1, high_open=True)
     split_seed: int = 0
+    # Per-sample metadata the model takes as input (numbers, e.g. latitude); none by default.
+    # Missing values are masked per sample; identifiers (ids, labels, paths) are refused.
+    meta_keys: list[str] = field(default_factory=list)
+    # Unlabelled images handed to the method next to each batch: a folder (sub-folders are not
+    # classes) or `source:root` (that source's training images, labels ignored).
+    unlabelled: str | None = None
+    unlabelled_batch_size: int | None = ranged(None, 1)
     # Label granularity for datasets that have several (FGVC-Aircraft: variant|family|manufacturer;
     # iNaturalist: species|genus|...|kingdom|supercategory).
     level: str | None = None

@@ -106,7 +106,7 @@ def run_demo(
     heatmap = save_explanation(explanation, out / "heatmap.png", map_name=DEMO_MAP)
 
     total = time.perf_counter() - started
-    m = result.metrics
+    m = result.metrics["test"]
     rows = [
         (
             "test top-1",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lookcloser.config import Config
+from lookcloser.data.batch import Batch, collate
 from lookcloser.data.images import DEFAULT_MAX_PIXELS, list_image_files, load_image
+from lookcloser.data.loading import ImageDataset
+from lookcloser.data.meta import meta_tensors, same_path
 from lookcloser.data.sources import Sample
 from lookcloser.data.transforms import eval_transform
-from lookcloser.engine.datamodule import ImageDataset, collate
 from lookcloser.errors import BadImageError, BadImagesError, ConfigError
 from lookcloser.methods import build_method
 from lookcloser.methods.base import Method
@@ -130,6 +132,8 @@ class Predictor:
         self.info = info or {}
         recorded = self.info.get("config", {}).get("data", {}).get("max_image_pixels")
         self.max_pixels = max_pixels or recorded or DEFAULT_MAX_PIXELS
+        # The metadata the model takes, in its input order (empty: images only).
+        self.meta_keys = list(getattr(method, "meta_keys", []))
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device | None = "cpu") -> Predictor:
@@ -139,6 +143,7 @@ class Predictor:
         name = LEGACY_METHOD_NAMES.get(record["method"], record["method"])
         module = {"module": cfg.method["module"]} if cfg.method.get("module") else {}
         cfg.method = {"name": name, **module, **record.get("method_options", {})}
+        cfg.data.meta_keys = list(record.get("meta_keys", []))
         # The method as trained, less its training-only parts: exactly what was saved.
         method = build_method(cfg, len(record["classes"]), pretrained=False).for_inference()
         state = read_weights(model_dir, record)
@@ -163,13 +168,45 @@ class Predictor:
 
     # ---- tensors ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def logits(self, images: Tensor) -> Tensor:
-        """Logits for a batch of preprocessed images (B x 3 x H x W in [0, 1])."""
-        return self.method(images.to(self.device, non_blocking=True))
+    def logits(
+        self, images: Tensor, meta: Tensor | None = None, meta_mask: Tensor | None = None
+    ) -> Tensor:
+        """Logits for a batch of preprocessed images (B x 3 x H x W in [0, 1]).
 
-    def probabilities(self, images: Tensor) -> Tensor:
+        For a model with metadata, `meta` (B x K) and `meta_mask` (B x K bool) in the order
+        of `meta_keys`; left out, every value counts as missing.
+        """
+        meta, meta_mask = self._meta_inputs(len(images), meta, meta_mask)
+        return self.method(images.to(self.device, non_blocking=True), meta, meta_mask)
+
+    def probabilities(
+        self, images: Tensor, meta: Tensor | None = None, meta_mask: Tensor | None = None
+    ) -> Tensor:
         """Softmax class probabilities for a batch of preprocessed images."""
-        return self.logits(images).float().softmax(dim=1)
+        return self.logits(images, meta, meta_mask).float().softmax(dim=1)
+
+    def meta_rows(self, metas: Sequence[Mapping[str, Any]]) -> tuple[Tensor, Tensor]:
+        """N x K values and mask of metadata dicts, in this model's key order."""
+        return meta_tensors(metas, self.meta_keys)
+
+    def _meta_inputs(
+        self, batch: int, meta: Tensor | None, meta_mask: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        if not self.meta_keys:
+            return None, None
+        k = len(self.meta_keys)
+        if meta is None:
+            meta = torch.zeros(batch, k)
+            meta_mask = torch.zeros(batch, k, dtype=torch.bool)
+        elif meta_mask is None:
+            meta_mask = ~torch.isnan(meta)
+        if tuple(meta.shape) != (batch, k) or tuple(meta_mask.shape) != (batch, k):
+            raise ConfigError(
+                f"meta: expected {batch} x {k} values for {', '.join(self.meta_keys)}, "
+                f"got {tuple(meta.shape)} and mask {tuple(meta_mask.shape)}"
+            )
+        meta = torch.where(meta_mask.bool(), meta.float(), 0.0)
+        return meta.to(self.device), meta_mask.bool().to(self.device)
 
     def preprocess(self, image: Image.Image | str | Path) -> Tensor:
         """One image (PIL or file) as a 3 x H x W tensor the model takes."""
@@ -179,11 +216,33 @@ class Predictor:
 
     # ---- files ---------------------------------------------------------------------------------
     def _loader(self, samples: Sequence[Sample], batch_size: int, num_workers: int) -> DataLoader:
-        dataset = ImageDataset(samples, self.transform, max_pixels=self.max_pixels)
-        dataset.meta_keys = []  # inference needs no metadata tensors
+        dataset = ImageDataset(samples, self.transform, self.max_pixels, self.meta_keys)
         return DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate
         )
+
+    def _file_meta(
+        self, files: Sequence[str], meta: Mapping | Sequence[Mapping] | None
+    ) -> tuple[Tensor, Tensor]:
+        """Values and mask for each file: from a path -> dict mapping or one dict per file."""
+        if meta is None or not self.meta_keys:
+            rows: Sequence[Mapping] = [{}] * len(files)
+        elif isinstance(meta, Mapping):
+            by_path = {same_path(k): v for k, v in meta.items()}
+            rows = [by_path.get(same_path(f), {}) for f in files]
+            if by_path and files and not any(same_path(f) in by_path for f in files):
+                raise ConfigError(
+                    f"meta: no entry matches the images (e.g. {next(iter(meta))!r} vs "
+                    f"{files[0]!r}); relative paths in a meta file are taken from its folder"
+                )
+        else:
+            rows = list(meta)
+            if len(rows) != len(files):
+                raise ConfigError(
+                    f"meta: {len(rows)} metadata dicts for {len(files)} images; give one per "
+                    "image or a mapping of path -> dict"
+                )
+        return meta_tensors(rows, self.meta_keys, files)
 
     def predict(
         self,
@@ -192,11 +251,14 @@ class Predictor:
         batch_size: int = 32,
         num_workers: int = 0,
         on_bad_image: str = "error",
+        meta: Mapping[str, Mapping] | Sequence[Mapping] | None = None,
     ) -> Predictions:
         """Top-k predictions for image files and folders (searched recursively), batched.
 
         `on_bad_image="error"` raises a BadImagesError naming every unreadable file (after
         reading them all); `"skip"` predicts the rest and lists the bad ones in `.skipped`.
+        `meta`, for models with metadata: a mapping of image path -> {key: value} or one dict
+        per image; keys or images without a value count as missing.
         """
         if on_bad_image not in ("error", "skip"):
             raise ConfigError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
@@ -205,6 +267,7 @@ class Predictor:
         if batch_size < 1:
             raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size}")
         files = [str(f) for p in paths for f in list_image_files(p)]
+        values, mask = self._file_meta(files, meta)
         k = min(top_k, len(self.classes))
         results = Predictions()
         loader = DataLoader(
@@ -219,7 +282,7 @@ class Predictor:
                 continue  # no more predictions, but keep reading to name every bad file
             if not indices:
                 continue
-            probs, idx = self.probabilities(images).topk(k, dim=1)
+            probs, idx = self.probabilities(images, values[indices], mask[indices]).topk(k, dim=1)
             for n, p, i in zip(indices, probs.tolist(), idx.tolist(), strict=True):
                 results.append(Prediction(files[n], [self.classes[j] for j in i], p, i))
         if results.skipped and on_bad_image == "error":
@@ -243,15 +306,15 @@ class Predictor:
         return out
 
     def run_batches(
-        self, batches: Iterable, progress: bool = True, description: str = "evaluate"
+        self, batches: Iterable[Batch], progress: bool = True, description: str = "evaluate"
     ) -> EvalOutput:
-        """Logits for (images, labels, ...) batches preprocessed with `self.transform`."""
+        """Logits for Batches preprocessed with `self.transform` (labels from their targets)."""
         from lookcloser.progress import track
 
         logits, labels = [], []
-        for images, batch_labels, *_ in track(batches, description, enabled=progress):
-            logits.append(self.logits(images).float().cpu())
-            labels.append(batch_labels)
+        for batch in track(batches, description, enabled=progress):
+            logits.append(self.logits(batch.images, batch.meta, batch.meta_mask).float().cpu())
+            labels.append(batch.targets)
         if not logits:
             empty = torch.empty(0, len(self.classes))
             return EvalOutput(empty, torch.empty(0, dtype=torch.long))
@@ -262,10 +325,15 @@ class Predictor:
         image: str | Path | Image.Image,
         target: int | str | None = None,
         map_name: str | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> Explanation:
-        """The method's attention map for one image (Grad-CAM unless the method has its own)."""
+        """The method's attention map for one image (Grad-CAM unless the method has its own).
+
+        `meta`: the image's metadata dict, for models with metadata (missing keys are masked).
+        """
         tensor = self.preprocess(image).unsqueeze(0).to(self.device)
-        probs = self.probabilities(tensor)[0]
+        values, mask = self._meta_inputs(1, *self.meta_rows([meta or {}]))
+        probs = self.probabilities(tensor, values, mask)[0]
         if isinstance(target, str):
             if target not in self.classes:
                 raise ConfigError(
@@ -277,7 +345,8 @@ class Predictor:
                 f"target: class index {target} out of range; expected 0..{len(self.classes) - 1}"
             )
         index = int(probs.argmax()) if target is None else int(target)
-        maps = self.method.attention_maps(tensor, torch.tensor([index], device=self.device))
+        target_index = torch.tensor([index], device=self.device)
+        maps = self.method.attention_maps(tensor, target_index, values, mask)
         if map_name is not None and map_name not in maps:
             raise ConfigError(f"map: unknown map {map_name!r}; this model has: {', '.join(maps)}")
         heatmap = maps[map_name or next(iter(maps))][0]

@@ -81,7 +81,8 @@ def test_train_with_skip_succeeds_and_lists_skipped(messy_root, tmp_path):
     assert {line.split(":")[0].rsplit("/", 1)[-1] for line in skipped} == BAD
     record = json.loads((out / "model.json").read_text())
     assert record["data"]["skipped"] == 4
-    assert record["data"]["train_images"] == 48 + 2  # CMYK and 16-bit images are used
+    # CMYK and 16-bit images are used (for training or validation).
+    assert record["data"]["train_images"] + record["data"]["val_images"] == 48 + 2
 
 
 def test_predict_skip_lists_every_bad_file_and_predicts_the_rest(messy_root, trained_model):

@@ -31,13 +31,18 @@ def test_train_writes_a_complete_model_directory(trained_model):
     assert record["config"]["data"]["image_size"] == 64
     assert {"torch", "timm", "lightning", "lookcloser"} <= set(record["versions"])
     metrics = json.loads((trained_model / "metrics.json").read_text())
-    assert metrics["images"] == 12 and 0.0 <= metrics["top1"] <= 1.0
+    assert metrics["test"]["images"] == 12 and 0.0 <= metrics["test"]["top1"] <= 1.0
+    # data.val_fraction=0.1 of 16 training images per class: 2 per class validate.
+    assert metrics["val"]["images"] == 6 and 0.0 <= metrics["val"]["top1"] <= 1.0
+    assert record["data"]["train_images"] == 42 and record["data"]["val_split"] == "carved"
+    assert record["metrics"]["test"]["top1"] == metrics["test"]["top1"]
+    assert record["meta_keys"] == []
 
 
 def test_eval_json_matches_training_metrics(trained_model):
     result = run_cli("eval", str(trained_model), "--format", "json")
     metrics = json.loads(result.stdout)
-    saved = json.loads((trained_model / "metrics.json").read_text())
+    saved = json.loads((trained_model / "metrics.json").read_text())["test"]
     for key in ["top1", "top3", "mean_per_class_accuracy", "ece"]:
         assert abs(metrics[key] - saved[key]) < 1e-6, key
 

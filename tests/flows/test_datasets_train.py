@@ -54,9 +54,9 @@ def test_download_load_and_train_one_epoch(name, http_server, tmp_path, monkeypa
         None, [f"data.source={source}", f"data.root={root}", *TINY, f"out={out}"], progress=False
     )
     assert result.classes == splits.classes
-    assert result.metrics["images"] == len(splits.test)
+    assert result.metrics["test"]["images"] == len(splits.test)
     record = json.loads((out / "model.json").read_text())
-    assert record["data"]["train_images"] == len(splits.train)
+    assert record["data"]["train_images"] + record["data"]["val_images"] == len(splits.train)
     assert record["num_classes"] == len(splits.classes)
     assert (out / "model.safetensors").is_file() and (out / "confusion.csv").is_file()
 
@@ -97,7 +97,7 @@ def test_cli_download_info_check_pack_and_train_from_shards(
     assert "less than one whole batch" in capsys.readouterr().err
     assert cli.main([*argv, "data.batch_size=2", f"out={out}"]) == 0
     capsys.readouterr()
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())["test"]
     assert metrics["images"] == len(splits.test)
     assert json.loads((out / "model.json").read_text())["classes"] == splits.classes
     # The saved model evaluates on the shards and on the folder with the same result.

@@ -1,6 +1,7 @@
 """Runs killed with SIGKILL at any point resume with `trainer.resume=last` and end with the
 uninterrupted run's exact weights (same seed, same data order): mid-epoch, on an epoch's last
-batch, between epochs, and during the final evaluation."""
+batch, between epochs, and during the final evaluation; with validation on a carved val
+split, and mid-epoch with an unlabelled stream that the method learns from."""
 
 from __future__ import annotations
 
@@ -18,10 +19,32 @@ from safetensors.torch import load_file
 from lookcloser import api
 from lookcloser.errors import ConfigError
 
+# A method whose loss depends on the unlabelled images (entropy of its predictions on them),
+# so weights differ unless the resumed run sees the same unlabelled batches. Defined once as
+# text: the killed child process registers it too.
+UNLABELLED_METHOD = """
+import torch
+from lookcloser.methods.base import register_method
+from lookcloser.methods.baseline import Baseline
+
+@register_method
+class UnlabelledEntropy(Baseline):
+    name = "test-unlabelled-entropy"
+
+    def training_losses(self, batch):
+        losses = super().training_losses(batch)
+        probs = self(batch.unlabelled).softmax(dim=1)
+        entropy = -(probs * probs.clamp_min(1e-8).log()).sum(dim=1).mean()
+        return {**losses, "loss": losses["loss"] + 0.5 * entropy, "entropy": entropy}
+"""
+exec(UNLABELLED_METHOD)
+
 # A child process that trains and kills itself (SIGKILL: no cleanup, no exception handlers) at
 # a chosen point. Lightning runs checkpoint callbacks after all others, so a kill in
 # `on_train_epoch_end` lands after the last batch's step checkpoint and before the epoch's.
-KILLED_RUN = """
+KILLED_RUN = (
+    UNLABELLED_METHOD
+    + """
 import os, signal, sys
 import lightning as L
 from lookcloser import api
@@ -50,22 +73,27 @@ if where == "evaluation":
 
 api.train(overrides=sys.argv[3:], progress=False, callbacks=[Kill()])
 """
+)
 
 
-def settings(root, out) -> list[str]:
-    # 48 images / batch 12 = 4 steps an epoch, 2 epochs; a step checkpoint every 2 steps, so
-    # one falls on an epoch's last batch (step 4) and one in mid-epoch (step 6).
+def settings(root, out, *extra: str) -> list[str]:
+    # 48 images, 12 of them carved for validation (run after every epoch); 36 / batch 9 = 4
+    # steps an epoch, 2 epochs; a step checkpoint every 2 steps, so one falls on an epoch's
+    # last batch (step 4) and one in mid-epoch (step 6).
     return [
         *TINY,
         "data.source=imagefolder",
         f"data.root={root}",
-        "data.batch_size=12",
+        "data.val_fraction=0.25",
+        "trainer.val_every_n_epochs=1",
+        "data.batch_size=9",
         "trainer.epochs=2",
         "trainer.deterministic=true",
         "trainer.checkpoint_every_n_steps=2",
         "model.drop_rate=0.2",  # randomness in the model too, not only in the data
         "data.hflip=0.5",
         f"out={out}",
+        *extra,
     ]
 
 
@@ -73,6 +101,22 @@ def settings(root, out) -> list[str]:
 def uninterrupted(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
     return api.train(overrides=settings(synthetic_root, out), progress=False)
+
+
+@pytest.fixture(scope="module")
+def unlabelled_folder(tmp_path_factory):
+    """10 other synthetic images, in sub-folders that are not classes."""
+    from lookcloser.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("unlabelled"), 2, 4, 1, 48, seed=7)
+
+
+def with_unlabelled(folder) -> list[str]:
+    return [
+        f"data.unlabelled={folder}",
+        "data.unlabelled_batch_size=4",
+        "method.name=test-unlabelled-entropy",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -103,14 +147,43 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(
 
     resumed = api.train(overrides=[*overrides, "trainer.resume=last"], progress=False)
 
+    _same_run(resumed, uninterrupted, out)
+
+
+def _same_run(resumed, uninterrupted, out) -> None:
     record = json.loads((out / "model.json").read_text())
     assert record["training"]["global_step"] == 8  # 2 epochs x 4 steps, none skipped or repeated
-    assert resumed.metrics["top1"] == uninterrupted.metrics["top1"]
+    assert record["data"]["val_images"] == 12 and record["data"]["train_images"] == 36
+    assert resumed.metrics == uninterrupted.metrics  # val and test figures alike
     a = load_file(str(uninterrupted.run_dir / "model.safetensors"))
     b = load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:  # bit-identical: same seed, same batches, deterministic CPU kernels
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+
+
+def test_killed_run_with_an_unlabelled_stream_resumes_exactly(
+    synthetic_root, unlabelled_folder, uninterrupted, tmp_path
+):
+    extra = with_unlabelled(unlabelled_folder)
+    full = api.train(overrides=settings(synthetic_root, tmp_path / "full", *extra), progress=False)
+    out = tmp_path / "run"
+    overrides = settings(synthetic_root, out, *extra)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, "mid-epoch", "7", *overrides],
+        env={**_env(), "PYTHONPATH": str(SRC)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = api.train(overrides=[*overrides, "trainer.resume=last"], progress=False)
+    _same_run(resumed, full, out)
+    assert json.loads((out / "model.json").read_text())["data"]["unlabelled_images"] == 10
+    # The stream mattered: the same run without its entropy term ends elsewhere.
+    plain = load_file(str(uninterrupted.run_dir / "model.safetensors"))
+    learned = load_file(str(out / "model.safetensors"))
+    assert any(not torch.equal(plain[k], learned[k]) for k in plain)
 
 
 def _env() -> dict:

@@ -22,7 +22,7 @@ def test_bf16_mixed_precision_trains_and_saves_fp32_weights(synthetic_root, tmp_
     result = api.train(overrides=overrides, progress=False)
     record = json.loads((out / "model.json").read_text())
     assert record["training"]["precision"] == "bf16-mixed"
-    assert math.isfinite(result.metrics["top1"]) and result.metrics["images"] == 12
+    assert math.isfinite(result.metrics["test"]["top1"]) and result.metrics["test"]["images"] == 12
     predictor = api.load(out)
     assert all(
         p.dtype.is_floating_point and p.dtype.itemsize == 4 for p in predictor.method.parameters()

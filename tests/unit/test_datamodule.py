@@ -1,4 +1,5 @@
-"""The data path: resumable per-epoch sampler, per-sample seeded augmentation, collation."""
+"""The data path: resumable per-epoch sampler, per-sample seeded augmentation, collation,
+metadata tensors and the unlabelled stream beside the labelled batches."""
 
 from __future__ import annotations
 
@@ -12,14 +13,11 @@ from PIL import Image
 from torchvision import transforms as T
 
 from lookcloser.config import DataConfig
-from lookcloser.data.sources import Sample
+from lookcloser.data.batch import Batch, collate
+from lookcloser.data.loading import EpochSampler, ImageDataset
+from lookcloser.data.sources import Sample, numeric_meta_keys
 from lookcloser.data.transforms import train_transform
-from lookcloser.engine.datamodule import (
-    EpochSampler,
-    ImageDataset,
-    collate,
-    numeric_meta_keys,
-)
+from lookcloser.engine.datamodule import FGVCDataModule
 
 
 # ---- sampler ------------------------------------------------------------------------------
@@ -124,14 +122,14 @@ def _timm_transform():
 @pytest.mark.parametrize("make", [_torchvision_transform, _timm_transform])
 def test_seeded_augmentation_is_reproducible(images, make):
     """The same (index, seed) gives the same tensor whatever was drawn before."""
-    dataset = ImageDataset(_samples(images), make(), max_pixels=10**8)
-    first, label, meta = dataset[(1, 1234)]
+    dataset = ImageDataset(_samples(images), make(), max_pixels=10**8, meta_keys=["x"])
+    first, label, meta, mask = dataset[(1, 1234)]
     assert first.shape == (3, 24, 24)
-    assert label == 1 and meta == {"x": torch.tensor(1.0)}
+    assert label == 1 and meta.tolist() == [1.0] and mask.tolist() == [True]
     dataset[(0, 1)], dataset[(2, 99)], dataset[0]  # noqa: B018 (consume randomness)
     torch.manual_seed(77)
     random.seed(77)
-    again, _, _ = dataset[(1, 1234)]
+    again = dataset[(1, 1234)][0]
     assert torch.equal(first, again)
     others = [dataset[(1, s)][0] for s in range(5)]
     assert any(not torch.equal(first, o) for o in others)
@@ -160,43 +158,96 @@ def test_seeded_auto_augment_is_reproducible(images):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
-def test_collate_stacks_images_labels_and_meta():
-    """Images stack to B x C x H x W, labels to long, each metadata key to a tensor."""
-    batch = [
-        (torch.zeros(3, 4, 4), 0, {"x": torch.tensor(1.0), "box": torch.tensor([1.0, 2.0])}),
-        (torch.ones(3, 4, 4), 2, {"x": torch.tensor(3.0), "box": torch.tensor([3.0, 4.0])}),
+def test_collate_makes_a_typed_batch():
+    """Images stack to B x C x H x W, labels to long targets, meta rows to B x K tensors."""
+    yes, no = torch.tensor([True, False]), torch.tensor([True, True])
+    items = [
+        (torch.zeros(3, 4, 4), 0, torch.tensor([1.0, 0.0]), yes),
+        (torch.ones(3, 4, 4), 2, torch.tensor([3.0, 4.0]), no),
     ]
-    images, labels, meta = collate(batch)
-    assert images.shape == (2, 3, 4, 4) and torch.equal(images[1], torch.ones(3, 4, 4))
-    assert labels.dtype == torch.long and labels.tolist() == [0, 2]
-    assert set(meta) == {"x", "box"}
-    assert meta["x"].tolist() == [1.0, 3.0]
-    assert meta["box"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
-    _, _, empty = collate([(torch.zeros(3, 2, 2), 1, {})])
-    assert empty == {}
+    batch = collate(items)
+    assert isinstance(batch, Batch) and len(batch) == 2
+    assert batch.images.shape == (2, 3, 4, 4) and torch.equal(batch.images[1], torch.ones(3, 4, 4))
+    assert batch.targets.dtype == torch.long and batch.targets.tolist() == [0, 2]
+    assert batch.meta.tolist() == [[1.0, 0.0], [3.0, 4.0]]
+    assert batch.meta_mask.tolist() == [[True, False], [True, True]]
+    assert batch.unlabelled is None
+    plain = collate([(torch.zeros(3, 2, 2), 1, torch.zeros(0), torch.zeros(0, dtype=torch.bool))])
+    assert plain.meta is None and plain.meta_mask is None
 
 
 def test_numeric_meta_keys():
-    """Only keys present in every sample and numeric (or fixed-length number lists) are kept."""
+    """Declarable keys: a number in some sample and a number or missing in every other."""
     samples = [
         Sample("a", 0, {"lat": 1.0, "n": 2, "box": [1, 2, 3, 4], "site": "x", "only": 1.0}),
         Sample("b", 0, {"lat": 2.5, "n": 3, "box": [5.0, 6, 7, 8], "site": "y"}),
         Sample("c", 1, {"lat": float("nan"), "n": 1, "box": [1, 2, 3, 4], "site": "z"}),
     ]
-    assert numeric_meta_keys(samples) == ["box", "lat", "n"]
-    ragged = samples + [Sample("d", 0, {"lat": 0.0, "n": True, "box": [1, 2], "site": "w"})]
-    assert numeric_meta_keys(ragged) == ["lat"]
+    assert numeric_meta_keys(samples) == ["lat", "n", "only"]
+    odd = samples + [Sample("d", 0, {"lat": 0.0, "n": True, "empty": float("nan")})]
+    assert numeric_meta_keys(odd) == ["lat", "only"]
     assert numeric_meta_keys([]) == []
 
 
-def test_dataset_meta_tensors(images):
-    """The dataset returns the numeric metadata as float tensors and drops text."""
+def test_dataset_masks_a_missing_value_on_its_own_sample(images):
+    """A key missing (absent or NaN) on one sample is masked there; other keys and samples keep
+    their values."""
     samples = [
-        Sample(images[0], 0, {"box": [1, 2, 3, 4], "site": "a"}),
-        Sample(images[1], 1, {"box": [0, 0, 1, 1], "site": "b"}),
+        Sample(images[0], 0, {"lat": 10.0, "lon": 20.0, "site": "a"}),
+        Sample(images[1], 1, {"lon": 5.0}),
+        Sample(images[2], 0, {"lat": float("nan"), "lon": -1.0}),
     ]
-    dataset = ImageDataset(samples, T.Compose([T.Resize((8, 8)), T.ToTensor()]), 10**8)
-    assert dataset.meta_keys == ["box"]
-    tensor, label, meta = dataset[1]
+    dataset = ImageDataset(
+        samples, T.Compose([T.Resize((8, 8)), T.ToTensor()]), 10**8, ["lat", "lon"]
+    )
+    tensor, label, meta, mask = dataset[1]
     assert tensor.shape == (3, 8, 8) and label == 1
-    assert meta["box"].dtype == torch.float32 and meta["box"].tolist() == [0, 0, 1, 1]
+    assert meta.dtype == torch.float32 and meta.tolist() == [0.0, 5.0]
+    assert mask.tolist() == [False, True]
+    assert dataset.meta.tolist() == [[10.0, 20.0], [0.0, 5.0], [0.0, -1.0]]
+    assert dataset.meta_mask.tolist() == [[True, True], [False, True], [False, True]]
+    assert ImageDataset(samples, T.ToTensor(), 10**8).meta.shape == (3, 0)
+
+
+# ---- the unlabelled stream ------------------------------------------------------------------
+def test_sampler_with_length_cycles_through_fresh_permutations():
+    """With `length`, a rank yields exactly that many items, every permutation complete."""
+    sampler = EpochSampler(5, seed=1, length=12)
+    pairs = _draw(sampler, 3)
+    assert len(pairs) == len(sampler) == 12
+    order = [i for i, _ in pairs]
+    assert sorted(order[:5]) == sorted(order[5:10]) == list(range(5))
+    assert order[:5] != order[5:10]  # the next cycle is a new permutation
+    assert pairs == _draw(EpochSampler(5, seed=1, length=12), 3)
+    ranks = [_draw(EpochSampler(5, seed=1, length=6, rank=r, world_size=2), 3) for r in (0, 1)]
+    assert [i for pair in zip(*ranks, strict=True) for i, _ in pair] == order
+
+
+def _tiny_datamodule(images, **kwargs) -> FGVCDataModule:
+    train = [Sample(images[i % 3], i % 2) for i in range(10)]
+    folder = [Sample(p, -1) for p in images]
+    to_tensor = T.Compose([T.RandomResizedCrop(8, scale=(0.3, 1.0)), T.ToTensor()])
+    return FGVCDataModule(
+        train, [], to_tensor, to_tensor, 4, 0, seed=2, max_pixels=10**8, unlabelled=folder, **kwargs
+    )
+
+
+def test_unlabelled_stream_is_drawn_beside_each_batch_and_resumes_exactly(images):
+    """Every labelled batch comes with an unlabelled one; resuming after k batches yields the
+    uninterrupted epoch's remaining batches, unlabelled images included."""
+    dm = _tiny_datamodule(images, unlabelled_batch_size=3)
+    loader = dm.train_dataloader()
+    dm.unlabelled_sampler.set_epoch(1)
+    dm.sampler.set_epoch(1)
+    full = [dm.on_before_batch_transfer(b, 0) for b, *_ in loader]
+    assert len(full) == len(loader) == 2  # 10 images, batch 4: the short last batch is dropped
+    assert all(b.images.shape == (4, 3, 8, 8) for b in full)
+    assert all(b.unlabelled.shape == (3, 3, 8, 8) for b in full)
+    resumed = _tiny_datamodule(images, unlabelled_batch_size=3)
+    resumed.resume_at(1, 1)
+    rest = [resumed.on_before_batch_transfer(b, 0) for b, *_ in resumed.train_dataloader()]
+    assert len(rest) == 1
+    assert torch.equal(rest[0].images, full[1].images)
+    assert torch.equal(rest[0].targets, full[1].targets)
+    assert torch.equal(rest[0].unlabelled, full[1].unlabelled)
+    assert not torch.equal(full[0].unlabelled, full[1].unlabelled)

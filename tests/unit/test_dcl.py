@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lookcloser.config import Config, method_options
+from lookcloser.data.batch import Batch
+from lookcloser.data.prepare import TrainingData
 from lookcloser.errors import ConfigError
 from lookcloser.methods import build_method
 from lookcloser.methods.baseline import Baseline
@@ -172,10 +174,10 @@ def test_training_targets_are_identity_for_originals_and_the_permutation_for_des
     truth = alignment_targets(torch.cat([identity_source(3, 4), expected_source]), 4, kind)
     method.alignment = FixedOutput(truth, 4, kind)
     torch.manual_seed(11)
-    assert method.training_losses(images, labels)["loc"].item() == 0.0
+    assert method.training_losses(Batch(images, labels))["loc"].item() == 0.0
     method.alignment = FixedOutput(alignment_targets(identity_source(6, 4), 4, kind), 4, kind)
     torch.manual_seed(11)
-    assert method.training_losses(images, labels)["loc"].item() > 0.0
+    assert method.training_losses(Batch(images, labels))["loc"].item() > 0.0
 
 
 # ---- losses ---------------------------------------------------------------------------------------
@@ -187,7 +189,7 @@ def test_losses_are_finite_and_decrease_on_a_tiny_batch(head: str, kind: str) ->
 
     def losses() -> dict[str, Tensor]:
         torch.manual_seed(123)  # the same destroyed images before and after
-        return method.training_losses(images, labels)
+        return method.training_losses(Batch(images, labels))
 
     before = losses()
     assert set(before) == {"loss", "cls", "adv", "loc"}
@@ -197,7 +199,7 @@ def test_losses_are_finite_and_decrease_on_a_tiny_batch(head: str, kind: str) ->
     optimizer = torch.optim.Adam(method.parameters(), lr=1e-2)
     for step in range(6):
         torch.manual_seed(step)
-        loss = method.training_losses(images, labels)["loss"]
+        loss = method.training_losses(Batch(images, labels))["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -210,17 +212,17 @@ def test_loss_weights_and_one_hot_probabilities() -> None:
     method = tiny_dcl(alpha=0.5, beta=2.0, gamma=0.01, adversarial_head="class_pairs")
     images, labels = torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 4])
     torch.manual_seed(5)
-    hard = method.training_losses(images, labels)
+    hard = method.training_losses(Batch(images, labels))
     weighted = 0.5 * hard["cls"] + 2.0 * hard["adv"] + 0.01 * hard["loc"]
     assert torch.allclose(hard["loss"], weighted)
     # Mixup hands class probabilities (B x C); one-hot ones must give the same losses.
     torch.manual_seed(5)
-    soft = method.training_losses(images, nn.functional.one_hot(labels, 5).float())
+    soft = method.training_losses(Batch(images, nn.functional.one_hot(labels, 5).float()))
     for name in hard:
         assert torch.allclose(hard[name], soft[name], atol=1e-6), name
     torch.manual_seed(5)
     mixed = torch.full((4, 5), 0.2)
-    assert torch.isfinite(method.training_losses(images, mixed)["loss"])
+    assert torch.isfinite(method.training_losses(Batch(images, mixed))["loss"])
 
 
 @pytest.mark.parametrize(("ratio", "expected"), [(1.0, 8), (0.5, 6), (2.0, 12), (0.0, 4)])
@@ -234,7 +236,7 @@ def test_destroy_ratio_is_destroyed_images_per_original(ratio: float, expected: 
         return forward_features(images)
 
     method.forward_features = record
-    losses = method.training_losses(torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3]))
+    losses = method.training_losses(Batch(torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])))
     assert seen == [expected]
     assert torch.isfinite(losses["loss"])
 
@@ -242,7 +244,7 @@ def test_destroy_ratio_is_destroyed_images_per_original(ratio: float, expected: 
 def test_gradients_reach_the_backbone_from_each_loss() -> None:
     method = tiny_dcl(adversarial_head="binary", alignment="coords")
     torch.manual_seed(1)
-    losses = method.training_losses(torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3]))
+    losses = method.training_losses(Batch(torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])))
     backbone = [p for p in method.backbone.parameters() if p.requires_grad]
     for name in ("cls", "adv", "loc"):
         grads = torch.autograd.grad(losses[name], backbone, retain_graph=True, allow_unused=True)
@@ -257,7 +259,7 @@ def test_gradients_reach_the_backbone_from_each_loss() -> None:
 def test_vit_token_grids_are_supported() -> None:
     method = DCL(Backbone("test_vit"), 3, DCLOptions(regions=5, neighbourhood=1))
     torch.manual_seed(0)
-    losses = method.training_losses(torch.rand(2, 3, 160, 160), torch.tensor([0, 2]))
+    losses = method.training_losses(Batch(torch.rand(2, 3, 160, 160), torch.tensor([0, 2])))
     losses["loss"].backward()
     assert all(torch.isfinite(v) for v in losses.values())
     assert method.alignment.conv.weight.grad.abs().sum() > 0
@@ -384,8 +386,7 @@ def saved_dcl(run_dir: Path) -> tuple[DCL, Config]:
     method = build_method(cfg, 5)
     assert isinstance(method, DCL)
     inference = method.for_inference().eval()
-    counts = {"train_images": 0, "test_images": 0}
-    _save(run_dir, inference, [f"c{i}" for i in range(5)], counts, cfg, {}, "bicubic", [])
+    _save(run_dir, inference, TrainingData([f"c{i}" for i in range(5)]), cfg, {}, "bicubic")
     return method.eval(), cfg
 
 

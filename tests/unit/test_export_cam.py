@@ -6,20 +6,53 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
+from torch import nn
 
 from lookcloser.config import Config
+from lookcloser.errors import ConfigError
 from lookcloser.explain.cam import grad_cam, normalize_maps
 from lookcloser.export.onnx import export_onnx, max_abs_difference
 from lookcloser.methods import build_method
+from lookcloser.methods.base import register_method
+from lookcloser.methods.baseline import Baseline
 from lookcloser.predictor import Predictor
 
 SIZE = 64
 
 
-def _method(backbone: str = "test_efficientnet", classes: int = 3):
+@register_method
+class MetaBaseline(Baseline):
+    """A test method: the baseline's logits plus a linear term of (meta * mask, mask)."""
+
+    name = "test-meta-baseline"
+    accepts_meta = True
+
+    def __init__(self, backbone, num_classes, options=None, **kwargs):
+        super().__init__(backbone, num_classes, options, **kwargs)
+        self.meta_head = nn.Linear(2 * len(self.meta_keys), num_classes)
+
+    def forward_head(self, features, meta=None, meta_mask=None):
+        logits = super().forward_head(features)
+        mask = meta_mask.float()
+        return logits + self.meta_head(torch.cat([meta * mask, mask], dim=1))
+
+
+def _method(backbone: str = "test_efficientnet", classes: int = 3, *overrides: str):
     torch.manual_seed(0)
-    cfg = Config.load(None, [f"model.backbone={backbone}", "model.pretrained=false"])
+    cfg = Config.load(None, [f"model.backbone={backbone}", "model.pretrained=false", *overrides])
     return build_method(cfg, classes)
+
+
+@pytest.fixture(scope="module")
+def meta_predictor():
+    """A tiny untrained predictor taking two metadata values."""
+    method = _method(
+        "test_efficientnet", 3, "method.name=test-meta-baseline", "data.meta_keys=[lat, lon]"
+    )
+    with torch.no_grad():
+        method.meta_head.weight.normal_()  # make the metadata matter
+    return Predictor(method, ["a", "b", "c"], image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +121,47 @@ def test_normalize_maps_flat_becomes_zero():
     out = normalize_maps(maps)
     assert torch.equal(out[0], torch.zeros(2, 2))
     assert torch.allclose(out[1], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
+
+
+def test_onnx_export_of_a_meta_model_takes_meta_and_mask(meta_predictor, tmp_path):
+    """Inputs images, meta, meta_mask (dynamic batch); parity with PyTorch for any mask."""
+    path = export_onnx(meta_predictor, tmp_path / "meta.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images", "meta", "meta_mask"]
+    assert max_abs_difference(meta_predictor, path) < 1e-3
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, SIZE, SIZE, generator=gen)
+    meta = torch.randn(3, 2, generator=gen)
+    for mask in (torch.ones(3, 2, dtype=torch.bool), torch.tensor([[1, 0], [0, 1], [0, 0]]) > 0):
+        assert max_abs_difference(meta_predictor, path, (images, meta, mask)) < 1e-3
+    feed = {"images": images.numpy(), "meta": meta.numpy(), "meta_mask": np.zeros((3, 2), bool)}
+    (masked,) = session.run(["logits"], feed)
+    # All masked is what the Predictor gives when no metadata is passed.
+    assert np.abs(masked - meta_predictor.logits(images).numpy()).max() < 1e-3
+    feed["meta_mask"] = np.ones((3, 2), bool)
+    (used,) = session.run(["logits"], feed)
+    assert np.abs(used - masked).max() > 1e-2
+
+
+def test_predictor_and_grad_cam_carry_meta(meta_predictor):
+    """Metadata changes the logits and the explanation's probability; missing = masked."""
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    meta, mask = meta_predictor.meta_rows([{"lat": 40.0, "lon": -3.0}, {"lon": 7.0}])
+    assert mask.tolist() == [[True, True], [False, True]]
+    with_meta = meta_predictor.logits(images, meta, mask)
+    assert not torch.allclose(with_meta, meta_predictor.logits(images))
+    nan_meta = torch.tensor([[40.0, -3.0], [float("nan"), 7.0]])
+    assert torch.allclose(meta_predictor.logits(images, nan_meta), with_meta)  # NaN = missing
+    maps = grad_cam(meta_predictor.method, images, None, meta, mask)
+    assert maps.shape == (2, SIZE, SIZE)
+    picture = Image.fromarray((images[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    plain = meta_predictor.explain(picture, target=0)
+    informed = meta_predictor.explain(picture, target=0, meta={"lat": 40.0, "lon": -3.0})
+    assert plain.prob != pytest.approx(informed.prob)
+    with pytest.raises(ConfigError, match="expected 2 x 2 values"):
+        meta_predictor.logits(images, torch.zeros(2, 3))
+
+
+def test_meta_keys_need_a_method_that_takes_them():
+    with pytest.raises(ConfigError, match="does not use metadata"):
+        _method("test_efficientnet", 3, "data.meta_keys=[lat]")

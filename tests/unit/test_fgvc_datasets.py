@@ -226,7 +226,9 @@ def aircraft_release() -> dict[str, bytes]:
                 f"{r[0]} {r[col]}\n" for r in _AIRCRAFT if r[4] == split
             )
     train_only = [r for r in _AIRCRAFT if r[4] == "trainval"][:2]
+    val_only = [r for r in _AIRCRAFT if r[4] == "trainval"][2:]
     files[f"{data}images_variant_train.txt"] = "".join(f"{r[0]} {r[1]}\n" for r in train_only)
+    files[f"{data}images_variant_val.txt"] = "".join(f"{r[0]} {r[1]}\n" for r in val_only)
     files[data + "images_box.txt"] = "".join(
         f"{r[0]} 3 4 {100 + i} 60\n" for i, r in enumerate(_AIRCRAFT)
     )
@@ -309,6 +311,7 @@ def flowers_release() -> dict[str, bytes]:
 def check_flowers(splits: DatasetSplits) -> None:
     assert splits.classes == ["001", "002", "003"]
     assert [s.meta["image_id"] for s in splits.train] == [1, 3, 5, 8]
+    assert splits.val == []  # trainval trains on the val images
     assert [s.label for s in splits.train] == [0, 1, 2, 1]
     assert [s.label for s in splits.test] == [0, 1, 2, 0]
     assert splits.test[0].path.endswith("jpg/image_00002.jpg")
@@ -490,8 +493,11 @@ def test_aircraft_levels_and_train_split(tmp_path):
     assert maker.classes == ["Boeing", "Airbus", "McDonnell Douglas"]
     assert [s.label for s in maker.test] == [0, 2]
     cfg = DataConfig(source="aircraft", root=root)
+    assert SOURCES["aircraft"](cfg).val == []  # the val list is inside trainval
     cfg.train_split = "train"  # the key the engine's config adds
-    assert len(SOURCES["aircraft"](cfg).train) == 2
+    train_only = SOURCES["aircraft"](cfg)
+    assert len(train_only.train) == 2
+    assert [s.label for s in train_only.val] == [2]  # the official val list validates
     with pytest.raises(
         DataError, match="data.level: aircraft offers variant, family, manufacturer"
     ):
@@ -625,3 +631,12 @@ def test_dataset_info_and_format():
     assert "classes: 4 (a, b, c, d)" in text
     assert "train: 6 images; per class min 0, median 1.5, max 3; 1 class(es) without images" in text
     assert "annotations: bbox" in text
+
+
+def test_flowers_train_split_validates_on_the_official_val_ids(tmp_path):
+    root = _release_dir(tmp_path, flowers_release())
+    cfg = DataConfig(source="flowers102", root=str(root))
+    cfg.train_split = "train"
+    splits = SOURCES["flowers102"](cfg)
+    assert [s.meta["image_id"] for s in splits.train] == [1, 3]
+    assert [s.meta["image_id"] for s in splits.val] == [5, 8]

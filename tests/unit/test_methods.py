@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lookcloser.config import Config
+from lookcloser.data.prepare import TrainingData
 from lookcloser.engine.module import FGVCSystem, parameter_groups
 from lookcloser.errors import ConfigError
 from lookcloser.methods import build_method
@@ -83,7 +84,7 @@ def test_vit_with_img_size_reloads_from_its_model_directory(tmp_path):
         ],
     )
     method = build_method(cfg, 3).eval()
-    _save(tmp_path, method, ["a", "b", "c"], {}, cfg, {}, "bicubic", [])
+    _save(tmp_path, method, TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
     predictor = Predictor.load(tmp_path)
     assert predictor.method.backbone.model.patch_embed.grid_size == (6, 6)
     images = torch.rand(2, 3, 96, 96)
@@ -97,14 +98,16 @@ class TwoNetworks(Baseline):
 
     name = "test-two-networks"
 
-    def __init__(self, backbone, num_classes, options=None, head="linear", second=None):
-        super().__init__(backbone, num_classes, options, head)
+    def __init__(self, backbone, num_classes, options=None, second=None, **kwargs):
+        super().__init__(backbone, num_classes, options, **kwargs)
         self.second = second
         self.second_head = self.make_head(second.num_features)
 
     @classmethod
-    def build(cls, make_backbone, num_classes, options, head="linear"):
-        return cls(make_backbone(), num_classes, options, head, second=make_backbone("test_vit"))
+    def build(cls, make_backbone, num_classes, options, **kwargs):
+        return cls(
+            make_backbone(), num_classes, options, second=make_backbone("test_vit"), **kwargs
+        )
 
     def new_modules(self):
         return [self.head, self.second_head]
@@ -139,12 +142,12 @@ class WithInsertedBlock(Baseline):
     name = "test-inserted-block"
 
     @classmethod
-    def build(cls, make_backbone, num_classes, options, head="linear"):
+    def build(cls, make_backbone, num_classes, options, **kwargs):
         def insert(model: nn.Module) -> None:
             model.blocks[1].append(ZeroResidual(model.blocks[1][-1].conv_pwl.out_channels))
 
         backbone = make_backbone(edit=insert, new_prefixes=["blocks.1.1."])
-        return cls(backbone, num_classes, options, head)
+        return cls(backbone, num_classes, options, **kwargs)
 
 
 def scales_by_name(method: Method, optim) -> dict[str, float]:
@@ -178,8 +181,8 @@ class WithAuxiliary(Baseline):
     name = "test-auxiliary"
     training_only = ("aux",)
 
-    def __init__(self, backbone, num_classes, options=None, head="linear"):
-        super().__init__(backbone, num_classes, options, head)
+    def __init__(self, backbone, num_classes, options=None, **kwargs):
+        super().__init__(backbone, num_classes, options, **kwargs)
         self.aux = nn.Linear(backbone.num_features, 2)
 
 
@@ -235,7 +238,7 @@ def test_method_from_an_importable_module(tmp_path, monkeypatch, registries):
     assert type(method).__module__ == "lc_plugin_methods" and method.name == "plugged"
 
     run_dir = tmp_path / "run"
-    _save(run_dir, method, ["a", "b", "c"], {}, cfg, {}, "bicubic", [])
+    _save(run_dir, method, TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
     forget("lc_plugin_methods", "plugged")
     predictor = Predictor.load(run_dir)  # model.json's config names the module
     assert type(predictor.method).__module__ == "lc_plugin_methods"

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from lookcloser import modeldir
 from lookcloser.api import _save
 from lookcloser.config import Config
+from lookcloser.data.prepare import TrainingData
 from lookcloser.errors import BadImagesError, ModelDirError
 from lookcloser.methods import build_method
 from lookcloser.modeldir import is_model_dir, read_model_json, save_model_dir
@@ -42,8 +43,7 @@ def saved(tmp_path_factory):
     cfg = _cfg()
     method = build_method(cfg, len(CLASSES)).eval()
     run_dir = tmp_path_factory.mktemp("run")
-    counts = {"train_images": 0, "test_images": 0}
-    _save(run_dir, method, CLASSES, counts, cfg, {"top1": 0.5}, "bicubic", [])
+    _save(run_dir, method, TrainingData(CLASSES), cfg, {"test": {"top1": 0.5}}, "bicubic")
     return method, run_dir
 
 

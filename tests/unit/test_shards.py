@@ -35,9 +35,8 @@ def splits(tmp_path) -> DatasetSplits:
         for i in range(n):
             path = folder / f"{split}_{i}.{'png' if i % 5 == 0 else 'jpg'}"
             Image.new("RGB", (12 + i, 10), (i * 9 % 256, 50, 90)).save(path)
-            samples.append(
-                Sample(str(path), i % 4, {"uid": f"{split}-{i}", "bbox": [1.0, 2.0, 3.0, 4.0]})
-            )
+            meta = {"uid": f"{split}-{i}", "bbox": [1.0, 2.0, 3.0, 4.0], "width": 12.0 + i}
+            samples.append(Sample(str(path), i % 4, meta))
         return samples
 
     return DatasetSplits(["w", "x", "y", "z"], make("train", 24), make("test", 8), "toy", ["bbox"])
@@ -92,7 +91,7 @@ def test_copied_and_reencoded_samples_decode_to_the_same_label_and_meta(splits, 
     image, label, meta = sh.decode_sample(re_encoded[7])
     assert set(re_encoded[7]) == {"__key__", "jpg", "cls", "json"}
     assert max(image.size) == 8 and image.mode == "RGB"
-    assert label == 3 and meta == {"uid": "test-7", "bbox": [1.0, 2.0, 3.0, 4.0]}
+    assert label == 3 and meta == {"uid": "test-7", "bbox": [1.0, 2.0, 3.0, 4.0], "width": 19.0}
     record = json.loads(re_encoded[7]["json"])
     assert record["class"] == "z" and record["source"] == splits.test[7].path
 
@@ -167,7 +166,7 @@ def _width(image) -> torch.Tensor:
 def test_engine_style_loader_whole_batches_and_epochs_with_persistent_workers(splits, tmp_path):
     sh.pack_shards(splits, tmp_path, shard_size=6)
     index = sh.open_shards(str(tmp_path))
-    assert index.meta_keys == ["bbox"]  # uid is text, so it is not batched
+    assert index.meta_keys == ["width"]  # uid is text and bbox a list: not declarable
     dataset = sh.ShardDataset.from_index(
         index, "train", batch_size=5, meta_keys=index.meta_keys, transform=_width, shuffle_buffer=4
     )
@@ -181,7 +180,8 @@ def test_engine_style_loader_whole_batches_and_epochs_with_persistent_workers(sp
         dataset.set_epoch(epoch)
         batches = list(loader)
         assert [tuple(b[0].shape) for b in batches] == [(5,)] * 4
-        assert tuple(batches[0][2]["bbox"].shape) == (5, 4)
+        for widths, _, meta, mask in batches:  # each image's metadata rides with it
+            assert meta[:, 0].tolist() == widths.float().tolist() and mask.all()
         epochs.append([w for b in batches for w in b[0].tolist()])
     assert len(set(epochs[0])) == len(set(epochs[1])) == 20
     assert epochs[0] != epochs[1]  # the new epoch reached the persistent workers
@@ -282,28 +282,29 @@ def test_sample_weights_modes():
         sample_weights([], "balanced")
 
 
-def test_shard_datamodule_validates_every_test_sample_with_two_workers(splits, tmp_path):
+def test_shard_datamodule_validates_every_val_sample_with_two_workers(splits, tmp_path):
     from lookcloser.engine.datamodule import ShardDataModule
 
-    sh.pack_shards(splits, tmp_path, shard_size=3)  # 8 test samples: shards of 3, 3 and 2
-    dm = ShardDataModule(
-        sh.open_shards(str(tmp_path)),
-        _width,
-        _width,
-        3,
-        2,
-        seed=0,
-        shuffle_buffer=4,
-        max_pixels=10**6,
-    )
+    def datamodule(folder):
+        return ShardDataModule(
+            sh.open_shards(str(folder)), _width, _width, 3, 2, 0, 4, 10**6, meta_keys=["width"]
+        )
+
+    with_val = splits.replace_samples(splits.train, splits.test[:2], val=splits.test)
+    sh.pack_shards(with_val, tmp_path / "v", shard_size=3)  # 8 val samples: shards of 3, 3, 2
+    assert json.loads((tmp_path / "v" / "dataset.json").read_text())["splits"]["val"]["count"] == 8
+    dm = datamodule(tmp_path / "v")
     # Two workers yield 2 + 1 and 1 batches: Lightning would stop at len // batch_size.
     loader = dm.val_dataloader()
     with pytest.raises(TypeError):
         len(loader)  # unsized: Lightning then runs the loader to its end
-    widths = [w for batch in loader for w in batch[0].tolist()]
+    widths = [w for batch in loader for w in batch.images.tolist()]
     assert sorted(widths) == sorted(12 + i for i in range(8))
     train = dm.train_dataloader()
-    first = [w for batch in train for w in batch[0].tolist()]
+    first = [w for batch in train for w in batch.images.tolist()]
     dm.set_epoch(1)
-    second = [w for batch in train for w in batch[0].tolist()]
+    second = [w for batch in train for w in batch.images.tolist()]
     assert len(first) == len(second) == 24 and first != second
+    # Without a val split in the index there is no validation (never the test split).
+    sh.pack_shards(splits, tmp_path / "t", shard_size=3)
+    assert datamodule(tmp_path / "t").val_dataloader() == []

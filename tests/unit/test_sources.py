@@ -44,6 +44,37 @@ def test_imagefolder_val_folder_is_test(tmp_path):
     _touch_images(tmp_path / "val" / "a", ["3.png"])
     splits = build_source(_cfg("imagefolder", tmp_path))
     assert [Path(s.path).name for s in splits.test] == ["3.png"]
+    assert splits.val == []
+
+
+def test_imagefolder_val_folder_beside_test_is_the_val_split(tmp_path):
+    _touch_images(tmp_path / "train" / "a", ["1.png", "2.png"])
+    _touch_images(tmp_path / "train" / "b", ["5.png"])
+    _touch_images(tmp_path / "val" / "b", ["3.png"])
+    _touch_images(tmp_path / "test" / "a", ["4.png"])
+    splits = build_source(_cfg("imagefolder", tmp_path))
+    assert [(Path(s.path).name, s.label) for s in splits.val] == [("3.png", 1)]
+    assert [Path(s.path).name for s in splits.test] == ["4.png"]
+    _touch_images(tmp_path / "val" / "z", ["6.png"])
+    with pytest.raises(DataError, match="not present in train: z"):
+        build_source(_cfg("imagefolder", tmp_path))
+
+
+def test_csv_val_split_from_a_column_and_from_val_csv(tmp_path):
+    (tmp_path / "all.csv").write_text(
+        "path,label,split\na.png,x,train\nb.png,y,train\nc.png,x,val\nd.png,y,test\n"
+    )
+    splits = build_source(_cfg("csv", tmp_path / "all.csv"))
+    assert [Path(s.path).name for s in splits.val] == ["c.png"]
+    assert [Path(s.path).name for s in splits.test] == ["d.png"]
+    folder = tmp_path / "split"
+    folder.mkdir()
+    (folder / "train.csv").write_text("path,label\na.png,x\nb.png,y\n")
+    (folder / "val.csv").write_text("path,label\nc.png,y\n")
+    (folder / "test.csv").write_text("path,label\nd.png,x\n")
+    splits = build_source(_cfg("csv", folder))
+    assert [(Path(s.path).name, s.label) for s in splits.val] == [("c.png", 1)]
+    assert [Path(s.path).name for s in splits.test] == ["d.png"]
 
 
 def _single_folder(tmp_path: Path, counts: dict[str, int]) -> Path:

@@ -14,7 +14,8 @@ _SHOWN_CLASSES = 5
 def dataset_info(splits: DatasetSplits) -> dict[str, Any]:
     """Classes, split sizes, images per class (min, median, max) per split, and annotations."""
     per_split = {}
-    for split, samples in (("train", splits.train), ("test", splits.test)):
+    parts = [("train", splits.train), ("val", splits.val), ("test", splits.test)]
+    for split, samples in [(name, samples) for name, samples in parts if samples or name != "val"]:
         counts = Counter(s.label for s in samples)
         per_split[split] = count_summary(len(samples), counts, len(splits.classes))
     return {

@@ -37,6 +37,7 @@ from PIL import Image
 
 from lookcloser.data.images import DEFAULT_MAX_PIXELS, decode_bytes, load_image
 from lookcloser.data.info import count_summary
+from lookcloser.data.meta import meta_tensors
 from lookcloser.data.sources import DatasetSplits, numeric_meta_keys
 from lookcloser.errors import BadImageError, DataError
 
@@ -62,7 +63,9 @@ def pack_shards(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[Path]:
-    """Write `{train,test}-NNNNNN.tar` shards of `shard_size` samples and `dataset.json`.
+    """Write `{train,val,test}-NNNNNN.tar` shards of `shard_size` samples and `dataset.json`.
+
+    A val split is written when `splits` has one (the source's own, or one carved for training).
 
     Image bytes are copied as they are, or with `reencode` decoded and saved as JPEG
     (`quality`, longest side at most `max_side`). Training samples are shuffled (seeded) so
@@ -83,7 +86,8 @@ def pack_shards(
         "splits": {},
     }
     written: list[Path] = []
-    for split, samples in (("train", splits.train), ("test", splits.test)):
+    parts = [("train", splits.train), ("val", splits.val), ("test", splits.test)]
+    for split, samples in [(name, samples) for name, samples in parts if samples or name != "val"]:
         order = list(range(len(samples)))
         if split == "train":
             random.Random(seed).shuffle(order)
@@ -194,7 +198,7 @@ class ShardIndex:
     name: str = ""
     annotations: list[str] = field(default_factory=list)
     class_counts: dict[str, list[int]] = field(default_factory=dict)
-    # Numeric meta keys of the training split (what the engine batches as tensors).
+    # Numeric meta keys of the training split (what `data.meta_keys` may declare).
     meta_keys: list[str] = field(default_factory=list)
 
 
@@ -312,9 +316,10 @@ def _split(items: list[str], stride: int, offset: int, part: int, parts: int):
 class ShardDataset(torch.utils.data.IterableDataset):
     """Streams samples from tar shards, split across DDP ranks and then DataLoader workers.
 
-    Yields `(image, label)`; with `meta_keys`, `(image, label, {key: float32 tensor})` like
-    the engine's in-memory dataset (NaN where a sample lacks a key); with `with_meta`,
-    `(image, label, meta dict)`. `image` is the RGB PIL image passed through `transform`.
+    Yields `(image, label)`; with `meta_keys`, `(image, label, meta values, meta mask)` like
+    the in-memory `ImageDataset` (K floats, 0 where missing, and K booleans); with
+    `with_meta`, `(image, label, meta dict)`. `image` is the RGB PIL image passed through
+    `transform`.
 
     With `training` (the default) the shard order is reshuffled each epoch (`set_epoch`,
     shared with running DataLoader workers), samples pass a shuffle buffer of
@@ -451,11 +456,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             if self.transform is not None:
                 image = self.transform(image)
             if self.meta_keys is not None:
-                numeric = {
-                    k: torch.tensor(meta.get(k, math.nan), dtype=torch.float32)
-                    for k in self.meta_keys
-                }
-                yield image, label, numeric
+                values, mask = meta_tensors([meta], self.meta_keys, [sample["__key__"]])
+                yield image, label, values[0], mask[0]
             elif self.with_meta:
                 yield image, label, meta
             else:

@@ -7,6 +7,7 @@ Adding a dataset is one function decorated with `@register_source("name")`.
 from __future__ import annotations
 
 import csv
+import math
 import random
 from collections import defaultdict
 from collections.abc import Callable
@@ -31,7 +32,7 @@ class Sample:
 
 @dataclass
 class DatasetSplits:
-    """A dataset's class names and its train and test samples."""
+    """A dataset's class names and its train, test and (where the source has one) val samples."""
 
     classes: list[str]
     train: list[Sample]
@@ -39,38 +40,33 @@ class DatasetSplits:
     name: str = ""
     # Which extra annotations the samples carry in `meta` (e.g. ["bbox", "parts"]).
     annotations: list[str] = field(default_factory=list)
+    # The source's own validation split (empty: none; training may carve one from train).
+    val: list[Sample] = field(default_factory=list)
 
-    def replace_samples(self, train: list[Sample], test: list[Sample]) -> DatasetSplits:
+    def replace_samples(
+        self, train: list[Sample], test: list[Sample], val: list[Sample] | None = None
+    ) -> DatasetSplits:
         """A copy with other sample lists (after skipping bad images, say)."""
-        return DatasetSplits(self.classes, train, test, self.name, list(self.annotations))
+        val = self.val if val is None else val
+        return DatasetSplits(self.classes, train, test, self.name, list(self.annotations), val)
 
 
 def numeric_meta_keys(samples: list[Sample]) -> list[str]:
-    """Meta keys whose values are numbers, or number lists of one length, in every sample."""
-    if not samples:
-        return []
-    shapes: dict[str, set] = {k: set() for k in samples[0].meta}
+    """Meta keys that can be declared in `data.meta_keys`: a single number in at least one
+    sample, and a number or missing (absent, empty, NaN) in every other."""
+    kinds: dict[str, bool] = {}  # key -> seen with a number (False: missing only so far)
+    refused: set[str] = set()
     for sample in samples:
-        for key in list(shapes):
-            if key not in sample.meta:
-                del shapes[key]
+        for key, value in sample.meta.items():
+            if key in refused:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float | None):
+                refused.add(key)
+                kinds.pop(key, None)
             else:
-                shapes[key].add(_numeric_shape(sample.meta[key]))
-    return sorted(k for k, found in shapes.items() if len(found) == 1 and None not in found)
-
-
-def _numeric_shape(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return 0
-    if (
-        isinstance(value, list | tuple)
-        and value
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-    ):
-        return len(value)
-    return None
+                number = value is not None and not (isinstance(value, float) and math.isnan(value))
+                kinds[key] = kinds.get(key, False) or number
+    return sorted(k for k, number in kinds.items() if number)
 
 
 SourceFn = Callable[[DataConfig], DatasetSplits]
@@ -100,6 +96,12 @@ def build_source(cfg: DataConfig) -> DatasetSplits:
     return splits
 
 
+def source_names() -> list[str]:
+    """The registered source names (built-in ones included)."""
+    _import_builtin_sources()
+    return sorted(SOURCES)
+
+
 def _import_builtin_sources() -> None:
     # Sources in other modules register themselves on import.
     from lookcloser.data import (
@@ -124,23 +126,32 @@ def is_image_file(path: Path) -> bool:
 
 
 def stratified_split(
-    items: list[tuple[str, str]], test_fraction: float, seed: int
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Split (path, class) pairs per class with a seeded shuffle; every class keeps a train image."""
-    if not 0.0 < test_fraction < 1.0:
-        raise DataError(f"data.test_fraction: expected a value in (0, 1), got {test_fraction}")
-    by_class: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    items: list,
+    fraction: float,
+    seed: int | str,
+    label: Callable[[Any], Any] = lambda item: item[1],
+    order: Callable[[Any], Any] | None = None,
+    key: str = "data.test_fraction",
+) -> tuple[list, list]:
+    """Split items per class with a seeded shuffle into (kept, held out); every class keeps one.
+
+    Items are (path, class) pairs by default; `label` and `order` (the sort before the
+    shuffle, so the result does not depend on input order) adapt it to other items.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"{key}: expected a value in (0, 1), got {fraction}")
+    by_class: dict[Any, list] = defaultdict(list)
     for item in items:
-        by_class[item[1]].append(item)
+        by_class[label(item)].append(item)
     rng = random.Random(seed)
-    train, test = [], []
+    kept, held = [], []
     for name in sorted(by_class):
-        group = sorted(by_class[name])
+        group = sorted(by_class[name], key=order)
         rng.shuffle(group)
-        n_test = min(round(len(group) * test_fraction), len(group) - 1)
-        test += group[:n_test]
-        train += group[n_test:]
-    return train, test
+        n_held = min(round(len(group) * fraction), len(group) - 1)
+        held += group[:n_held]
+        kept += group[n_held:]
+    return kept, held
 
 
 def _labelled(
@@ -169,61 +180,74 @@ def _scan_class_folders(folder: Path) -> list[tuple[str, str]]:
 
 @register_source("imagefolder")
 def imagefolder(cfg: DataConfig) -> DatasetSplits:
-    """`root/train/<class>/*` and `root/test/<class>/*`, or `root/<class>/*` split by seed."""
+    """`root/train/<class>/*`, `root/test/<class>/*` and optionally `root/val/<class>/*`, or
+    `root/<class>/*` split by seed. Without test/, a val/ folder is the test split."""
     root = require_root(cfg)
+    val: list[tuple[str, str]] = []
     if (root / "train").is_dir():
         train = _scan_class_folders(root / "train")
-        test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-        if test_dir is None:
-            train, test = stratified_split(train, cfg.test_fraction, cfg.split_seed)
+        has_test, has_val = (root / "test").is_dir(), (root / "val").is_dir()
+        if has_test:
+            test = _scan_class_folders(root / "test")
+            val = _scan_class_folders(root / "val") if has_val else []
+        elif has_val:
+            test = _scan_class_folders(root / "val")
         else:
-            test = _scan_class_folders(test_dir)
+            train, test = stratified_split(train, cfg.test_fraction, cfg.split_seed)
     else:
         train, test = stratified_split(_scan_class_folders(root), cfg.test_fraction, cfg.split_seed)
     if not train:
         raise DataError(f"data.root: no images in class sub-folders of {root}")
     classes = sorted({c for _, c in train})
-    _check_test_classes(set(classes), {c for _, c in test}, str(root))
+    _check_test_classes(set(classes), {c for _, c in test + val}, str(root))
     return DatasetSplits(
-        classes, _labelled(train, classes), _labelled(test, classes), "imagefolder"
+        classes,
+        _labelled(train, classes),
+        _labelled(test, classes),
+        "imagefolder",
+        val=_labelled(val, classes),
     )
 
 
 # ---- csv --------------------------------------------------------------------------------------
 @register_source("csv")
 def csv_source(cfg: DataConfig) -> DatasetSplits:
-    """A CSV with `path,label` columns, an optional `split` column (train/test) and metadata.
+    """A CSV with `path,label` columns, an optional `split` column (train/val/test) and metadata.
 
-    `data.root` is the CSV file, or a directory with train.csv and test.csv. Relative paths
-    are taken from the CSV's folder. Other columns become per-sample metadata (numbers where
-    they parse as numbers).
+    `data.root` is the CSV file, or a directory with train.csv, test.csv and optionally
+    val.csv. Relative paths are taken from the CSV's folder. Other columns become per-sample
+    metadata (numbers where they parse as numbers, NaN where empty).
     """
     root = require_root(cfg)
     if root.is_dir():
-        files = {s: root / f"{s}.csv" for s in ("train", "test")}
+        files = {s: root / f"{s}.csv" for s in SPLITS}
         if not files["train"].is_file():
             raise DataError(f"data.root: {root} has no train.csv (or pass the CSV file itself)")
-        rows = _read_csv(files["train"], "train")
-        if files["test"].is_file():
-            rows += _read_csv(files["test"], "test")
+        rows = [row for s, f in files.items() if f.is_file() for row in _read_csv(f, s)]
     else:
         rows = _read_csv(root, None)
     if all(split is None for *_, split in rows):
         pairs = [(p, c) for p, c, _, _ in rows]
         meta_of = {p: m for p, _, m, _ in rows}
         train, test = stratified_split(pairs, cfg.test_fraction, cfg.split_seed)
-        train_rows = [(p, c, meta_of[p]) for p, c in train]
-        test_rows = [(p, c, meta_of[p]) for p, c in test]
+        by_split = {
+            "train": [(p, c, meta_of[p]) for p, c in train],
+            "test": [(p, c, meta_of[p]) for p, c in test],
+        }
     else:
-        train_rows = [(p, c, m) for p, c, m, s in rows if s == "train"]
-        test_rows = [(p, c, m) for p, c, m, s in rows if s == "test"]
-    classes = sorted({c for _, c, _ in train_rows})
-    _check_test_classes(set(classes), {c for _, c, _ in test_rows}, str(root))
+        by_split = {name: [(p, c, m) for p, c, m, s in rows if s == name] for name in SPLITS}
+    classes = sorted({c for _, c, _ in by_split["train"]})
+    held = by_split["test"] + by_split.get("val", [])
+    _check_test_classes(set(classes), {c for _, c, _ in held}, str(root))
 
-    def samples(rows):
+    def samples(name: str) -> list[Sample]:
+        rows = by_split.get(name, [])
         return _labelled([(p, c) for p, c, _ in rows], classes, [m for *_, m in rows])
 
-    return DatasetSplits(classes, samples(train_rows), samples(test_rows), "csv")
+    return DatasetSplits(classes, samples("train"), samples("test"), "csv", val=samples("val"))
+
+
+SPLITS = ("train", "val", "test")
 
 
 def _read_csv(path: Path, split: str | None) -> list[tuple[str, str, dict, str | None]]:
@@ -241,9 +265,11 @@ def _read_csv(path: Path, split: str | None) -> list[tuple[str, str, dict, str |
                 raise DataError(f"{path}:{line}: empty path or label")
             row_split = split or (row.get("split") or None)
             if split is None and "split" in columns and row_split is None:
-                raise DataError(f"{path}:{line}: empty split (expected train or test)")
-            if row_split not in (None, "train", "test"):
-                raise DataError(f"{path}:{line}: split must be train or test, got {row_split!r}")
+                raise DataError(f"{path}:{line}: empty split (expected train, val or test)")
+            if row_split not in (None, *SPLITS):
+                raise DataError(
+                    f"{path}:{line}: split must be train, val or test, got {row_split!r}"
+                )
             image = Path(row["path"])
             if not image.is_absolute():
                 image = path.parent / image

@@ -11,7 +11,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lookcloser.config import OptimConfig
-from lookcloser.engine.datamodule import sample_seed
+from lookcloser.data.batch import Batch
+from lookcloser.data.loading import sample_seed
 from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method
 from lookcloser.models.backbones import Backbone
@@ -64,12 +65,12 @@ class FGVCSystem(L.LightningModule):
         # so a resumed run repeats exactly what an uninterrupted one does.
         torch.manual_seed(sample_seed(self.seed + self.global_rank, self.global_step, -2))
 
-    def training_step(self, batch, batch_idx: int):
-        images, labels, meta = batch
-        targets = labels
-        if self.mixup is not None and len(images) % 2 == 0:
-            images, targets = self.mixup(images, labels)
-        losses = self.method.training_losses(images, targets, meta)
+    def training_step(self, batch: Batch, batch_idx: int):
+        if self.mixup is not None and len(batch) % 2 == 0:
+            # Images and targets are mixed; metadata stays the first image's.
+            images, targets = self.mixup(batch.images, batch.targets)
+            batch = batch.replace(images=images, targets=targets)
+        losses = self.method.training_losses(batch)
         for name, value in losses.items():
             # Step values every log_every_n_steps, and epoch means (so short runs log too).
             self.log(
@@ -78,7 +79,7 @@ class FGVCSystem(L.LightningModule):
                 prog_bar=name == "loss",
                 on_step=True,
                 on_epoch=True,
-                batch_size=len(images),
+                batch_size=len(batch),
             )
         self.batches_done = batch_idx + 1
         return losses["loss"]
@@ -95,12 +96,12 @@ class FGVCSystem(L.LightningModule):
             datamodule.set_epoch(self.current_epoch)
 
     # ---- validation -------------------------------------------------------------------------
-    def validation_step(self, batch, batch_idx: int) -> None:
-        images, labels, meta = batch
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        # The val split only (the datamodule never holds the test split).
         model = self.ema.module if self.ema is not None else self.method
-        logits = model(images, meta)
-        self.val_top1.update(logits, labels)
-        self.log("val/top1", self.val_top1, prog_bar=True, on_epoch=True, batch_size=len(images))
+        logits = model(batch.images, batch.meta, batch.meta_mask)
+        self.val_top1.update(logits, batch.targets)
+        self.log("val/top1", self.val_top1, prog_bar=True, on_epoch=True, batch_size=len(batch))
 
     # ---- checkpoints: where in the epoch we are, for resuming mid-epoch ---------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -12,14 +12,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def grad_cam(method, images: Tensor, target: Tensor | None = None) -> Tensor:
-    """B x H x W maps in [0, 1]: ReLU of the gradient-weighted feature channels, upsampled."""
+def grad_cam(
+    method,
+    images: Tensor,
+    target: Tensor | None = None,
+    meta: Tensor | None = None,
+    meta_mask: Tensor | None = None,
+) -> Tensor:
+    """B x H x W maps in [0, 1]: ReLU of the gradient-weighted feature channels, upsampled.
+
+    The metadata, for methods that take it, enters the head as in `forward`, so the map
+    explains the same logits the model gives.
+    """
     was_training = method.training
     method.eval()
     with torch.enable_grad():
         images = images.detach()
         features = method.forward_features(images)
-        logits = method.forward_head(features)
+        logits = method.forward_head(features, meta, meta_mask)
         if target is None:
             target = logits.argmax(dim=1)
         score = logits.gather(1, target.view(-1, 1)).sum()

@@ -13,32 +13,54 @@ from lookcloser.errors import LookcloserError
 
 
 class _Logits(nn.Module):
-    """The Predictor's method as a plain images -> logits graph (no metadata input)."""
+    """The Predictor's method as a plain graph: images (and metadata, if any) -> logits."""
 
     def __init__(self, method: nn.Module):
         super().__init__()
         self.method = method
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.method(images)
+    def forward(self, images: torch.Tensor, *meta: torch.Tensor) -> torch.Tensor:
+        return self.method(images, *meta)
+
+
+def example_inputs(predictor, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random graph inputs: images, plus `meta` and a mixed `meta_mask` for meta models."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, predictor.image_size, predictor.image_size, generator=gen)
+    if not predictor.meta_keys:
+        return (images,)
+    k = len(predictor.meta_keys)
+    mask = torch.rand(batch, k, generator=gen) > 0.3
+    meta = torch.where(mask, torch.randn(batch, k, generator=gen), 0.0)
+    return images, meta, mask
+
+
+def input_names(predictor) -> list[str]:
+    """The graph's input names: `images`, then `meta` and `meta_mask` for meta models."""
+    return ["images", "meta", "meta_mask"] if predictor.meta_keys else ["images"]
 
 
 def export_onnx(predictor, out: str | Path, opset: int = 18) -> Path:
-    """Write the Predictor's graph (RGB in [0, 1], N x 3 x S x S -> logits) to an ONNX file."""
+    """Write the Predictor's graph to an ONNX file.
+
+    Inputs: `images` (N x 3 x S x S, RGB in [0, 1]) and, for a model with metadata, `meta`
+    (N x K float32, 0 where missing) and `meta_mask` (N x K bool, True where present) in the
+    order of model.json's `meta_keys`. Output: `logits` (N x classes).
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = _Logits(predictor.method).eval().cpu()
-    example = torch.rand(2, 3, predictor.image_size, predictor.image_size)
+    names = input_names(predictor)
     tmp = out.with_name(f".{out.name}.tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (example,),
+            example_inputs(predictor, 2),
             str(tmp),
-            input_names=["images"],
+            input_names=names,
             output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            dynamic_axes={name: {0: "batch"} for name in [*names, "logits"]},
             opset_version=opset,
             dynamo=False,
         )
@@ -48,22 +70,25 @@ def export_onnx(predictor, out: str | Path, opset: int = 18) -> Path:
 
 
 def max_abs_difference(
-    predictor, onnx_path: str | Path, images: torch.Tensor | None = None
+    predictor,
+    onnx_path: str | Path,
+    inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
 ) -> float:
-    """Largest |logit| difference between ONNX Runtime and PyTorch on the same inputs."""
+    """Largest |logit| difference between ONNX Runtime and PyTorch on the same inputs
+    (`inputs`: images, then meta and meta_mask for meta models; random when left out)."""
     import onnxruntime as ort
 
-    if images is None:
-        images = torch.rand(
-            4,
-            3,
-            predictor.image_size,
-            predictor.image_size,
-            generator=torch.Generator().manual_seed(0),
-        )
+    if inputs is None:
+        inputs = example_inputs(predictor, 4)
+    elif isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (onnx_logits,) = session.run(["logits"], {"images": images.numpy().astype(np.float32)})
-    torch_logits = predictor.logits(images).float().cpu().numpy()
+    feed = {
+        name: tensor.numpy() if tensor.dtype == torch.bool else tensor.numpy().astype(np.float32)
+        for name, tensor in zip(input_names(predictor), inputs, strict=True)
+    }
+    (onnx_logits,) = session.run(["logits"], feed)
+    torch_logits = predictor.logits(*inputs).float().cpu().numpy()
     if onnx_logits.shape != torch_logits.shape:
         raise LookcloserError(
             f"ONNX output shape {onnx_logits.shape} != PyTorch {torch_logits.shape}"

@@ -15,7 +15,8 @@ def _import_builtin_methods() -> None:
 
 
 def build_method(cfg: Config, num_classes: int, pretrained: bool | None = None) -> Method:
-    """The method `cfg.method.name` on the backbone `cfg.model`, with typed options.
+    """The method `cfg.method.name` on the backbone `cfg.model`, with typed options, taking
+    the metadata `cfg.data.meta_keys`.
 
     The method builds its networks through a `BackboneFactory` (one or several backbones);
     `pretrained=False` skips weight loading (used when a model directory's weights follow).
@@ -26,4 +27,10 @@ def build_method(cfg: Config, num_classes: int, pretrained: bool | None = None) 
 
     cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
     options = method_options(cfg, cls.Options)
-    return cls.build(BackboneFactory(cfg.model, pretrained), num_classes, options, cfg.model.head)
+    return cls.build(
+        BackboneFactory(cfg.model, pretrained),
+        num_classes,
+        options,
+        head=cfg.model.head,
+        meta_keys=cfg.data.meta_keys,
+    )

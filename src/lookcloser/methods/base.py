@@ -1,9 +1,14 @@
 """The Method contract: one model, its training losses, its inference path, its attention map.
 
 A method never knows about files, devices or the training loop: the engine calls
-`training_losses` during training; everything after training (predict, eval, explain,
-export, serve) calls `forward` and `attention`. Extra training-time views (destroyed images,
-attention-sampled images, crops) are made inside the method, on tensors.
+`training_losses` with a typed `Batch` during training; everything after training (predict,
+eval, explain, export, serve) calls `forward` and `attention`. Extra training-time views
+(destroyed images, attention-sampled images, crops) are made inside the method, on tensors.
+
+Metadata (`data.meta_keys`) reaches a method as two tensors next to the images: `meta`
+(B x K float32, 0 where missing) and `meta_mask` (B x K bool, True where present), in the
+order of `self.meta_keys`. Only methods with `accepts_meta = True` may be trained with
+metadata; the others receive None and ignore it.
 
 Methods register with `@register_method`. Methods defined outside the package are found
 through `method.module=<importable module>` (imported before the name is resolved) or the
@@ -14,12 +19,14 @@ from __future__ import annotations
 
 import copy
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.models.backbones import Backbone, BackboneFactory
 from lookcloser.models.heads import build_head
@@ -42,23 +49,41 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     training_only: ClassVar[tuple[str, ...]] = ()
+    # Whether forward / forward_head use `meta` (a model trained with data.meta_keys needs it).
+    accepts_meta: ClassVar[bool] = False
 
     def __init__(
-        self, backbone: Backbone, num_classes: int, options: Any = None, head: str = "linear"
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        options: Any = None,
+        head: str = "linear",
+        meta_keys: Sequence[str] = (),
     ):
         super().__init__()
+        if meta_keys and not self.accepts_meta:
+            raise ConfigError(
+                f"data.meta_keys: method {self.name!r} does not use metadata; leave "
+                "data.meta_keys empty or choose a method that takes it"
+            )
         self.backbone = backbone
         self.num_classes = num_classes
         self.options = options if options is not None else self.Options()
         self.head_type = head
+        self.meta_keys = list(meta_keys)
         self.inference_only = False  # True on for_inference() copies
 
     @classmethod
     def build(
-        cls, make_backbone: BackboneFactory, num_classes: int, options: Any, head: str = "linear"
+        cls,
+        make_backbone: BackboneFactory,
+        num_classes: int,
+        options: Any,
+        head: str = "linear",
+        meta_keys: Sequence[str] = (),
     ) -> Method:
         """The method on backbones from `make_backbone`; override to build several or edit them."""
-        return cls(make_backbone(), num_classes, options, head=head)
+        return cls(make_backbone(), num_classes, options, head=head, meta_keys=meta_keys)
 
     def make_head(self, in_features: int) -> nn.Module:
         """A class head of the configured type (`model.head`): embeddings -> class logits."""
@@ -69,31 +94,46 @@ class Method(nn.Module):
         """The feature map the classifier reads (and Grad-CAM explains)."""
         return self.backbone.forward_features(images)
 
-    def forward_head(self, features: Tensor) -> Tensor:
-        """Class logits from a feature map."""
+    def forward_head(
+        self, features: Tensor, meta: Tensor | None = None, meta_mask: Tensor | None = None
+    ) -> Tensor:
+        """Class logits from a feature map (and the metadata, for methods that accept it)."""
         raise NotImplementedError
 
-    def forward(self, images: Tensor, meta: dict[str, Tensor] | None = None) -> Tensor:
-        """Class logits for RGB images in [0, 1] (B x 3 x H x W)."""
-        return self.forward_head(self.forward_features(images))
+    def forward(
+        self, images: Tensor, meta: Tensor | None = None, meta_mask: Tensor | None = None
+    ) -> Tensor:
+        """Class logits for RGB images in [0, 1] (B x 3 x H x W), with optional metadata."""
+        return self.forward_head(self.forward_features(images), meta, meta_mask)
 
-    def attention(self, images: Tensor, target: Tensor | None = None) -> Tensor:
+    def attention(
+        self,
+        images: Tensor,
+        target: Tensor | None = None,
+        meta: Tensor | None = None,
+        meta_mask: Tensor | None = None,
+    ) -> Tensor:
         """A B x H x W map in [0, 1] of where the model looked (Grad-CAM unless overridden)."""
         from lookcloser.explain.cam import grad_cam
 
-        return grad_cam(self, images, target)
+        return grad_cam(self, images, target, meta, meta_mask)
 
-    def attention_maps(self, images: Tensor, target: Tensor | None = None) -> dict[str, Tensor]:
+    def attention_maps(
+        self,
+        images: Tensor,
+        target: Tensor | None = None,
+        meta: Tensor | None = None,
+        meta_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """Every map this method can show, by name (B x H x W each); the first is the default."""
-        return {"grad-cam": self.attention(images, target)}
+        return {"grad-cam": self.attention(images, target, meta, meta_mask)}
 
     # ---- training ---------------------------------------------------------------------------
-    def training_losses(
-        self, images: Tensor, targets: Tensor, meta: dict[str, Tensor] | None = None
-    ) -> dict[str, Tensor]:
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """Losses for one batch: 'loss' (what is optimized) plus named parts to log.
 
-        `targets` are class indices (B,) or, under mixup/cutmix, class probabilities (B x C).
+        `batch.targets` are class indices (B,) or, under mixup/cutmix, class probabilities
+        (B x C); `batch.unlabelled` holds the unlabelled images drawn beside it, if any.
         """
         raise NotImplementedError
 

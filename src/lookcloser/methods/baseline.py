@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lookcloser.config import ranged
+from lookcloser.data.batch import Batch
 from lookcloser.methods.base import Method, register_method
 from lookcloser.models.backbones import Backbone
 
@@ -32,18 +34,19 @@ class Baseline(Method):
         num_classes: int,
         options: BaselineOptions | None = None,
         head: str = "linear",
+        meta_keys: Sequence[str] = (),
     ):
-        super().__init__(backbone, num_classes, options, head)
+        super().__init__(backbone, num_classes, options, head=head, meta_keys=meta_keys)
         self.head = self.make_head(backbone.num_features)
 
-    def forward_head(self, features: Tensor) -> Tensor:
+    def forward_head(self, features: Tensor, meta=None, meta_mask=None) -> Tensor:
         """Logits from the pooled feature map."""
         return self.head(self.backbone.pool(features))
 
-    def training_losses(self, images, targets, meta=None) -> dict[str, Tensor]:
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """Label-smoothed cross-entropy on the images as given."""
-        logits = self(images, meta)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.options.label_smoothing)
+        logits = self(batch.images, batch.meta, batch.meta_mask)
+        loss = F.cross_entropy(logits, batch.targets, label_smoothing=self.options.label_smoothing)
         return {"loss": loss}
 
     def new_modules(self) -> list[nn.Module]:

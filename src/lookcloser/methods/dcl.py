@@ -25,6 +25,7 @@ exact re-tiling of the original's regions, with equal-size regions only.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method, register_method
 from lookcloser.models.backbones import Backbone
@@ -227,8 +229,9 @@ class DCL(Method):
         num_classes: int,
         options: DCLOptions | None = None,
         head: str = "linear",
+        meta_keys: Sequence[str] = (),
     ):
-        super().__init__(backbone, num_classes, options, head)
+        super().__init__(backbone, num_classes, options, head=head, meta_keys=meta_keys)
         opts: DCLOptions = self.options
         self.head = self.make_head(backbone.num_features)
         # A plain Linear, not a registry head: it tells originals from destroyed images (a
@@ -238,14 +241,13 @@ class DCL(Method):
         self.alignment = RegionAlignment(backbone.num_features, opts.regions, opts.alignment)
         self._warned_grid = False
 
-    def forward_head(self, features: Tensor) -> Tensor:
+    def forward_head(self, features: Tensor, meta=None, meta_mask=None) -> Tensor:
         """Logits from the pooled feature map (the baseline's head)."""
         return self.head(self.backbone.pool(features))
 
-    def training_losses(
-        self, images: Tensor, targets: Tensor, meta: dict[str, Tensor] | None = None
-    ) -> dict[str, Tensor]:
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """'loss' = alpha cls + beta adv + gamma loc; 'cls', 'adv', 'loc' unweighted."""
+        images, targets = batch.images, batch.targets
         opts: DCLOptions = self.options
         b = images.shape[0]
         n = opts.regions
@@ -302,10 +304,12 @@ class DCL(Method):
             )
         self._warned_grid = True
 
-    def attention_maps(self, images: Tensor, target: Tensor | None = None) -> dict[str, Tensor]:
+    def attention_maps(
+        self, images: Tensor, target: Tensor | None = None, meta=None, meta_mask=None
+    ) -> dict[str, Tensor]:
         """Grad-CAM, and how well each region's position is recovered."""
         return {
-            "grad-cam": self.attention(images, target),
+            "grad-cam": self.attention(images, target, meta, meta_mask),
             "region-alignment": alignment_map(self, self.alignment, images),
         }
 

@@ -24,7 +24,8 @@ def aircraft(cfg: DataConfig) -> DatasetSplits:
     """`data.root` holding fgvc-aircraft-2013b/ (or its data/ folder), labels at `data.level`.
 
     `data.level` is variant (default), family or manufacturer; training uses the official
-    trainval list (`data.train_split=train` for the train list only). Meta: `bbox` [x, y, w, h].
+    trainval list (`data.train_split=train` for the train list only, the val list then being
+    the validation split). Meta: `bbox` [x, y, w, h].
     """
     level = cfg.level or "variant"
     if level not in LEVELS:
@@ -37,9 +38,14 @@ def aircraft(cfg: DataConfig) -> DatasetSplits:
         if line.strip()
     ]
     boxes = _boxes(base / "images_box.txt")
-    train = _split(base, level, train_split(cfg, ("trainval", "train"), "trainval"), classes, boxes)
+    chosen = train_split(cfg, ("trainval", "train"), "trainval")
+    train = _split(base, level, chosen, classes, boxes)
     test = _split(base, level, "test", classes, boxes)
-    return DatasetSplits(classes, train, test, "aircraft", ["bbox"] if boxes else [])
+    # The official val list is a validation split only when it is not part of training.
+    has_val = chosen == "train" and (base / f"images_{level}_val.txt").is_file()
+    val = _split(base, level, "val", classes, boxes) if has_val else []
+    annotations = ["bbox"] if boxes else []
+    return DatasetSplits(classes, train, test, "aircraft", annotations, val=val)
 
 
 def _boxes(path: Path) -> dict[str, list[float]]:

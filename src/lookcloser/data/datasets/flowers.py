@@ -14,7 +14,8 @@ from lookcloser.errors import DataError
 def flowers102(cfg: DataConfig) -> DatasetSplits:
     """`data.root` with jpg/, imagelabels.mat and setid.mat.
 
-    Training uses trnid + valid (`data.train_split=train` for trnid only); testing uses tstid.
+    Training uses trnid + valid (`data.train_split=train` for trnid only, valid then being the
+    validation split); testing uses tstid.
     The release names classes by number only, so class names are "001".."102".
     """
     no_level(cfg)
@@ -36,10 +37,8 @@ def flowers102(cfg: DataConfig) -> DatasetSplits:
             )
         return out
 
-    keys = (
-        ("trnid", "valid")
-        if train_split(cfg, ("trainval", "train"), "trainval") == "trainval"
-        else ("trnid",)
-    )
-    train = [s for key in keys for s in samples(key)]
-    return DatasetSplits(classes, train, samples("tstid"), "flowers102", [])
+    if train_split(cfg, ("trainval", "train"), "trainval") == "trainval":
+        train, val = samples("trnid") + samples("valid"), []
+    else:
+        train, val = samples("trnid"), samples("valid")
+    return DatasetSplits(classes, train, samples("tstid"), "flowers102", [], val=val)

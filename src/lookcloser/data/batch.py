@@ -1,0 +1,56 @@
+"""The typed batch every data path produces and every method's `training_losses` receives."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """One training or evaluation batch.
+
+    `meta` holds the model's declared metadata (`data.meta_keys`, in that order) with 0 where
+    a sample lacks a value, and `meta_mask` says which values are present; both are None for
+    image-only models. `unlabelled` holds the images of the unlabelled stream
+    (`data.unlabelled`) drawn next to this batch, or None.
+    """
+
+    images: Tensor  # B x 3 x H x W, RGB in [0, 1]
+    targets: Tensor  # B class indices, or B x C class probabilities under mixup / cutmix
+    meta: Tensor | None = None  # B x K float32
+    meta_mask: Tensor | None = None  # B x K bool, True where the value is present
+    unlabelled: Tensor | None = None  # U x 3 x H x W
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def replace(self, **changes) -> Batch:
+        """A copy with some fields changed (e.g. mixed images and soft targets)."""
+        return replace(self, **changes)
+
+    def pin_memory(self) -> Batch:
+        """The batch in pinned memory (DataLoader's pin_memory calls this)."""
+        return replace(
+            self,
+            **{
+                f.name: value.pin_memory()
+                for f in fields(self)
+                if isinstance(value := getattr(self, f.name), Tensor)
+            },
+        )
+
+
+def collate(items: Sequence[tuple[Tensor, int, Tensor, Tensor]]) -> Batch:
+    """Stack (image, label, meta values, meta mask) items into a Batch (meta None when K = 0)."""
+    images, labels, values, masks = zip(*items, strict=True)
+    has_meta = values[0].numel() > 0
+    return Batch(
+        torch.stack(images),
+        torch.tensor(labels, dtype=torch.long),
+        torch.stack(values) if has_meta else None,
+        torch.stack(masks) if has_meta else None,
+    )

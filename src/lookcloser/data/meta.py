@@ -1,0 +1,198 @@
+"""Metadata as a declared model input: which keys may be used, and one tensor form for them.
+
+A model names its metadata in `data.meta_keys`; every path (training, evaluation, predict,
+explain, ONNX) turns a sample's metadata dict into the same two rows: values (float32, 0 where
+missing) and a mask (True where present), in the declared key order. A value missing on one
+sample is masked for that sample only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lookcloser.errors import ConfigError, DataError
+
+# Keys that name the image, the sample or its label. A model fed these learns the answer key
+# (iNat's category_id is the label; CUB's image_id orders images by class), so they are
+# refused. The rule: one of these names, or a name ending in one of the suffixes, after
+# lower-casing and turning '-', '.' and spaces into '_'.
+IDENTIFIER_NAMES = frozenset(
+    {
+        "id",
+        "uid",
+        "idx",
+        "index",
+        "key",
+        "path",
+        "file",
+        "filename",
+        "url",
+        "image",
+        "split",
+        "label",
+        "class",
+        "category",
+        "target",
+        "species",
+        "supercategory",
+        "taxonomy",
+        "hierarchy",
+    }
+)
+IDENTIFIER_SUFFIXES = ("_id", "_ids", "_path", "_name", "_label", "_class", "_url", "_file")
+
+
+def is_identifier(key: str) -> bool:
+    """Whether a metadata key names the image, the sample or its label (see IDENTIFIER_NAMES)."""
+    name = key.strip().lower()
+    for char in "-. ":
+        name = name.replace(char, "_")
+    return name in IDENTIFIER_NAMES or name.endswith(IDENTIFIER_SUFFIXES) or name.startswith("_")
+
+
+def check_meta_keys(keys: Sequence[str]) -> list[str]:
+    """The declared keys, or a ConfigError for an identifier or a repeated key."""
+    seen: set[str] = set()
+    for key in keys:
+        if not key or not key.strip():
+            raise ConfigError("data.meta_keys: empty key name")
+        if is_identifier(key):
+            raise ConfigError(
+                f"data.meta_keys: {key!r} identifies the image or its label, so a model would "
+                "learn the answer from it; ids, labels, classes, paths and file names are refused "
+                "(rename the column if it really is a measurement)"
+            )
+        if key in seen:
+            raise ConfigError(f"data.meta_keys: {key!r} is listed twice")
+        seen.add(key)
+    return list(keys)
+
+
+def meta_number(value: Any, key: str, where: str) -> float | None:
+    """A metadata value as a float, None when missing (absent, empty, NaN); DataError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise DataError(f"{where}: meta {key!r}: expected a number, got {value!r}") from None
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, int | float):
+        what = f"{len(value)} values" if isinstance(value, list | tuple) else repr(value)
+        raise DataError(f"{where}: meta {key!r}: expected one number, got {what}")
+    if math.isnan(value):
+        return None
+    if math.isinf(value):
+        raise DataError(f"{where}: meta {key!r}: expected a finite number, got {value}")
+    return float(value)
+
+
+def meta_tensors(
+    metas: Sequence[Mapping[str, Any]], keys: Sequence[str], names: Sequence[str] | None = None
+) -> tuple[Tensor, Tensor]:
+    """N x K float32 values (0 where missing) and N x K bool mask of N metadata dicts.
+
+    `names` (paths) make errors point at the sample at fault.
+    """
+    shape = (len(metas), len(keys))
+    if not keys:  # image-only models: no pass over millions of samples
+        return torch.zeros(shape), torch.zeros(shape, dtype=torch.bool)
+    values, present = [], []
+    for row, meta in enumerate(metas):
+        where = names[row] if names is not None else f"sample {row}"
+        for key in keys:
+            number = meta_number(meta.get(key), key, where)
+            values.append(0.0 if number is None else number)
+            present.append(number is not None)
+    return (
+        torch.tensor(values, dtype=torch.float32).reshape(shape),
+        torch.tensor(present, dtype=torch.bool).reshape(shape),
+    )
+
+
+def check_meta_present(keys: Sequence[str], found: Sequence[str], where: str) -> None:
+    """ConfigError naming a declared key that no training sample carries."""
+    absent = [k for k in keys if k not in found]
+    if absent:
+        available = ", ".join(k for k in found if not is_identifier(k)) or "none"
+        raise ConfigError(
+            f"data.meta_keys: {', '.join(repr(k) for k in absent)} in no training sample of "
+            f"{where}; numeric keys found: {available}"
+        )
+
+
+def present_keys(metas: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Keys that carry a value (not empty, not NaN) in at least one of the dicts, sorted."""
+    found: set[str] = set()
+    for meta in metas:
+        for key, value in meta.items():
+            if key not in found and not _missing(value):
+                found.add(key)
+    return sorted(found)
+
+
+def _missing(value: Any) -> bool:
+    return (
+        value is None
+        or (isinstance(value, str) and not value.strip())
+        or (isinstance(value, float) and math.isnan(value))
+    )
+
+
+def same_path(path: str | Path) -> str:
+    """A path in the form metadata files are matched by: absolute and normalised."""
+    return os.path.normpath(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def read_meta_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-image metadata from a CSV (a `path` column, one column per key) or a JSON file.
+
+    JSON: an object mapping image path -> {key: value}, or a list of objects with a `path`.
+    Relative image paths are taken from the file's folder (as with `data.source=csv`); the
+    result maps `same_path(image)` -> its metadata dict.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"--meta: {path} does not exist")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if "path" not in (reader.fieldnames or []):
+                raise DataError(
+                    f"{path}: a metadata CSV needs a `path` column; has {reader.fieldnames}"
+                )
+            rows = [dict(row) for row in reader]
+    elif path.suffix.lower() == ".json":
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not valid JSON ({err})") from None
+        if isinstance(raw, dict):
+            rows = [{"path": k, **v} for k, v in raw.items() if isinstance(v, dict)]
+            if len(rows) != len(raw):
+                raise DataError(f"{path}: expected image path -> {{key: value}} objects")
+        elif isinstance(raw, list) and all(isinstance(r, dict) and "path" in r for r in raw):
+            rows = raw
+        else:
+            raise DataError(f"{path}: expected an object of path -> metadata, or a list of objects")
+    else:
+        raise DataError(f"--meta: {path}: expected a .csv or .json file")
+    out = {}
+    for row in rows:
+        image = Path(str(row.pop("path")))
+        out[same_path(image if image.is_absolute() else path.parent / image)] = row
+    return out
