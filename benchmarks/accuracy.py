@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,7 +22,8 @@ from report import machine, markdown_table, write_section  # noqa: E402
 
 from lookcloser import api  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Real sets: folders named after the dataset under --data-root (or $LOOKCLOSER_DATA).
+REAL = ("flowers12", "butterflies10", "cars66")
 
 DATASETS = {
     "synthetic": [
@@ -34,8 +36,7 @@ DATASETS = {
         "data.crop_pct=1.0",
         "data.train_scale=[0.7,1.0]",
     ],
-    "flowers12": ["data.source=imagefolder", f"data.root={SHARED / 'flowers12'}"],
-    "butterflies10": ["data.source=imagefolder", f"data.root={SHARED / 'butterflies10'}"],
+    **{name: ["data.source=imagefolder"] for name in REAL},
 }
 METHODS = {
     "baseline": ["method.name=baseline", "method.label_smoothing=0.1"],
@@ -61,7 +62,15 @@ COMMON = [
 ]
 
 
-def run(dataset: str, method: str, seed: int, size: int, epochs: int, out_root: Path) -> dict:
+def run(
+    dataset: str,
+    method: str,
+    seed: int,
+    size: int,
+    epochs: int,
+    out_root: Path,
+    data_root: Path | None,
+) -> dict:
     out = out_root / f"{dataset}-{method}-s{seed}"
     overrides = [
         *COMMON,
@@ -75,6 +84,8 @@ def run(dataset: str, method: str, seed: int, size: int, epochs: int, out_root: 
     ]
     if dataset == "synthetic":
         overrides.append(f"data.root={out_root / 'synthetic-data'}")
+    else:
+        overrides.append(f"data.root={data_root / dataset}")
     start = time.perf_counter()
     result = api.train(overrides=overrides, progress=False)
     m = result.metrics["test"]
@@ -131,13 +142,27 @@ def table(records: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=["baseline"], choices=list(METHODS))
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["synthetic", "flowers12", "butterflies10"],
+        choices=list(DATASETS),
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=os.environ.get("LOOKCLOSER_DATA"),
+        help="folder holding the real sets (default: $LOOKCLOSER_DATA)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
     parser.add_argument("--section", default="accuracy", help="docs/benchmarks.md section to write")
     args = parser.parse_args()
+    if args.data_root is None and set(args.datasets) & set(REAL):
+        parser.error("the real sets need --data-root DIR or LOOKCLOSER_DATA=DIR")
+    args.data_root = args.data_root and Path(args.data_root)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     records = (
@@ -150,7 +175,9 @@ def main() -> None:
             for dataset in args.datasets:
                 if (dataset, method, seed, args.size, args.epochs) in done:
                     continue
-                record = run(dataset, method, seed, args.size, args.epochs, args.out)
+                record = run(
+                    dataset, method, seed, args.size, args.epochs, args.out, args.data_root
+                )
                 print(json.dumps(record), flush=True)
                 with results.open("a") as f:
                     f.write(json.dumps(record) + "\n")

@@ -63,6 +63,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from lookcloser.api import as_config
+    from lookcloser.config_help import describe
+    from lookcloser.methods.base import method_class
+
+    overrides = [*([f"method.name={args.method}"] if args.method else []), *args.overrides]
+    cfg = as_config(args.config, overrides).validate()
+    options = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module")).Options
+    print(describe(cfg, options), end="")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from lookcloser import api
 
@@ -295,12 +307,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="demo recipe overrides, e.g. trainer.epochs=3",
     )
 
-    p = command("train", "Train a model; prints the run directory.", cmd_train)
+    p = command(
+        "train",
+        "Train a model; prints the run directory. `lookcloser config` lists every key.",
+        cmd_train,
+    )
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.epochs=5"
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = command(
+        "config",
+        "Print the resolved config: every key with its value, type, default and meaning, as "
+        "YAML that --config reads back.",
+        cmd_config,
+    )
+    p.add_argument("--config", help="YAML config file to start from")
+    p.add_argument("--method", help="show this method's options (same as method.name=NAME)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     p = command(
         "eval", "Evaluate a model directory on its test split (or data.* overrides).", cmd_eval

@@ -100,13 +100,6 @@ def save_model_dir(path: str | Path, state_dict: dict, info: dict[str, Any]) -> 
     return path
 
 
-def update_model_json(path: str | Path, **fields: Any) -> None:
-    """Replace top-level fields of model.json (atomically)."""
-    record = read_model_json(path)
-    record.update(fields)
-    atomic_write_text(Path(path) / MODEL_JSON, json.dumps(record, indent=2) + "\n")
-
-
 def read_model_json(path: str | Path) -> dict[str, Any]:
     """The parsed model.json of a model directory, checked for format."""
     path = Path(path)

@@ -288,3 +288,92 @@ def test_max_image_pixels_is_honoured_by_the_evaluation_after_training(
     assert api.evaluate(trained, progress=False)["images"] == 12
     raised = api.evaluate(trained, ["data.max_image_pixels=100000"], progress=False)
     assert raised["images"] == 13
+
+
+# ---- a method defined outside the package -----------------------------------------------------
+PLUGIN = '''
+"""A method outside lookcloser: two networks, a training-only head, metadata, unlabelled images."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lookcloser.methods.base import Method, register_method
+
+
+@register_method
+class TwoNetworks(Method):
+    name = "plugin-two-networks"
+    accepts_meta = True
+    training_only = ("aux_head",)
+
+    def __init__(self, backbone, num_classes, options=None, second=None, **kwargs):
+        super().__init__(backbone, num_classes, options, **kwargs)
+        self.second = second
+        self.head = self.make_head(backbone.num_features + second.num_features)
+        self.meta_head = nn.Linear(2 * len(self.meta_keys), num_classes)
+        self.aux_head = nn.Linear(second.num_features, num_classes)
+
+    @classmethod
+    def build(cls, make_backbone, num_classes, options, **kwargs):
+        return cls(make_backbone(), num_classes, options, second=make_backbone("test_resnet"), **kwargs)
+
+    def forward(self, images, meta=None, meta_mask=None):
+        logits = self.head(torch.cat([self.backbone(images), self.second(images)], dim=1))
+        if meta is not None:
+            mask = meta_mask.float()
+            logits = logits + self.meta_head(torch.cat([meta * mask, mask], dim=1))
+        return logits
+
+    def training_losses(self, batch):
+        loss = F.cross_entropy(self(batch.images, batch.meta, batch.meta_mask), batch.targets)
+        aux = F.cross_entropy(self.aux_head(self.second(batch.images)), batch.targets)
+        probs = self(batch.unlabelled).softmax(dim=1)  # unlabelled: no metadata
+        entropy = -(probs * probs.clamp_min(1e-8).log()).sum(dim=1).mean()
+        return {"loss": loss + aux + 0.1 * entropy, "aux": aux, "entropy": entropy}
+
+    def new_modules(self):
+        return [self.head, self.meta_head, self.aux_head]
+'''
+
+
+def test_a_plugin_method_trains_through_the_cli_with_method_module(
+    meta_csv, synthetic_root, tmp_path
+):
+    from flowkit import SRC, run_cli
+
+    from lookcloser.data.synthetic import generate
+
+    (tmp_path / "my_methods.py").write_text(PLUGIN)
+    env = {"PYTHONPATH": f"{SRC}:{tmp_path}"}
+    unlabelled = generate(tmp_path / "unlabelled", 2, 4, 1, 48, seed=5) / "train"
+    out = tmp_path / "run"
+    run_cli(
+        "train",
+        "--no-progress",
+        "data.source=csv",
+        f"data.root={meta_csv}",
+        *FAST,
+        "trainer.max_steps=1",
+        "data.meta_keys=[lat, lon]",
+        f"data.unlabelled={unlabelled}",
+        "method.module=my_methods",
+        "method.name=plugin-two-networks",
+        f"out={out}",
+        env=env,
+    )
+    record = json.loads((out / "model.json").read_text())
+    assert record["method"] == "plugin-two-networks" and record["meta_keys"] == ["lat", "lon"]
+    assert record["config"]["method"]["module"] == "my_methods"
+    assert record["training"]["global_step"] == 1
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("second.") for k in weights)  # both networks are saved
+    assert not any(k.startswith("aux_head.") for k in weights)  # the training-only head is not
+    image = next((synthetic_root / "test").rglob("*.png"))
+    meta = tmp_path / "meta.csv"
+    meta.write_text(f"path,lat,lon\n{image},10,\n")
+    predicted = run_cli(
+        "predict", str(out), str(image), "--meta", str(meta), "--format", "json", env=env
+    )
+    assert len(json.loads(predicted.stdout)) == 1

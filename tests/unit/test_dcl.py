@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -438,7 +439,6 @@ def test_loading_is_strict_about_training_only_tensors(tmp_path: Path) -> None:
 
 def test_directory_of_the_previous_version_loads(tmp_path: Path) -> None:
     """model.json from before (method "dcl-classifier", its two options) loads as `dcl`."""
-    from lookcloser.modeldir import update_model_json
     from lookcloser.predictor import Predictor
 
     method, _ = saved_dcl(tmp_path)
@@ -467,3 +467,10 @@ def test_region_alignment_map_scores_how_well_regions_are_placed(kind: str) -> N
     top_left = 1 / (1 + 0.5) if kind == "coords" else 1 / (1 + 1)  # coords: mean of 2 axes
     assert torch.allclose(heatmap[0, 0, 0], torch.tensor(top_left))
     assert torch.allclose(heatmap[0, 63, 63], torch.tensor(1.0))
+
+
+def update_model_json(path, **fields) -> None:
+    """Rewrite top-level fields of a model directory's model.json (to fake other versions)."""
+    record = json.loads((path / "model.json").read_text())
+    record.update(fields)
+    (path / "model.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -119,7 +119,7 @@ def test_weights_that_do_not_fit_are_reported(saved, tmp_path):
     """A record whose classes disagree with the weights is a ModelDirError."""
     _, run_dir = saved
     copy = _copy_dir(run_dir, tmp_path / "copy")
-    modeldir.update_model_json(copy, classes=[*CLASSES, "delta"])
+    update_model_json(copy, classes=[*CLASSES, "delta"])
     with pytest.raises(ModelDirError, match="do not fit"):
         Predictor.load(copy)
 
@@ -215,3 +215,10 @@ def test_explain_heatmap(saved, tmp_path):
     assert by_name.class_name == "gamma"
     with pytest.raises(ValueError, match="unknown class"):
         predictor.explain(image, target="omega")
+
+
+def update_model_json(path, **fields) -> None:
+    """Rewrite top-level fields of a model directory's model.json (to fake other versions)."""
+    record = json.loads((path / "model.json").read_text())
+    record.update(fields)
+    (path / "model.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from lookcloser.data import shards as sh
-from lookcloser.data.samplers import class_frequencies, sample_weights
+from lookcloser.data.samplers import sample_weights
 from lookcloser.data.sources import DatasetSplits, Sample
 from lookcloser.errors import BadImageError, DataError
 
@@ -308,3 +308,11 @@ def test_shard_datamodule_validates_every_val_sample_with_two_workers(splits, tm
     # Without a val split in the index there is no validation (never the test split).
     sh.pack_shards(splits, tmp_path / "t", shard_size=3)
     assert datamodule(tmp_path / "t").val_dataloader() == []
+
+
+def class_frequencies(labels: list[int], mode: str) -> dict[int, float]:
+    """The share of draws each class gets under `mode` (what the weights amount to per class)."""
+    shares: dict[int, float] = {}
+    for label, weight in zip(labels, sample_weights(labels, mode).tolist(), strict=True):
+        shares[label] = shares.get(label, 0.0) + weight
+    return shares

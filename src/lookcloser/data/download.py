@@ -981,24 +981,3 @@ def _tidy_failed(root: Path, downloads: Path, created: bool) -> None:
         downloads.rmdir()
     if created and not any(root.iterdir()):
         root.rmdir()
-
-
-def describe_downloads() -> list[dict]:
-    """One row per downloadable dataset: name, title, files, what is verified, manual step."""
-    rows = []
-    for spec in DOWNLOADS.values():
-        verified = {
-            f.filename: "sha256" if f.sha256 else "md5" if f.md5 else "size" if f.size else "none"
-            for f in spec.files
-        }
-        rows.append(
-            {
-                "name": spec.name,
-                "source": spec.source_name,
-                "title": spec.title,
-                "homepage": spec.homepage,
-                "verified": verified,
-                "manual": spec.manual is not None,
-            }
-        )
-    return rows

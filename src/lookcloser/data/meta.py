@@ -135,16 +135,6 @@ def check_meta_present(keys: Sequence[str], found: Sequence[str], where: str) ->
         )
 
 
-def present_keys(metas: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Keys that carry a value (not empty, not NaN) in at least one of the dicts, sorted."""
-    found: set[str] = set()
-    for meta in metas:
-        for key, value in meta.items():
-            if key not in found and not _missing(value):
-                found.add(key)
-    return sorted(found)
-
-
 def _missing(value: Any) -> bool:
     return (
         value is None

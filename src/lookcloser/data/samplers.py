@@ -36,12 +36,3 @@ def sample_weights(labels: list[int], mode: str) -> torch.Tensor:
     else:
         weights = n.rsqrt()
     return weights / weights.sum()
-
-
-def class_frequencies(labels: list[int], mode: str) -> dict[int, float]:
-    """The share of draws each class gets under `mode` (what the weights amount to per class)."""
-    weights = sample_weights(labels, mode)
-    shares: dict[int, float] = {}
-    for label, weight in zip(labels, weights.tolist(), strict=True):
-        shares[label] = shares.get(label, 0.0) + weight
-    return shares

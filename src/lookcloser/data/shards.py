@@ -18,7 +18,6 @@ import glob
 import io
 import json
 import logging
-import math
 import multiprocessing
 import os
 import random
@@ -515,8 +514,3 @@ def decode_sample(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) 
     image, _ = decode_bytes(f"{key}.{ext}", sample[ext], max_pixels)
     record = json.loads(sample["json"]) if "json" in sample else {}
     return image, int(sample["cls"]), record.get("meta", {})
-
-
-def epoch_length(num_samples: int, world_size: int, batch_size: int) -> int:
-    """Optimizer steps per epoch on each rank of a training ShardDataset (for schedulers)."""
-    return math.ceil((num_samples // world_size) / batch_size)

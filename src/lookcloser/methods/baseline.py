@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +20,8 @@ class BaselineOptions:
     """Options of the baseline method."""
 
     label_smoothing: float = ranged(0.1, 0, 1, high_open=True)
+
+    HELP: ClassVar[dict[str, str]] = {"label_smoothing": "label smoothing of the cross-entropy"}
 
 
 @register_method

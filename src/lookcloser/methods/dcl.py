@@ -27,7 +27,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +181,18 @@ class DCLOptions:
     adversarial_head: Literal["binary", "class_pairs"] = "binary"
     alignment: AlignmentKind = "coords"
     label_smoothing: float = 0.0  # on the classification loss only
+
+    HELP: ClassVar[dict[str, str]] = {
+        "regions": "N: images are cut into N x N regions (1 = no destruction)",
+        "neighbourhood": "k: a region moves by less than 2k along each axis",
+        "destroy_ratio": "destroyed images per original in a batch",
+        "alpha": "weight of the classification loss",
+        "beta": "weight of the adversarial (original vs destroyed) loss",
+        "gamma": "weight of the region-alignment loss (paper: 0.01 for cars and aircraft)",
+        "adversarial_head": "binary (paper) or class_pairs (released code)",
+        "alignment": "coords (paper: row, col) or index (released code: flattened index)",
+        "label_smoothing": "label smoothing of the classification loss",
+    }
 
     def __post_init__(self) -> None:
         if self.regions < 1:

@@ -1,0 +1,177 @@
+"""`lookcloser config`: the resolved config tree, every key with its default, type and meaning.
+
+The output is YAML that `--config` reads back: values as set, the rest in trailing comments.
+Meanings of the core keys live in HELP below (a test checks every key has one); a method's
+options carry theirs in its Options dataclass as `HELP`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import yaml
+
+from lookcloser.config import Config, Range, _leaves, _type_name
+
+HELP: dict[str, str] = {
+    "data.source": "where images come from: synthetic, imagefolder, csv, a benchmark dataset, shards",
+    "data.root": "dataset folder, CSV file or shard folder (synthetic: where to write it)",
+    "data.image_size": "input side in pixels",
+    "data.batch_size": "images per training step (per device)",
+    "data.num_workers": "DataLoader worker processes",
+    "data.on_bad_image": "error: stop before training, listing unreadable images; skip: leave them out",
+    "data.verify_images": "decode every image once before training",
+    "data.max_image_pixels": "decompression-bomb limit: larger images are refused",
+    "data.test_fraction": "share held out as test when a source has no test split",
+    "data.val_fraction": "share of train carved (stratified) for validation when a source has no val split; 0 = none",
+    "data.split_seed": "seed of the carved test and validation splits",
+    "data.meta_keys": "metadata the model takes (e.g. [lat, lon]); identifiers are refused",
+    "data.unlabelled": "unlabelled images beside each batch: a folder, or source:root",
+    "data.unlabelled_batch_size": "unlabelled images per step (default: data.batch_size)",
+    "data.level": "label granularity where a dataset has several (aircraft: variant|family|manufacturer)",
+    "data.train_split": "which official training split (aircraft, flowers102: trainval|train; inat: train|train_mini)",
+    "data.shuffle_buffer": "samples held for shuffling streamed shards",
+    "data.crop_pct": "evaluation: resize to image_size / crop_pct, then centre-crop",
+    "data.train_scale": "training: random-resized-crop area range",
+    "data.hflip": "training: horizontal flip probability",
+    "data.rotation": "training: random rotation up to this many degrees",
+    "data.color_jitter": "training: colour jitter strength",
+    "data.auto_augment": "training: timm auto-augment policy (e.g. rand-m9-mstd0.5)",
+    "data.random_erasing": "training: random erasing probability",
+    "data.sampler": "training order: uniform shuffling, class-balanced or sqrt-frequency weights",
+    "data.mixup": "mixup alpha (0 = off)",
+    "data.cutmix": "cutmix alpha (0 = off)",
+    "data.synthetic.classes": "synthetic set: classes",
+    "data.synthetic.per_class": "synthetic set: training images per class",
+    "data.synthetic.test_per_class": "synthetic set: test images per class",
+    "data.synthetic.size": "synthetic set: image side in pixels",
+    "data.synthetic.seed": "synthetic set: generator seed",
+    "model.backbone": "any timm model name",
+    "model.pretrained": "start from pretrained weights (model.weights, an offline package, or timm's hub)",
+    "model.weights": "a local safetensors or state-dict checkpoint to start from",
+    "model.weights_key_map": "how checkpoint keys map onto the model: none, position, strip:<prefix>",
+    "model.drop_rate": "dropout before the classifier",
+    "model.drop_path_rate": "stochastic depth rate",
+    "model.kwargs": "extra timm.create_model arguments, e.g. model.kwargs.img_size=448",
+    "model.head": "class head type (registered heads: linear, ...)",
+    "optim.name": "any timm optimizer name",
+    "optim.lr": "base learning rate",
+    "optim.weight_decay": "weight decay (not on biases and norms)",
+    "optim.momentum": "momentum for SGD-like optimizers",
+    "optim.head_lr_scale": "new modules learn this many times faster than the pretrained backbone",
+    "optim.layer_decay": "layer-wise learning-rate decay for pretrained blocks (timm)",
+    "optim.scheduler": "learning-rate schedule",
+    "optim.warmup_epochs": "linear warm-up length in epochs",
+    "optim.min_lr": "lowest learning rate of the schedule",
+    "optim.step_epochs": "step schedule: epochs between decays",
+    "optim.step_gamma": "step schedule: decay factor",
+    "trainer.epochs": "training epochs",
+    "trainer.accelerator": "Lightning accelerator: auto, cpu, gpu",
+    "trainer.devices": "devices per node: auto, a count, or -1 for all",
+    "trainer.strategy": "Lightning strategy: auto, ddp, ...",
+    "trainer.num_nodes": "machines taking part (DDP)",
+    "trainer.precision": "32-true, bf16-mixed, 16-mixed",
+    "trainer.deterministic": "deterministic kernels (bit-identical resumes)",
+    "trainer.accumulate_grad_batches": "batches per optimizer step",
+    "trainer.gradient_clip_val": "clip gradients to this norm",
+    "trainer.val_every_n_epochs": "validate every N epochs (0 = never)",
+    "trainer.log_every_n_steps": "log training losses every N steps",
+    "trainer.checkpoint_every_n_steps": "also checkpoint every N optimizer steps (an epoch's end always is)",
+    "trainer.resume": "last: continue this run from its last checkpoint; or a checkpoint path",
+    "trainer.progress": "progress bars: rich, tqdm or none",
+    "trainer.cpu_threads": "torch CPU threads: auto follows the cores other processes leave free",
+    "trainer.max_steps": "stop after this many optimizer steps (-1 = by epochs)",
+    "trainer.ema_decay": "keep an exponential moving average of the weights (timm ModelEmaV3)",
+    "seed": "random seed of the run",
+    "out": "run directory (default runs/<time>-<method>-<backbone>)",
+    "overwrite": "replace an earlier run in out (kept until the new run's first checkpoint)",
+    "method.name": "the training method",
+    "method.module": "a module to import first, for methods defined outside lookcloser",
+}
+
+
+def describe(cfg: Config, options_type: type | None = None) -> str:
+    """The config as commented YAML: every key, its value, and (in comments) type, default, meaning."""
+    defaults = Config()
+    lines: list[str] = []
+    group: tuple[str, ...] = ()
+    for key, node, name in _leaves(cfg):
+        if key == "method":
+            continue
+        *parents, leaf = key.split(".")
+        if tuple(parents) != group:
+            for depth, part in enumerate(parents):
+                if depth >= len(group) or group[depth] != part:
+                    lines.append(f"{'  ' * depth}{part}:")
+            group = tuple(parents)
+        field = next(f for f in dataclasses.fields(node) if f.name == name)
+        hint = typing.get_type_hints(type(node))[name]
+        default = _get(defaults, key)
+        lines.append(
+            _line(len(parents), leaf, getattr(node, name), hint, default, field, HELP.get(key, ""))
+        )
+    lines += _method_lines(cfg, options_type)
+    return "\n".join(lines) + "\n"
+
+
+def _method_lines(cfg: Config, options_type: type | None) -> list[str]:
+    lines = ["method:"]
+    name = cfg.method.get("name", "baseline")
+    lines.append(_line(1, "name", name, str, "baseline", None, HELP["method.name"]))
+    if cfg.method.get("module"):
+        lines.append(
+            _line(1, "module", cfg.method["module"], str, None, None, HELP["method.module"])
+        )
+    if options_type is None:
+        return lines
+    helps = getattr(options_type, "HELP", {})
+    hints = typing.get_type_hints(options_type)
+    for field in dataclasses.fields(options_type):
+        value = cfg.method.get(field.name, field.default)
+        lines.append(
+            _line(
+                1,
+                field.name,
+                value,
+                hints[field.name],
+                field.default,
+                field,
+                helps.get(field.name, ""),
+            )
+        )
+    return lines
+
+
+def _line(depth: int, leaf: str, value: Any, hint: Any, default: Any, field, meaning: str) -> str:
+    text = _yaml(value)
+    notes = [_type_name(hint)]
+    valid: Range | None = field.metadata.get("range") if field is not None else None
+    if valid is not None:
+        notes.append(valid.describe())
+    if _plain(value) != _plain(default):
+        notes.append(f"default {_yaml(default)}")
+    comment = f"  # {meaning} ({'; '.join(notes)})" if meaning else f"  # ({'; '.join(notes)})"
+    return f"{'  ' * depth}{leaf}: {text}{comment}"
+
+
+def _yaml(value: Any) -> str:
+    """One value as inline YAML (a scalar document ends with '...', which is dropped)."""
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,103 @@
+"""The Method contract, checked for every registered method on a CNN and a ViT.
+
+A new method is covered by its registration alone: it must train (finite losses, gradients to
+every trainable parameter), infer (its `for_inference` copy gives the trained model's logits),
+round-trip through a model directory, export to ONNX with parity, and explain with a map in
+[0, 1]. A method whose defaults cannot run on 64 px images names its small-image options in
+`CONTRACT_OPTIONS` below (the one place a method may need to appear here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lookcloser.api import _save
+from lookcloser.config import Config
+from lookcloser.data.batch import Batch
+from lookcloser.data.prepare import TrainingData
+from lookcloser.export.onnx import export_onnx, max_abs_difference
+from lookcloser.methods import _import_builtin_methods, build_method
+from lookcloser.methods.base import METHODS
+from lookcloser.predictor import Predictor
+
+SIZE, CLASSES = 64, ["a", "b", "c"]
+BACKBONES = {
+    "resnet18": [],
+    "vit_tiny_patch16_224": ["model.kwargs.img_size=64"],  # a 4 x 4 patch grid
+}
+# Options for 64 px inputs where a method's defaults assume paper-sized images.
+CONTRACT_OPTIONS = {"dcl": ["method.regions=2", "method.neighbourhood=1"]}
+
+_import_builtin_methods()
+BUILTIN = sorted(name for name, cls in METHODS.items() if cls.__module__.startswith("lookcloser."))
+
+
+def _config(method: str, backbone: str) -> Config:
+    return Config.load(
+        None,
+        [
+            f"model.backbone={backbone}",
+            "model.pretrained=false",
+            f"data.image_size={SIZE}",
+            "data.crop_pct=1.0",
+            f"method.name={method}",
+            *BACKBONES[backbone],
+            *CONTRACT_OPTIONS.get(method, []),
+        ],
+    )
+
+
+@pytest.fixture(params=BACKBONES)
+def backbone(request) -> str:
+    return request.param
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_method_contract(name, backbone, tmp_path):
+    torch.manual_seed(0)
+    cfg = _config(name, backbone)
+    method = build_method(cfg, len(CLASSES))
+    images = torch.rand(4, 3, SIZE, SIZE)
+    targets = torch.tensor([0, 1, 2, 0])
+
+    # Training: finite losses, and every trainable parameter is reached by the loss (a zero
+    # gradient counts: timm zero-initialises ResNets' last BN in each block).
+    method.train()
+    losses = method.training_losses(Batch(images, targets))
+    assert "loss" in losses and all(torch.isfinite(v).all() for v in losses.values()), losses
+    losses["loss"].backward()
+    unreached = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unreached, f"no gradient reaches {unreached[:5]}"
+
+    # Inference: the saved form computes the trained model's logits.
+    method.eval()
+    inference = method.for_inference().eval()
+    with torch.no_grad():
+        logits = method(images)
+        assert logits.shape == (4, len(CLASSES))
+        torch.testing.assert_close(inference(images), logits)
+
+    # A model directory round trip gives the same logits.
+    _save(tmp_path, inference, TrainingData(CLASSES), cfg, {}, "bicubic")
+    predictor = Predictor.load(tmp_path)
+    assert predictor.info["method"] == name
+    torch.testing.assert_close(predictor.logits(images), logits)
+
+    # ONNX export matches PyTorch.
+    onnx_path = export_onnx(predictor, tmp_path / "model.onnx")
+    assert max_abs_difference(predictor, onnx_path) < 1e-3
+
+    # Explain: every map of the method is image-sized and in [0, 1].
+    picture = Image.fromarray(
+        (np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype("uint8")
+    )
+    maps = predictor.method.attention_maps(predictor.preprocess(picture)[None])
+    assert maps
+    for map_name, heatmap in maps.items():
+        assert heatmap.shape == (1, SIZE, SIZE), map_name
+        assert heatmap.min() >= 0 and heatmap.max() <= 1, map_name
+    explanation = predictor.explain(picture)
+    assert explanation.heatmap.shape == (SIZE, SIZE)
