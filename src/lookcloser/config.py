@@ -176,7 +176,8 @@ class TrainerConfig:
     # `last` resumes from the run directory's last checkpoint; or a checkpoint path.
     resume: str | None = None
     progress: Literal["rich", "tqdm", "none"] = "rich"
-    # torch CPU threads while training: `auto` follows the cores other processes leave free.
+    # torch CPU threads while training: `auto` follows the cores other processes leave free
+    # (except with deterministic=true, whose results must not depend on the machine's load).
     cpu_threads: int | Literal["auto"] = ranged("auto", 1)
     max_steps: int = ranged(-1, -1)
     ema_decay: float | None = ranged(None, 0, 1, low_open=True, high_open=True)

@@ -81,7 +81,7 @@ HELP: dict[str, str] = {
     "trainer.checkpoint_every_n_steps": "also checkpoint every N optimizer steps (an epoch's end always is)",
     "trainer.resume": "last: continue this run from its last checkpoint; or a checkpoint path",
     "trainer.progress": "progress bars: rich, tqdm or none",
-    "trainer.cpu_threads": "torch CPU threads: auto follows the cores other processes leave free",
+    "trainer.cpu_threads": "torch CPU threads: auto follows the cores other processes leave free (fixed when deterministic)",
     "trainer.max_steps": "stop after this many optimizer steps (-1 = by epochs)",
     "trainer.ema_decay": "keep an exponential moving average of the weights (timm ModelEmaV3)",
     "seed": "random seed of the run",

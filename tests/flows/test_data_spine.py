@@ -83,8 +83,14 @@ def test_validation_reads_the_val_split_and_never_the_test_split(
     assert metrics["val"]["images"] == 12 and metrics["test"]["images"] == 12
     record = json.loads((out / "model.json").read_text())
     assert record["data"]["val_split"] == "carved" and record["data"]["train_images"] == 36
-    logged = (out / "logs" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert "val/top1" in logged
+    rows = list(csv.DictReader((out / "logs" / "csv" / "metrics.csv").open()))
+    scores = [float(r["val/top1"]) for r in rows if r.get("val/top1")]
+    assert len(scores) == 2
+    # best.ckpt holds the epoch with the highest validation top-1 (never chosen on test).
+    best = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    (state,) = [v for k, v in best["callbacks"].items() if k.startswith("RunCheckpoints")]
+    assert state["best"] == pytest.approx(max(scores))
+    assert best["epoch"] == scores.index(max(scores))
 
 
 # ---- the unlabelled stream ------------------------------------------------------------------

@@ -74,3 +74,12 @@ def test_proc_stat_parsing(tmp_path):
 
     assert busy_cpu_seconds(stat) == pytest.approx(160 / os.sysconf("SC_CLK_TCK"))
     assert busy_cpu_seconds(tmp_path / "absent") is None
+
+
+def test_deterministic_runs_keep_a_fixed_thread_count(restore_threads):
+    from lookcloser.engine.trainer import _fixed_threads
+
+    torch.set_num_threads(2)
+    assert _fixed_threads("auto", deterministic=False) is None  # follows the machine
+    assert _fixed_threads("auto", deterministic=True) == 2  # results must not follow its load
+    assert _fixed_threads(3, deterministic=True) == 3

@@ -7,11 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lookcloser.config import Config
-from lookcloser.engine.checkpoint import LastCheckpoint
+from lookcloser.engine.checkpoint import RunCheckpoints
 from lookcloser.engine.threads import CPUThreads
 
 
@@ -48,8 +49,8 @@ def build_trainer(
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     t = cfg.trainer
     callbacks = list(callbacks or []) + [
-        LastCheckpoint(run_dir / "checkpoints", t.checkpoint_every_n_steps, on_checkpoint),
-        CPUThreads(None if t.cpu_threads == "auto" else t.cpu_threads),
+        RunCheckpoints(run_dir / "checkpoints", t.checkpoint_every_n_steps, on_checkpoint),
+        CPUThreads(_fixed_threads(t.cpu_threads, t.deterministic)),
     ]
     if progress and t.progress == "rich":
         callbacks.append(RichBar(leave=True))
@@ -81,6 +82,15 @@ def build_trainer(
         enable_model_summary=False,
         use_distributed_sampler=False,  # the EpochSampler splits data across ranks itself
     )
+
+
+def _fixed_threads(cpu_threads: int | str, deterministic: bool) -> int | None:
+    """A fixed torch thread count, or None to follow the free cores. Deterministic runs keep
+    theirs: CPU kernels sum in another order with another thread count, so a run whose
+    threads followed the machine's load would not repeat bit for bit."""
+    if cpu_threads != "auto":
+        return int(cpu_threads)
+    return torch.get_num_threads() if deterministic else None
 
 
 def _csv_version(run_dir: Path, resuming: bool) -> str:
