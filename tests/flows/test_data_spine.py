@@ -87,7 +87,7 @@ def test_validation_reads_the_val_split_and_never_the_test_split(
     scores = [float(r["val/top1"]) for r in rows if r.get("val/top1")]
     assert len(scores) == 2
     # best.ckpt holds the epoch with the highest validation top-1 (never chosen on test).
-    best = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     (state,) = [v for k, v in best["callbacks"].items() if k.startswith("RunCheckpoints")]
     assert state["best"] == pytest.approx(max(scores))
     assert best["epoch"] == scores.index(max(scores))

@@ -142,7 +142,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / "model.json").exists()  # a killed run never looks finished
-    saved = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    saved = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == checkpoint_step
 
     resumed = api.train(overrides=[*overrides, "trainer.resume=last"], progress=False)
