@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -165,11 +165,13 @@ def _train(
     data = prepare_data(cfg.data)
     method = build_method(cfg, len(data.classes))
     interpolation = method.backbone.data_config.get("interpolation", "bicubic")
+    # A method may take larger images than data.image_size and sample its views from them.
+    input_size = method.input_size or cfg.data.image_size
     datamodule = build_datamodule(
         cfg,
         data,
-        train_transform(cfg.data, interpolation),
-        eval_transform(cfg.data.image_size, cfg.data.crop_pct, interpolation),
+        train_transform(replace(cfg.data, image_size=input_size), interpolation),
+        eval_transform(input_size, cfg.data.crop_pct, interpolation),
     )
     trainer = build_trainer(
         cfg,
@@ -216,7 +218,7 @@ def _train(
     predictor = Predictor(
         inference,
         data.classes,
-        cfg.data.image_size,
+        input_size,
         cfg.data.crop_pct,
         interpolation,
         device="cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
@@ -312,7 +314,7 @@ def _save(
         "classes": classes,
         "preprocessing": {
             "input": "RGB, float32 in [0, 1], N x 3 x H x W (normalization is inside the model)",
-            "image_size": cfg.data.image_size,
+            "image_size": inference.input_size or cfg.data.image_size,
             "crop_pct": cfg.data.crop_pct,
             "interpolation": interpolation,
             "mean": inference.backbone.mean.flatten().tolist(),
@@ -422,18 +424,21 @@ def explain(
     target: str | None = None,
     map_name: str | None = None,
     meta: str | Path | dict | None = None,
+    part: int | None = None,
 ) -> Path:
     """Write the image and its attention heatmap side by side as a PNG; returns its path.
 
     `meta`: the image's metadata dict, or a CSV / JSON metadata file to look the image up in.
+    `part`: show part map K and the image it samples (methods with part maps: TASN).
     """
     from lookcloser.data.meta import same_path
     from lookcloser.explain.overlay import save_explanation
 
     if isinstance(meta, str | Path):
         meta = _meta_argument(meta).get(same_path(image), {})
-    explanation = load(model_dir).explain(image, target, map_name, meta)
-    out = Path(out) if out else Path(model_dir) / "explanations" / f"{Path(image).stem}.png"
+    explanation = load(model_dir).explain(image, target, map_name, meta, part)
+    name = Path(image).stem + (f"-part{part}" if part is not None else "")
+    out = Path(out) if out else Path(model_dir) / "explanations" / f"{name}.png"
     return save_explanation(explanation, out, map_name=map_name)
 
 

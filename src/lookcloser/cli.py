@@ -135,7 +135,9 @@ def cmd_predict(args) -> int:
 def cmd_explain(args) -> int:
     from lookcloser import api
 
-    out = api.explain(args.model_dir, args.image, args.out, args.target, args.map, args.meta)
+    out = api.explain(
+        args.model_dir, args.image, args.out, args.target, args.map, args.meta, args.part
+    )
     print(out)
     return 0
 
@@ -359,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="class to explain (default: the predicted one)")
     p.add_argument("--map", help="which of the method's maps (default: its first, grad-cam)")
     p.add_argument("--meta", metavar="FILE", help=META_HELP)
+    p.add_argument(
+        "--part",
+        type=int,
+        metavar="K",
+        help="part map K and the image sampled by it (methods with part maps: tasn)",
+    )
 
     p = command(
         "export", "Export the inference graph (ONNX) and check it against PyTorch.", cmd_export

@@ -86,6 +86,9 @@ class Explanation:
     heatmap: np.ndarray  # H x W in [0, 1]
     class_name: str
     prob: float
+    # Images the method derived from the input to classify (TASN's sampled image), by name.
+    views: dict[str, Image.Image] = field(default_factory=dict)
+    map_name: str = ""
 
 
 @dataclass
@@ -326,10 +329,12 @@ class Predictor:
         target: int | str | None = None,
         map_name: str | None = None,
         meta: Mapping[str, Any] | None = None,
+        part: int | None = None,
     ) -> Explanation:
         """The method's attention map for one image (Grad-CAM unless the method has its own).
 
         `meta`: the image's metadata dict, for models with metadata (missing keys are masked).
+        `part`: part map K and its view, for methods with part maps (TASN).
         """
         tensor = self.preprocess(image).unsqueeze(0).to(self.device)
         values, mask = self._meta_inputs(1, *self.meta_rows([meta or {}]))
@@ -346,13 +351,24 @@ class Predictor:
             )
         index = int(probs.argmax()) if target is None else int(target)
         target_index = torch.tensor([index], device=self.device)
-        maps = self.method.attention_maps(tensor, target_index, values, mask)
+        maps = self.method.attention_maps(tensor, target_index, values, mask, part=part)
         if map_name is not None and map_name not in maps:
             raise ConfigError(f"map: unknown map {map_name!r}; this model has: {', '.join(maps)}")
-        heatmap = maps[map_name or next(iter(maps))][0]
-        view = Image.fromarray(
-            (tensor[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
-        )
+        map_name = map_name or next(iter(maps))
+        with torch.no_grad():
+            views = self.method.views(tensor, part=part)
         return Explanation(
-            view, heatmap.detach().cpu().numpy(), self.classes[index], float(probs[index])
+            _picture(tensor[0]),
+            maps[map_name][0].detach().cpu().numpy(),
+            self.classes[index],
+            float(probs[index]),
+            {name: _picture(view[0]) for name, view in views.items()},
+            map_name,
         )
+
+
+def _picture(image: Tensor) -> Image.Image:
+    """A 3 x H x W tensor in [0, 1] as an RGB picture."""
+    return Image.fromarray(
+        (image.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+    )

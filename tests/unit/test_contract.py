@@ -29,7 +29,10 @@ BACKBONES = {
     "vit_tiny_patch16_224": ["model.kwargs.img_size=64"],  # a 4 x 4 patch grid
 }
 # Options for 64 px inputs where a method's defaults assume paper-sized images.
-CONTRACT_OPTIONS = {"dcl": ["method.regions=2", "method.neighbourhood=1"]}
+CONTRACT_OPTIONS = {
+    "dcl": ["method.regions=2", "method.neighbourhood=1"],
+    "tasn": ["method.attention_channels=32"],  # a small dilated head: fast enough here
+}
 
 _import_builtin_methods()
 BUILTIN = sorted(name for name, cls in METHODS.items() if cls.__module__.startswith("lookcloser."))
@@ -101,3 +104,6 @@ def test_method_contract(name, backbone, tmp_path):
         assert heatmap.min() >= 0 and heatmap.max() <= 1, map_name
     explanation = predictor.explain(picture)
     assert explanation.heatmap.shape == (SIZE, SIZE)
+    # Views a method shows beside the map (TASN's sampled image) are RGB pictures.
+    for view_name, view in explanation.views.items():
+        assert view.mode == "RGB" and min(view.size) > 0, view_name

@@ -47,32 +47,36 @@ def explanation_figure(explanation, map_name: str | None = None) -> Figure:
     from matplotlib.figure import Figure
 
     view = explanation.image.convert("RGB")
-    over = overlay(view, explanation.heatmap)
+    map_name = map_name or getattr(explanation, "map_name", "") or None
     w, h = view.size
-    # Layout in inches: [pad | view | gap | overlay | gap | bar | tick labels], title on top.
+    panels = [
+        (view, f"input ({w} x {h} px)"),
+        (overlay(view, explanation.heatmap), f"{map_name or 'attention'} overlay"),
+    ]
+    # Images the method made from the input (TASN's sampled view), shown at their own size.
+    for name, picture in getattr(explanation, "views", {}).items():
+        panels.append((picture.convert("RGB"), f"{name} ({picture.width} x {picture.height} px)"))
+    # Layout in inches: [pad | panel | gap | panel ... | gap | bar | tick labels], title on top.
     side = 3.2  # the longer side of each picture (~480 px at the default 150 dpi)
     pw, ph = (side, side * h / w) if w >= h else (side * w / h, side)
     title = textwrap.fill(explanation_title(explanation, map_name), 70)
     pad, gap, bar_gap, bar_w, right = 0.15, 0.12, 0.15, 0.16, 0.85
     top = 0.35 + 0.22 * title.count("\n") + 0.3  # title line(s), then the panel titles
     bottom = 0.15
-    fw = pad + pw + gap + pw + bar_gap + bar_w + right
+    n = len(panels)
+    fw = pad + n * pw + (n - 1) * gap + bar_gap + bar_w + right
     fh = bottom + ph + top
     fig = Figure(figsize=(fw, fh))
 
     def box(x: float, width: float) -> list[float]:
         return [x / fw, bottom / fh, width / fw, ph / fh]
 
-    ax_view = fig.add_axes(box(pad, pw))
-    ax_over = fig.add_axes(box(pad + pw + gap, pw))
-    ax_bar = fig.add_axes(box(pad + 2 * pw + gap + bar_gap, bar_w))
-    for ax, picture, name in (
-        (ax_view, view, f"input ({w} x {h} px)"),
-        (ax_over, over, f"{map_name or 'attention'} overlay"),
-    ):
+    for i, (picture, name) in enumerate(panels):
+        ax = fig.add_axes(box(pad + i * (pw + gap), pw))
         ax.imshow(picture, interpolation="antialiased")
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
+    ax_bar = fig.add_axes(box(pad + n * pw + (n - 1) * gap + bar_gap, bar_w))
     bar = fig.colorbar(ScalarMappable(Normalize(0, 1), CMAP), cax=ax_bar)
     bar.set_ticks([0, 0.5, 1], labels=["0 low", "0.5", "1 high"])
     bar.ax.tick_params(labelsize=8)

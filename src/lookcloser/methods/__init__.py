@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 def _import_builtin_methods() -> None:
     # Each method module registers itself on import.
-    from lookcloser.methods import baseline, dcl  # noqa: F401
+    from lookcloser.methods import baseline, dcl, tasn  # noqa: F401
 
 
 def build_method(cfg: Config, num_classes: int, pretrained: bool | None = None) -> Method:
@@ -27,10 +27,12 @@ def build_method(cfg: Config, num_classes: int, pretrained: bool | None = None) 
 
     cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
     options = method_options(cfg, cls.Options)
-    return cls.build(
+    method = cls.build(
         BackboneFactory(cfg.model, pretrained),
         num_classes,
         options,
         head=cfg.model.head,
         meta_keys=cfg.data.meta_keys,
     )
+    method.image_size = cfg.data.image_size
+    return method

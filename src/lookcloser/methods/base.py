@@ -72,6 +72,16 @@ class Method(nn.Module):
         self.head_type = head
         self.meta_keys = list(meta_keys)
         self.inference_only = False  # True on for_inference() copies
+        # data.image_size, set by build_method: the size of the images the classifier sees.
+        self.image_size: int | None = None
+
+    @property
+    def input_size(self) -> int | None:
+        """The size of the images the model takes (loaders and the Predictor resize to it).
+
+        data.image_size unless a method samples its own views from larger inputs (TASN).
+        """
+        return self.image_size
 
     @classmethod
     def build(
@@ -124,9 +134,34 @@ class Method(nn.Module):
         target: Tensor | None = None,
         meta: Tensor | None = None,
         meta_mask: Tensor | None = None,
+        part: int | None = None,
     ) -> dict[str, Tensor]:
-        """Every map this method can show, by name (B x H x W each); the first is the default."""
+        """Every map this method can show, by name (B x H x W each); the first is the default.
+
+        `part`: a method with part maps (`part_count() > 0`) shows part `part` instead.
+        """
+        self.check_part(part)
         return {"grad-cam": self.attention(images, target, meta, meta_mask)}
+
+    def views(self, images: Tensor, part: int | None = None) -> dict[str, Tensor]:
+        """Images the method derives from the input to classify (B x 3 x h x w in [0, 1]),
+        by name; explain shows them beside the map. None for most methods."""
+        self.check_part(part)
+        return {}
+
+    def part_count(self) -> int:
+        """How many part maps `attention_maps(part=K)` can show (0: none)."""
+        return 0
+
+    def check_part(self, part: int | None) -> None:
+        """ConfigError unless `part` is None or a part map index of this method."""
+        if part is None:
+            return
+        count = self.part_count()
+        if not count:
+            raise ConfigError(f"--part: method {self.name!r} has no part maps")
+        if not 0 <= part < count:
+            raise ConfigError(f"--part: expected a part map index in 0..{count - 1}, got {part}")
 
     # ---- training ---------------------------------------------------------------------------
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:

@@ -317,9 +317,10 @@ class DCL(Method):
         self._warned_grid = True
 
     def attention_maps(
-        self, images: Tensor, target: Tensor | None = None, meta=None, meta_mask=None
+        self, images: Tensor, target: Tensor | None = None, meta=None, meta_mask=None, part=None
     ) -> dict[str, Tensor]:
         """Grad-CAM, and how well each region's position is recovered."""
+        self.check_part(part)
         return {
             "grad-cam": self.attention(images, target, meta, meta_mask),
             "region-alignment": alignment_map(self, self.alignment, images),
