@@ -136,15 +136,25 @@ def sampling_grid(
     iterations: int = 5,
 ) -> Tensor:
     """B x out_h x out_w x 2 grid for `grid_sample` from attention maps (B x h x w, >= 0)."""
-    h, w = input_size
-    full = F.interpolate(maps[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-    full = full.clamp_min(0)
-    # Max, not sum, over the other axis (the paper: more robust).
-    zx, zy = warp_densities(full.amax(dim=1), full.amax(dim=2), max_zoom, iterations)
+    # Max, not sum, over the other axis (the paper: more robust), on the map itself; then each
+    # 1-D marginal is resized to its input axis (the released code resizes the whole map to
+    # the input first: 2-D work on 512 x 512 maps for the same curve up to interpolation).
+    maps = maps.clamp_min(0)
+    zx, zy = warp_densities(
+        _resize_1d(maps.amax(dim=1), input_size[1]),
+        _resize_1d(maps.amax(dim=2), input_size[0]),
+        max_zoom,
+        iterations,
+    )
     gx, gy = inverse_cdf(zx, output_size[1]), inverse_cdf(zy, output_size[0])
     grid_x = gx[:, None, :].expand(-1, output_size[0], -1)
     grid_y = gy[:, :, None].expand(-1, -1, output_size[1])
     return torch.stack([grid_x, grid_y], dim=-1)
+
+
+def _resize_1d(values: Tensor, size: int) -> Tensor:
+    """B x n -> B x size by linear interpolation (pixel centres aligned, as bilinear resize)."""
+    return F.interpolate(values[:, None], size=size, mode="linear", align_corners=False)[:, 0]
 
 
 def attention_sample(
