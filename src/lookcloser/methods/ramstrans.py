@@ -183,7 +183,8 @@ def component_box(component: Tensor) -> Tensor:
     """
     _, h, w = component.shape
     cells = component.to(torch.float32)
-    rows, cols = cells.amax(2) > 0, cells.amax(1) > 0  # B x h, B x w
+    row_any = cells.amax(2)  # B x h (float: ONNX reduces no booleans)
+    rows, cols = row_any > 0, cells.amax(1) > 0  # B x h, B x w
     r = torch.arange(h, device=component.device, dtype=torch.float32)
     c = torch.arange(w, device=component.device, dtype=torch.float32)
     big = float(max(h, w))
@@ -193,7 +194,7 @@ def component_box(component: Tensor) -> Tensor:
     x1 = torch.where(cols, c + 1, 0.0).amax(1)
     box = torch.stack([x0, y0, x1, y1], dim=1)
     whole = torch.tensor([0.0, 0.0, float(w), float(h)], device=component.device)
-    empty = rows.amax(1, keepdim=True) == 0
+    empty = row_any.amax(1, keepdim=True) == 0
     return torch.where(empty, whole.expand_as(box), box)
 
 
