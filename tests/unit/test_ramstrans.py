@@ -259,29 +259,34 @@ def test_boxes_map_from_cells_to_pixels(image, patch, cells, pixels) -> None:
     assert out[0].tolist() == pixels
 
 
+FIXED = "model.kwargs.dynamic_img_size=false"
+
+
 @pytest.mark.parametrize(
-    ("backbone", "size", "grid", "cell"),
+    ("backbone", "extra", "size", "grid", "cell"),
     [
-        ("test_vit", 224, 14, 16.0),
-        ("test_vit", 320, 20, 16.0),
-        ("test_vit", 448, 28, 16.0),
-        ("resnet18", 64, 2, 32.0),
-        ("resnet18", 100, 4, 32.0),
+        ("test_vit", "", 224, 14, 16.0),  # timm's test ViT: 160 px, dynamic_img_size
+        ("test_vit", FIXED, 320, 20, 16.0),  # a fixed-size ViT built for 160 px
+        ("test_vit", FIXED, 448, 28, 16.0),
+        ("resnet18", "", 64, 2, 32.0),
+        ("resnet18", "", 100, 4, 32.0),
     ],
 )
 def test_the_method_maps_its_grid_to_pixels_at_several_input_sizes(
-    backbone, size, grid, cell
+    backbone, extra, size, grid, cell
 ) -> None:
     """ViTs take any configured size (position embeddings resampled); a box of cells lands on
     the pixels those patches cover."""
     torch.manual_seed(0)
-    method = build_method(tiny_config(backbone, size=size), 3).eval()
+    method = build_method(tiny_config(backbone, *filter(None, [extra]), size=size), 3).eval()
     images = torch.rand(1, 3, size, size)
     with torch.no_grad():
         logits, importance = method._look(images, with_importance=True)
         assert logits.shape == (1, 3) and importance.shape == (1, grid, grid)
         assert method(images).shape == (1, 3)
     assert method._cell_size((size, size), (grid, grid)) == (cell, cell)
+    if backbone.startswith("test_vit"):  # embeddings resampled once, to the input's grid
+        assert method.backbone.model.pos_embed.shape[1] == 1 + grid * grid
     importance = torch.zeros(1, grid, grid)
     importance[0, 1, 0:2] = 1.0  # patches (row 1, cols 0-1)
     boxes = propose_boxes(importance, 1.3, (cell, cell), (size, size))
@@ -290,6 +295,7 @@ def test_the_method_maps_its_grid_to_pixels_at_several_input_sizes(
 
 def test_dynamic_image_size_vits_work_too() -> None:
     method = build_method(tiny_config("test_vit", "model.kwargs.dynamic_img_size=true", size=96), 3)
+    assert method.backbone.model.pos_embed.shape[1] == 1 + 36  # no resize at every forward
     with torch.no_grad():
         _, importance = method.eval()._look(torch.rand(1, 3, 96, 96), with_importance=True)
     assert importance.shape == (1, 6, 6)

@@ -389,14 +389,17 @@ class RAMSTrans(Method):
             self._fit_position_embeddings(size)
 
     def _fit_position_embeddings(self, size: int) -> None:
-        """Resample a fixed-size ViT's position embeddings to size x size input (timm's
+        """Resample a ViT's position embeddings to a size x size input (timm's
         `set_input_size`: bicubic interpolation of the pretrained grid). Every scale's input
-        has this size, so no per-forward interpolation (dynamic_img_size) is needed."""
+        has this size, so the embeddings are trained at the grid they are used at, and a
+        dynamic_img_size ViT finds them at the right size instead of interpolating them at
+        every forward. (ONNX export of a dynamic_img_size ViT still fails: timm then always
+        interpolates, with an antialiased bicubic resize ONNX lacks; use model.kwargs.img_size.)"""
         model = self.backbone.model
         embed = getattr(model, "patch_embed", None)
         if embed is None or not hasattr(model, "set_input_size"):
             return
-        if getattr(model, "dynamic_img_size", False) or tuple(embed.img_size) == (size, size):
+        if tuple(embed.img_size) == (size, size):
             return
         log.info("ramstrans: %s position embeddings resampled to %d px", self.backbone.name, size)
         model.set_input_size(img_size=(size, size))
