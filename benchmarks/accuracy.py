@@ -58,6 +58,14 @@ METHODS = {
         "method.attention_output_stride=16",
         "method.attention_channels=128",
     ],
+    # RAMS-Trans's zoom with CAM importance (no pretrained ViT offline); Lite0 at output
+    # stride 16 gives 8 x 8 cells at 128 px, as configs/*/ramstrans-lite0.yaml.
+    "ramstrans": [
+        "method.name=ramstrans",
+        "method.label_smoothing=0.1",
+        "method.importance=cam",
+        "model.kwargs.output_stride=16",
+    ],
 }
 COMMON = [
     "model.backbone=tf_efficientnet_lite0",

@@ -354,6 +354,28 @@ def test_attention_probs_are_softmax_rows_and_fused_attention_comes_back():
         Backbone("resnet18").attention_probs(images)
 
 
+def test_watch_attention_reads_the_probabilities_of_the_forward_that_gives_the_features():
+    """One forward gives both: the features a plain (fused) forward gives, and each block's
+    probabilities as attention_probs' separate pass reads them."""
+    vit = Backbone("vit_tiny_patch16_224", kwargs={"img_size": 64}).eval()
+    attention = [m for m in vit.model.modules() if hasattr(m, "fused_attn")]
+    for module in attention:
+        module.fused_attn = True
+    images = torch.rand(2, 3, 64, 64)
+    seen: list[torch.Tensor] = []
+    with torch.no_grad():
+        with vit.watch_attention(seen.append):
+            features = vit.forward_features(images)
+        assert all(m.fused_attn for m in attention)  # fused attention is back on exit
+        torch.testing.assert_close(features, vit.forward_features(images), rtol=1e-4, atol=1e-5)
+        separate = vit.attention_probs(images)
+    assert len(seen) == 12
+    for mine, theirs in zip(seen, separate, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    assert not any(m.attn_drop._forward_pre_hooks for m in attention)
+    assert Backbone("resnet18").has_attention() is False and vit.has_attention()
+
+
 # ---- new modules inside a pretrained backbone -------------------------------------------------
 class ZeroResidual(nn.Module):
     """x + conv1x1(x) with the conv at zero: an identity until it is trained."""

@@ -409,9 +409,7 @@ class TASN(Method):
         master = F.cross_entropy(master_logits, targets, label_smoothing=smooth)
         part = F.cross_entropy(part_logits, targets, label_smoothing=smooth)
         # The part-net teaches; its soft targets carry no gradient (knowledge distillation).
-        distill = soft_target_cross_entropy(
-            master_logits, part_logits.detach(), opts.temperature
-        )
+        distill = soft_target_cross_entropy(master_logits, part_logits.detach(), opts.temperature)
         attention = F.cross_entropy(
             self.attention_classifier(features), targets, label_smoothing=smooth
         )
@@ -476,4 +474,3 @@ class TASN(Method):
             maps = self.attention_maps_of(self.attention_features(images))
         self.train(was_training)
         return maps
-

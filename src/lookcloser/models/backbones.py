@@ -353,27 +353,43 @@ class Backbone(nn.Module):
         Fused attention (which never forms the matrix) is switched off for this call only;
         the probabilities are taken before attention dropout, in the current train/eval mode.
         """
-        # Hooks rather than timm's AttentionExtract: its fx mode traces the model anew on
-        # every call (seconds) and its hook mode never removes its hooks.
-        attention = [m for m in self.model.modules() if hasattr(m, "fused_attn")]
-        drops = [
-            m.attn_drop for m in attention if isinstance(getattr(m, "attn_drop", None), nn.Module)
-        ]
-        if not drops:
-            raise ConfigError(f"model.backbone: {self.name!r} has no attention maps")
         probs: list[Tensor] = []
-        handles = [
-            d.register_forward_pre_hook(lambda _, args: probs.append(args[0])) for d in drops
-        ]
-        try:
-            with unfused_attention(self.model):
-                self.model.forward_features(self.normalize(images))
-        finally:
-            for handle in handles:
-                handle.remove()
+        with self.watch_attention(probs.append):
+            self.forward_features(images)
         if not probs:  # attention modules that never call attn_drop on their probabilities
             raise ConfigError(f"model.backbone: {self.name!r} exposes no attention probabilities")
         return probs
+
+    def has_attention(self) -> bool:
+        """Whether the model has timm attention blocks whose probabilities can be watched."""
+        return bool(self._attention_drops())
+
+    def _attention_drops(self) -> list[nn.Module]:
+        attention = [m for m in self.model.modules() if hasattr(m, "fused_attn")]
+        return [
+            m.attn_drop for m in attention if isinstance(getattr(m, "attn_drop", None), nn.Module)
+        ]
+
+    @contextlib.contextmanager
+    def watch_attention(self, callback: Callable[[Tensor], None]) -> Iterator[None]:
+        """Within the block, every forward calls `callback(probs)` for each attention block,
+        in order (B x heads x N x N, before attention dropout), with fused attention off.
+
+        This lets a caller read the attention of the same forward that gives the features,
+        instead of running the network a second time (`attention_probs` does the latter).
+        """
+        # Hooks rather than timm's AttentionExtract: its fx mode traces the model anew on
+        # every call (seconds) and its hook mode never removes its hooks.
+        drops = self._attention_drops()
+        if not drops:
+            raise ConfigError(f"model.backbone: {self.name!r} has no attention maps")
+        handles = [d.register_forward_pre_hook(lambda _, args: callback(args[0])) for d in drops]
+        try:
+            with unfused_attention(self.model):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def new_parameters(self) -> list[nn.Parameter]:
         """Parameters under `new_prefixes` (modules added to the pretrained network)."""

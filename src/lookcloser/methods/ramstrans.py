@@ -1,0 +1,573 @@
+"""RAMS-Trans: Recurrent Attention Multi-scale Transformer (Hu et al., ACM MM 2021).
+
+One network looks at the image several times, each time closer:
+
+* **Patch importance.** On a Vision Transformer, attention rollout over all blocks: each
+  block's attention averaged over heads, plus the identity, rows renormalised, multiplied in
+  block order; the class token's row (or the mean over query rows, as the released code)
+  over the patch tokens, divided by its max. Read from the same forward that gives the
+  scale's logits (hooks on the blocks' attention probabilities), not a second pass.
+  Beyond the paper: `importance=cam` takes the class activation map of the predicted class
+  on a CNN's last feature map instead, so the same zoom runs on CNN backbones.
+* **DPPM (dynamic patch proposal).** Patches above alpha x the mean importance; their largest
+  8-connected component; its bounding box mapped from the patch grid to pixels; that region
+  cropped and resized (bilinear, `grid_sample`) to the input size, detached, and classified
+  by the same weights. A third scale zooms into the second's crop the same way. Batched
+  tensor code throughout (no per-sample loop, no scipy), which also exports to ONNX.
+* **Loss / prediction.** Cross-entropy on every scale; the prediction sums the scales'
+  logits (or takes the last scale's).
+
+Where a choice follows the released code rather than the paper, the option's HELP says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lookcloser.config import ranged
+from lookcloser.data.batch import Batch
+from lookcloser.errors import ConfigError
+from lookcloser.methods.base import Method, register_method
+from lookcloser.models.backbones import Backbone
+
+log = logging.getLogger(__name__)
+
+Importance = Literal["auto", "rollout", "cam"]
+RolloutQuery = Literal["cls", "mean"]
+PredictFrom = Literal["sum", "last"]
+
+
+# ---- attention rollout ----------------------------------------------------------------------------
+def rollout_step(rollout: Tensor | None, probs: Tensor) -> Tensor:
+    """Fold one block's attention probabilities (B x heads x N x N) into the rollout so far.
+
+    The block's matrix is the head mean plus the identity (the residual path), rows
+    renormalised to sum to 1; it multiplies the product of the earlier blocks from the left.
+    """
+    attention = probs.float().mean(1)
+    n = attention.shape[-1]
+    attention = attention + torch.eye(n, device=attention.device, dtype=attention.dtype)
+    attention = attention / attention.sum(-1, keepdim=True)
+    return attention if rollout is None else attention @ rollout
+
+
+def attention_rollout(probs: Sequence[Tensor]) -> Tensor:
+    """B x N x N attention rollout of the blocks' probabilities, given in block order."""
+    if not probs:
+        raise ValueError("attention_rollout: no attention blocks")
+    rollout = None
+    for block in probs:
+        rollout = rollout_step(rollout, block)
+    return rollout
+
+
+class RolloutAccumulator:
+    """A `Backbone.watch_attention` callback: the rollout of the blocks seen so far.
+
+    Folding each block in as it comes keeps one B x N x N matrix instead of every block's
+    B x heads x N x N probabilities. No gradient: the rollout only chooses boxes.
+    """
+
+    def __init__(self) -> None:
+        self.rollout: Tensor | None = None
+
+    def __call__(self, probs: Tensor) -> None:
+        with torch.no_grad():
+            self.rollout = rollout_step(self.rollout, probs.detach())
+
+
+def rollout_importance(
+    rollout: Tensor, prefix_tokens: int, grid: tuple[int, int], query: RolloutQuery = "cls"
+) -> Tensor:
+    """B x h x w patch importance in [0, 1] from a B x N x N rollout.
+
+    `cls`: the class token's row (the paper); `mean`: the mean over all query rows (the
+    released code). Only the patch tokens' columns count; the map is divided by its max.
+    """
+    patches = rollout[:, :, prefix_tokens:]
+    row = patches[:, 0] if query == "cls" else patches.mean(1)
+    if row.shape[1] != grid[0] * grid[1]:
+        raise ConfigError(
+            f"method.importance=rollout: {row.shape[1]} patch tokens do not form the "
+            f"{grid[0]} x {grid[1]} grid; rollout needs global attention over the patch grid "
+            "(a plain ViT); use method.importance=cam on this backbone"
+        )
+    return normalize_by_max(row.reshape(-1, *grid))
+
+
+def normalize_by_max(maps: Tensor) -> Tensor:
+    """Each B x h x w map divided by its max (an all-zero map stays zero)."""
+    peak = maps.flatten(1).amax(1).clamp_min(1e-12)
+    return maps / peak[:, None, None]
+
+
+def class_activation_map(features: Tensor, head: nn.Module, classes: Tensor) -> Tensor:
+    """B x h x w class activation map (ReLU, divided by its max) of `classes` (B,).
+
+    `features` is the B x C x h x w map the head reads after pooling. Each location's
+    features go through the head, less the head's output at zero (its bias): for an
+    average-pooled CNN with a linear head this is exactly CAM, sum_k w_ck f_k(x, y).
+    """
+    b, c, h, w = features.shape
+    local = features.permute(0, 2, 3, 1)  # B x h x w x C
+    scores = head(local) - head(local.new_zeros(1, c))  # B x h x w x K
+    index = classes.view(b, 1, 1, 1).expand(b, h, w, 1)
+    return normalize_by_max(F.relu(scores.gather(-1, index)[..., 0]))
+
+
+# ---- DPPM: dynamic patch proposal --------------------------------------------------------------
+def threshold_mask(importance: Tensor, alpha: float) -> Tensor:
+    """B x h x w bool: the patches whose importance exceeds alpha x the map's mean."""
+    mean = importance.flatten(1).mean(1)
+    return importance > alpha * mean[:, None, None]
+
+
+def label_components(mask: Tensor, iterations: int | None = None) -> Tensor:
+    """B x h x w labels of the mask's 8-connected components (float; 0 off the mask).
+
+    Every cell of a component carries h*w minus the raster index of the component's first
+    cell, so labels are unique per component and order components as a raster scan finds
+    them. Labels spread by 3 x 3 max pooling restricted to the mask, one cell per step.
+    `iterations=None` steps until nothing changes (eager); an int steps exactly that often.
+    When traced (ONNX export) the count is h*w - 1, enough for any component on the grid: a
+    label needs at most (cells of its component - 1) steps to reach every cell.
+    """
+    _, h, w = mask.shape
+    inside = mask.to(torch.float32)[:, None]
+    first = h * w - torch.arange(h * w, device=mask.device, dtype=torch.float32)
+    labels = first.view(1, 1, h, w) * inside
+    if iterations is None and torch.jit.is_tracing():
+        iterations = h * w - 1
+    if iterations is None:
+        while True:
+            spread = F.max_pool2d(labels, 3, stride=1, padding=1) * inside
+            if torch.equal(spread, labels):
+                break
+            labels = spread
+    else:
+        for _ in range(iterations):
+            labels = F.max_pool2d(labels, 3, stride=1, padding=1) * inside
+    return labels[:, 0]
+
+
+def largest_component(mask: Tensor, iterations: int | None = None) -> Tensor:
+    """B x h x w bool: the mask's largest 8-connected component (all False on an empty mask).
+
+    Sizes are counted per label with a scatter-add; between equal sizes the component met
+    first in raster order wins (as skimage's regionprops order in the released code).
+    """
+    b, h, w = mask.shape
+    labels = label_components(mask, iterations).flatten(1)  # B x hw
+    index = labels.long()  # 0 off the mask, else 1..hw
+    sizes = torch.zeros(b, h * w + 1, device=mask.device, dtype=torch.float32)
+    sizes = sizes.scatter_add(1, index, (index > 0).to(torch.float32))
+    values = torch.arange(h * w + 1, device=mask.device, dtype=torch.float32)
+    # Larger first; on a tie, the larger label (the earlier first cell). Label 0 never wins
+    # against a real component: its size is zeroed.
+    score = (sizes * (h * w + 1) + values) * (values > 0)
+    chosen = score.argmax(1, keepdim=True).to(torch.float32)
+    return ((labels == chosen) & (labels > 0)).view(b, h, w)
+
+
+def component_box(component: Tensor) -> Tensor:
+    """B x 4 (x0, y0, x1, y1) box of each component in grid cells, ends exclusive.
+
+    An empty component (nothing above the threshold) gives the whole grid: no zoom.
+    """
+    _, h, w = component.shape
+    cells = component.to(torch.float32)
+    row_any = cells.amax(2)  # B x h (float: ONNX reduces no booleans)
+    rows, cols = row_any > 0, cells.amax(1) > 0  # B x h, B x w
+    r = torch.arange(h, device=component.device, dtype=torch.float32)
+    c = torch.arange(w, device=component.device, dtype=torch.float32)
+    big = float(max(h, w))
+    y0 = torch.where(rows, r, big).amin(1)
+    y1 = torch.where(rows, r + 1, 0.0).amax(1)
+    x0 = torch.where(cols, c, big).amin(1)
+    x1 = torch.where(cols, c + 1, 0.0).amax(1)
+    box = torch.stack([x0, y0, x1, y1], dim=1)
+    whole = torch.tensor([0.0, 0.0, float(w), float(h)], device=component.device)
+    empty = row_any.amax(1, keepdim=True) == 0
+    return torch.where(empty, whole.expand_as(box), box)
+
+
+def cells_to_pixels(
+    box: Tensor, cell_size: tuple[float, float], image_size: tuple[int, int]
+) -> Tensor:
+    """Grid-cell boxes (B x 4, xyxy) as pixel boxes: cell edges times the cell size
+    (h, w: the patch size, or a CNN's stride), kept inside the image (H, W)."""
+    ch, cw = cell_size
+    scale = box.new_tensor([cw, ch, cw, ch])
+    limit = box.new_tensor([image_size[1], image_size[0], image_size[1], image_size[0]])
+    return torch.minimum(box * scale, limit)
+
+
+def zoom(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Each image's pixel box (B x 4, xyxy, continuous pixel edges) resized to `size`.
+
+    Bilinear, sampled at the output pixel centres as `F.interpolate(crop, size,
+    align_corners=False)` samples a crop; a box of the whole image gives the image back.
+    One `grid_sample` for the batch (exports to ONNX).
+    """
+    _, _, height, width = images.shape
+    out_h, out_w = size
+    boxes = boxes.to(images.dtype)
+    ty = (torch.arange(out_h, device=images.device, dtype=images.dtype) + 0.5) / out_h
+    tx = (torch.arange(out_w, device=images.device, dtype=images.dtype) + 0.5) / out_w
+    ys = boxes[:, 1:2] + ty * (boxes[:, 3:4] - boxes[:, 1:2])  # B x out_h, in pixels
+    xs = boxes[:, 0:1] + tx * (boxes[:, 2:3] - boxes[:, 0:1])  # B x out_w
+    gy = (ys * (2.0 / height) - 1.0)[:, :, None].expand(-1, -1, out_w)
+    gx = (xs * (2.0 / width) - 1.0)[:, None, :].expand(-1, out_h, -1)
+    grid = torch.stack([gx, gy], dim=-1)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def propose_boxes(
+    importance: Tensor,
+    alpha: float,
+    cell_size: tuple[float, float],
+    image_size: tuple[int, int],
+    iterations: int | None = None,
+) -> Tensor:
+    """DPPM: B x 4 pixel boxes (xyxy) around the largest component above alpha x mean."""
+    component = largest_component(threshold_mask(importance, alpha), iterations)
+    return cells_to_pixels(component_box(component), cell_size, image_size)
+
+
+def compose_boxes(outer: Tensor, inner: Tensor, size: tuple[int, int]) -> Tensor:
+    """Boxes `inner` (xyxy pixels of a crop of `size`, made from box `outer`) in the outer
+    image's pixels."""
+    scale_x = (outer[:, 2:3] - outer[:, 0:1]) / size[1]
+    scale_y = (outer[:, 3:4] - outer[:, 1:2]) / size[0]
+    scale = torch.cat([scale_x, scale_y, scale_x, scale_y], dim=1)
+    origin = torch.cat([outer[:, 0:2], outer[:, 0:2]], dim=1)
+    return origin + inner * scale
+
+
+def paste(maps: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """B x H x W: each B x h x w map stretched (bilinear) over its pixel box, 0 outside."""
+    height, width = image_size
+    dtype = maps.dtype
+    py = (torch.arange(height, device=maps.device, dtype=dtype) + 0.5)[None]
+    px = (torch.arange(width, device=maps.device, dtype=dtype) + 0.5)[None]
+    ty = (py - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2]).clamp_min(1e-6)  # B x H
+    tx = (px - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1]).clamp_min(1e-6)  # B x W
+    gy = (ty * 2 - 1)[:, :, None].expand(-1, -1, width)
+    gx = (tx * 2 - 1)[:, None, :].expand(-1, height, -1)
+    grid = torch.stack([gx, gy], dim=-1)
+    out = F.grid_sample(
+        maps[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False
+    )[:, 0]
+    inside = ((ty >= 0) & (ty <= 1))[:, :, None] & ((tx >= 0) & (tx <= 1))[:, None, :]
+    return out * inside
+
+
+# ---- pictures for explain ---------------------------------------------------------------------------
+def jet(maps: Tensor) -> Tensor:
+    """B x 3 x H x W colours of B x H x W maps in [0, 1] (the jet colormap, piecewise linear)."""
+    t = maps.clamp(0, 1)[:, None]
+    return torch.cat(
+        [(1.5 - (4 * t - centre).abs()).clamp(0, 1) for centre in (3.0, 2.0, 1.0)], dim=1
+    )
+
+
+def draw_boxes(images: Tensor, boxes: Tensor, width: int = 2) -> Tensor:
+    """Images with each pixel box (xyxy) outlined in green, `width` pixels inside the edge."""
+    _, _, height, w = images.shape
+    py = torch.arange(height, device=images.device, dtype=images.dtype)[None] + 0.5
+    px = torch.arange(w, device=images.device, dtype=images.dtype)[None] + 0.5
+    inside_y = (py > boxes[:, 1:2]) & (py < boxes[:, 3:4])
+    inside_x = (px > boxes[:, 0:1]) & (px < boxes[:, 2:3])
+    core_y = (py > boxes[:, 1:2] + width) & (py < boxes[:, 3:4] - width)
+    core_x = (px > boxes[:, 0:1] + width) & (px < boxes[:, 2:3] - width)
+    inside = inside_y[:, :, None] & inside_x[:, None, :]
+    core = core_y[:, :, None] & core_x[:, None, :]
+    edge = (inside & ~core)[:, None]
+    green = images.new_tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)
+    return torch.where(edge, green, images)
+
+
+# ---- the method -----------------------------------------------------------------------------------
+@dataclass
+class RAMSTransOptions:
+    """Options of RAMS-Trans; defaults follow the paper (ViT-B/16, best ablation)."""
+
+    scales: int = ranged(2, 2, 3)
+    alpha: float = ranged(1.3, 0, 100)
+    third_alpha: float = ranged(0.0, 0, 100)
+    importance: Importance = "auto"
+    rollout_query: RolloutQuery = "cls"
+    predict_from: PredictFrom = "sum"
+    zoom_loss_weight: float = ranged(1.0, 0, 100)
+    label_smoothing: float = ranged(0.0, 0, 1, high_open=True)
+
+    HELP: ClassVar[dict[str, str]] = {
+        "scales": "how many times the network looks: 2 (the paper: image, then one zoom) "
+        "or 3 (a second zoom into the first zoom's crop)",
+        "alpha": "DPPM threshold: patches above alpha x the mean importance are kept "
+        "(paper's best ablation: 1.3; released code: 1.2)",
+        "third_alpha": "the threshold for the third scale's box (0: alpha; released "
+        "code's optional third scale: 1.3)",
+        "importance": "patch importance: rollout (attention rollout of a ViT, the paper), "
+        "cam (class activation map of a CNN's last feature map; beyond the paper) or auto "
+        "(rollout on a ViT, cam otherwise)",
+        "rollout_query": "rollout row read as importance: cls (the class token's row, the "
+        "paper) or mean (the mean over all query rows, the released code)",
+        "predict_from": "prediction: sum (the scales' summed logits, the paper) or last "
+        "(the most zoomed scale's logits)",
+        "zoom_loss_weight": "weight of the cross-entropy of every zoomed scale (the paper: "
+        "1; the released trainer optimises the first scale's loss alone: 0)",
+        "label_smoothing": "label smoothing of the cross-entropy losses",
+    }
+
+
+@dataclass
+class Looks:
+    """What one recurrent pass saw: per scale its input, logits and patch importance, and
+    the pixel boxes (in that scale's input) chosen for the next scale."""
+
+    images: list[Tensor]
+    logits: list[Tensor]
+    importance: list[Tensor | None]
+    boxes: list[Tensor]
+
+
+@register_method
+class RAMSTrans(Method):
+    """Recurrent zoom with one backbone and one head: importance -> DPPM box -> crop -> again."""
+
+    name = "ramstrans"
+    Options = RAMSTransOptions
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        options: RAMSTransOptions | None = None,
+        head: str = "linear",
+        meta_keys: Sequence[str] = (),
+    ):
+        super().__init__(backbone, num_classes, options, head=head, meta_keys=meta_keys)
+        opts: RAMSTransOptions = self.options
+        self.head = self.make_head(backbone.num_features)
+        model = backbone.model
+        is_vit = hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
+        can_rollout = is_vit and backbone.has_attention()
+        if opts.importance == "rollout" and not can_rollout:
+            raise ConfigError(
+                f"method.importance=rollout: {backbone.name!r} is not a Vision Transformer "
+                "with timm attention blocks; use method.importance=cam (or auto)"
+            )
+        self.importance_kind = (
+            opts.importance if opts.importance != "auto" else "rollout" if can_rollout else "cam"
+        )
+        self.prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        has_cls = self.prefix_tokens > 0 and getattr(model, "cls_token", None) is not None
+        if self.importance_kind == "rollout" and opts.rollout_query == "cls" and not has_cls:
+            raise ConfigError(
+                f"method.rollout_query=cls: {backbone.name!r} has no class token; "
+                "use method.rollout_query=mean"
+            )
+
+    # ---- sizes ------------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int | None:
+        """data.image_size; setting it fits a ViT's position embeddings to that size."""
+        return self.__dict__.get("_image_size")
+
+    @image_size.setter
+    def image_size(self, size: int | None) -> None:
+        self.__dict__["_image_size"] = size
+        if size:
+            self._fit_position_embeddings(size)
+
+    def _fit_position_embeddings(self, size: int) -> None:
+        """Resample a ViT's position embeddings to a size x size input (timm's
+        `set_input_size`: bicubic interpolation of the pretrained grid). Every scale's input
+        has this size, so the embeddings are trained at the grid they are used at, and a
+        dynamic_img_size ViT finds them at the right size instead of interpolating them at
+        every forward. (ONNX export of a dynamic_img_size ViT still fails: timm then always
+        interpolates, with an antialiased bicubic resize ONNX lacks; use model.kwargs.img_size.)"""
+        model = self.backbone.model
+        embed = getattr(model, "patch_embed", None)
+        if embed is None or not hasattr(model, "set_input_size"):
+            return
+        if tuple(embed.img_size) == (size, size):
+            return
+        log.info("ramstrans: %s position embeddings resampled to %d px", self.backbone.name, size)
+        model.set_input_size(img_size=(size, size))
+
+    def _cell_size(self, image_hw: tuple[int, int], grid: tuple[int, int]) -> tuple[float, float]:
+        """Pixels per grid cell: the ViT's patch size, or the CNN's stride when it explains
+        the grid (ceil(H / stride) cells), else H / h."""
+        model = self.backbone.model
+        if self.importance_kind == "rollout":
+            patch = model.patch_embed.patch_size
+            return float(patch[0]), float(patch[1])
+        info = getattr(model, "feature_info", None)
+        stride = info[-1].get("reduction") if isinstance(info, list) and info else None
+        cells = []
+        for side, n in zip(image_hw, grid, strict=True):
+            fits = stride and -(-side // stride) == n
+            cells.append(float(stride) if fits else side / n)
+        return cells[0], cells[1]
+
+    def _alpha(self, scale: int) -> float:
+        opts: RAMSTransOptions = self.options
+        return opts.third_alpha if scale == 1 and opts.third_alpha > 0 else opts.alpha
+
+    # ---- one look ---------------------------------------------------------------------------------
+    def _look(self, images: Tensor, with_importance: bool) -> tuple[Tensor, Tensor | None]:
+        """Logits of one scale and, if asked, its B x h x w patch importance (no gradient).
+
+        Rollout reads the attention of this same forward: one pass per scale, with the
+        attention computed unfused (the matrix must exist) only where a box is chosen.
+        """
+        if with_importance and self.importance_kind == "rollout":
+            accumulator = RolloutAccumulator()
+            with self.backbone.watch_attention(accumulator):
+                features = self.backbone.forward_features(images)
+            grid = tuple(self.backbone.spatial_map(features).shape[-2:])
+            importance = rollout_importance(
+                accumulator.rollout, self.prefix_tokens, grid, self.options.rollout_query
+            )
+            return self.forward_head(features), importance
+        features = self.backbone.forward_features(images)
+        logits = self.forward_head(features)
+        if not with_importance:
+            return logits, None
+        with torch.no_grad():
+            fmap = self.backbone.spatial_map(features.detach())
+            importance = class_activation_map(fmap, self.head, logits.detach().argmax(1))
+        return logits, importance
+
+    def look_closer(self, images: Tensor, importance_everywhere: bool = False) -> Looks:
+        """The recurrent pass: each scale's logits; between scales DPPM picks a box whose
+        crop, resized to the input size and detached, is the next scale's input."""
+        opts: RAMSTransOptions = self.options
+        size = tuple(images.shape[-2:])
+        looks = Looks([], [], [], [])
+        current = images
+        for scale in range(opts.scales):
+            last = scale == opts.scales - 1
+            logits, importance = self._look(current, importance_everywhere or not last)
+            looks.images.append(current)
+            looks.logits.append(logits)
+            looks.importance.append(importance)
+            if last:
+                break
+            with torch.no_grad():
+                grid = tuple(importance.shape[-2:])
+                boxes = propose_boxes(
+                    importance, self._alpha(scale), self._cell_size(size, grid), size
+                )
+                current = zoom(current.detach(), boxes, size)
+            looks.boxes.append(boxes)
+        return looks
+
+    def combine(self, logits: list[Tensor]) -> Tensor:
+        """The prediction: the scales' summed logits, or the last scale's."""
+        if self.options.predict_from == "last":
+            return logits[-1]
+        return torch.stack(logits).sum(0)
+
+    # ---- inference path ---------------------------------------------------------------------------
+    def forward_features(self, images: Tensor) -> Tensor:
+        """The first scale's feature map (the backbone on the whole image)."""
+        return self.backbone.forward_features(images)
+
+    def forward_head(self, features: Tensor, meta=None, meta_mask=None) -> Tensor:
+        """One scale's logits from its feature map."""
+        return self.head(self.backbone.pool(features))
+
+    def forward(self, images: Tensor, meta=None, meta_mask=None) -> Tensor:
+        """The multi-scale prediction: every scale, boxes chosen as in training."""
+        return self.combine(self.look_closer(images).logits)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """'loss' = CE of scale 1 + zoom_loss_weight x CE of each zoomed scale."""
+        opts: RAMSTransOptions = self.options
+        looks = self.look_closer(batch.images)
+        parts = {
+            f"scale{i + 1}": F.cross_entropy(
+                logits, batch.targets, label_smoothing=opts.label_smoothing
+            )
+            for i, logits in enumerate(looks.logits)
+        }
+        zoomed = [parts[f"scale{i + 1}"] for i in range(1, opts.scales)]
+        loss = parts["scale1"] + opts.zoom_loss_weight * torch.stack(zoomed).sum()
+        return {"loss": loss, **parts}
+
+    def new_modules(self) -> list[nn.Module]:
+        """The class head is new; the backbone is the only other network."""
+        return [self.head]
+
+    # ---- explain ----------------------------------------------------------------------------------
+    def _explained(self, images: Tensor) -> Looks:
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            looks = self.look_closer(images, importance_everywhere=True)
+        self.train(was_training)
+        return looks
+
+    @staticmethod
+    def _regions(looks: Looks, size: tuple[int, int]) -> list[Tensor]:
+        """Each scale's input as a pixel box of the original image."""
+        first = looks.images[0]
+        whole = first.new_tensor([0.0, 0.0, size[1], size[0]]).expand(first.shape[0], 4)
+        regions = [whole]
+        for boxes in looks.boxes:
+            regions.append(compose_boxes(regions[-1], boxes, size))
+        return regions
+
+    def attention(self, images, target=None, meta=None, meta_mask=None) -> Tensor:
+        """The first scale's patch importance over the image (what chose the first box)."""
+        return next(iter(self.attention_maps(images, target, meta, meta_mask).values()))
+
+    def attention_maps(
+        self,
+        images: Tensor,
+        target: Tensor | None = None,
+        meta=None,
+        meta_mask=None,
+        part: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Each scale's patch importance, placed over the region of the image it saw (0
+        elsewhere): `<rollout|cam>-scale1`, `-scale2`, ... The maps are the ones that chose
+        the boxes (the predicted class's, for cam), whatever `target` is."""
+        self.check_part(part)
+        size = tuple(images.shape[-2:])
+        looks = self._explained(images)
+        regions = self._regions(looks, size)
+        return {
+            f"{self.importance_kind}-scale{i + 1}": paste(importance, region, size).clamp(0, 1)
+            for i, (importance, region) in enumerate(zip(looks.importance, regions, strict=True))
+        }
+
+    def views(self, images: Tensor, part: int | None = None) -> dict[str, Tensor]:
+        """Per scale: the image it saw with its importance and the box it chose drawn on it,
+        and the zoomed crop the next scale classified."""
+        self.check_part(part)
+        size = tuple(images.shape[-2:])
+        looks = self._explained(images)
+        pictures = {}
+        for i, (seen, importance) in enumerate(zip(looks.images, looks.importance, strict=True)):
+            heat = F.interpolate(
+                importance[:, None], size=size, mode="bilinear", align_corners=False
+            )[:, 0]
+            blended = 0.55 * seen + 0.45 * jet(heat)
+            if i < len(looks.boxes):
+                pictures[f"scale {i + 1}: importance, box"] = draw_boxes(blended, looks.boxes[i])
+                pictures[f"scale {i + 2}: zoomed crop"] = looks.images[i + 1]
+            else:
+                pictures[f"scale {i + 1}: importance"] = blended
+        return pictures
