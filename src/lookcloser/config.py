@@ -136,6 +136,14 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     # The class head (models.heads registry): linear.
     head: str = "linear"
+    # Attention plug-ins (models/plugins.py): SE, SK or CBAM blocks after the CNN's stages
+    # (feature levels; empty = every level from stride 4 on), starting as the identity.
+    attention: Literal["none", "se", "sk", "cbam"] = "none"
+    attention_stages: list[int] = field(default_factory=list)
+    attention_reduction: int = ranged(16, 1, 1024)
+    # A spatial transformer in front of the backbone, starting as the identity.
+    stn: bool = False
+    stn_mode: Literal["affine", "similarity", "translation_scale"] = "affine"
 
 
 @dataclass

@@ -56,6 +56,15 @@ HELP: dict[str, str] = {
     "model.drop_path_rate": "stochastic depth rate",
     "model.kwargs": "extra timm.create_model arguments, e.g. model.kwargs.img_size=448",
     "model.head": "class head type (registered heads: linear, ...)",
+    "model.attention": "attention blocks after the CNN's stages: none, se, sk or cbam "
+    "(timm's layers; each starts as the identity)",
+    "model.attention_stages": "stages (feature levels, as Backbone.intermediates counts them) "
+    "that get a block; [] = every level from stride 4 on",
+    "model.attention_reduction": "channel reduction r of the blocks' bottleneck (SE paper: 16)",
+    "model.stn": "a spatial transformer warps the input in front of the backbone (starts as "
+    "the identity)",
+    "model.stn_mode": "the transform the STN learns: affine, similarity (scale, rotation, "
+    "shift) or translation_scale",
     "optim.name": "any timm optimizer name",
     "optim.lr": "base learning rate",
     "optim.weight_decay": "weight decay (not on biases and norms)",

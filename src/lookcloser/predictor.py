@@ -351,12 +351,12 @@ class Predictor:
             )
         index = int(probs.argmax()) if target is None else int(target)
         target_index = torch.tensor([index], device=self.device)
-        maps = self.method.attention_maps(tensor, target_index, values, mask, part=part)
+        maps = self.method.explain_maps(tensor, target_index, values, mask, part=part)
         if map_name is not None and map_name not in maps:
             raise ConfigError(f"map: unknown map {map_name!r}; this model has: {', '.join(maps)}")
         map_name = map_name or next(iter(maps))
         with torch.no_grad():
-            views = self.method.views(tensor, part=part)
+            views = self.method.explain_views(tensor, part=part)
         return Explanation(
             _picture(tensor[0]),
             maps[map_name][0].detach().cpu().numpy(),

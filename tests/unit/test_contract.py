@@ -4,7 +4,13 @@ A new method is covered by its registration alone: it must train (finite losses,
 every trainable parameter), infer (its `for_inference` copy gives the trained model's logits),
 round-trip through a model directory, export to ONNX with parity, and explain with a map in
 [0, 1]. A method whose defaults cannot run on 64 px images names its small-image options in
-`CONTRACT_OPTIONS` below (the one place a method may need to appear here).
+`CONTRACT_OPTIONS` below (the one place a method may need to appear here); a method that
+cannot run on a ViT at all says so in `CNN_ONLY`, and the contract then checks that building
+it on the ViT fails with a ConfigError naming the reason.
+
+The attention plug-ins (model.attention=se|sk|cbam, model.stn=true) go through the same
+contract on the baseline (`PLUGINS`): they must train, save, reload, export and explain with
+any method, so the baseline stands for all.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from lookcloser.api import _save
 from lookcloser.config import Config
 from lookcloser.data.batch import Batch
 from lookcloser.data.prepare import TrainingData
+from lookcloser.errors import ConfigError
 from lookcloser.export.onnx import export_onnx, max_abs_difference
 from lookcloser.methods import _import_builtin_methods, build_method
 from lookcloser.methods.base import METHODS
@@ -34,11 +41,23 @@ CONTRACT_OPTIONS = {
     "tasn": ["method.attention_channels=32"],  # a small dilated head: fast enough here
 }
 
+# Methods that need CNN feature maps where a ViT has tokens: building one on the ViT must fail
+# with a ConfigError matching this text.
+CNN_ONLY = {
+    "dcn": "must be a CNN",  # its fine network classifies patches smaller than the input
+}
+PLUGINS = {
+    "se": ["model.attention=se"],
+    "sk": ["model.attention=sk"],
+    "cbam": ["model.attention=cbam"],
+    "stn": ["model.stn=true"],
+}
+
 _import_builtin_methods()
 BUILTIN = sorted(name for name, cls in METHODS.items() if cls.__module__.startswith("lookcloser."))
 
 
-def _config(method: str, backbone: str) -> Config:
+def _config(method: str, backbone: str, *extra: str) -> Config:
     return Config.load(
         None,
         [
@@ -49,6 +68,7 @@ def _config(method: str, backbone: str) -> Config:
             f"method.name={method}",
             *BACKBONES[backbone],
             *CONTRACT_OPTIONS.get(method, []),
+            *extra,
         ],
     )
 
@@ -62,6 +82,32 @@ def backbone(request) -> str:
 def test_method_contract(name, backbone, tmp_path):
     torch.manual_seed(0)
     cfg = _config(name, backbone)
+    if name in CNN_ONLY and backbone.startswith("vit"):
+        with pytest.raises(ConfigError, match=CNN_ONLY[name]):
+            build_method(cfg, len(CLASSES))
+        return
+    check_contract(name, cfg, tmp_path)
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_baseline_with_each_attention_plugin(plugin, tmp_path):
+    torch.manual_seed(0)
+    cfg = _config("baseline", "resnet18", *PLUGINS[plugin])
+    names = check_contract("baseline", cfg, tmp_path)
+    # Explain shows what the plug-in did: CBAM's spatial maps, the STN's warped input, the
+    # blocks' channel weights.
+    expected = {
+        "se": ("se channel weights",),
+        "sk": ("sk branch weights",),
+        "cbam": ("cbam channel weights", "cbam-spatial-layer4"),
+        "stn": ("stn: warped input",),
+    }[plugin]
+    assert set(expected) <= names, names
+
+
+def check_contract(name: str, cfg: Config, tmp_path) -> set[str]:
+    """Train, infer, save, reload, export and explain `cfg`'s method; the names of the maps
+    and views explain showed."""
     method = build_method(cfg, len(CLASSES))
     images = torch.rand(4, 3, SIZE, SIZE)
     targets = torch.tensor([0, 1, 2, 0])
@@ -97,7 +143,7 @@ def test_method_contract(name, backbone, tmp_path):
     picture = Image.fromarray(
         (np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype("uint8")
     )
-    maps = predictor.method.attention_maps(predictor.preprocess(picture)[None])
+    maps = predictor.method.explain_maps(predictor.preprocess(picture)[None])
     assert maps
     for map_name, heatmap in maps.items():
         assert heatmap.shape == (1, SIZE, SIZE), map_name
@@ -107,3 +153,4 @@ def test_method_contract(name, backbone, tmp_path):
     # Views a method shows beside the map (TASN's sampled image) are RGB pictures.
     for view_name, view in explanation.views.items():
         assert view.mode == "RGB" and min(view.size) > 0, view_name
+    return set(maps) | set(explanation.views)

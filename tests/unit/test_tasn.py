@@ -246,9 +246,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 def test_explain_shows_the_structure_map_and_the_sampled_image(model_dir: Path) -> None:
     predictor = Predictor.load(model_dir)
-    picture = Image.fromarray(
-        (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
-    )
+    picture = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
     explanation = predictor.explain(picture)
     assert explanation.map_name == "structure-attention"
     assert list(explanation.views) == ["structure-preserved (sampled)"]

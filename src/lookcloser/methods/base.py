@@ -153,6 +153,42 @@ class Method(nn.Module):
         """How many part maps `attention_maps(part=K)` can show (0: none)."""
         return 0
 
+    # ---- what explain shows: the method's maps and views, then its backbones' plug-ins --------
+    def named_backbones(self) -> dict[str, Backbone]:
+        """The method's networks by name (their module paths unless a method names them)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, Backbone)}
+
+    def _plugin_backbones(self) -> list[tuple[str, Backbone]]:
+        """(name prefix, backbone) of the networks with plug-ins; no prefix when only one."""
+        found = [(n, b) for n, b in self.named_backbones().items() if b.has_plugins()]
+        return [("" if len(found) == 1 else f"{n}: ", b) for n, b in found]
+
+    def explain_maps(
+        self,
+        images: Tensor,
+        target: Tensor | None = None,
+        meta: Tensor | None = None,
+        meta_mask: Tensor | None = None,
+        part: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Every map explain can show: `attention_maps` (its first stays the default), then the
+        maps of the attention plug-ins in the method's networks (CBAM's spatial attention),
+        each network run on `images`."""
+        maps = self.attention_maps(images, target, meta, meta_mask, part=part)
+        for prefix, backbone in self._plugin_backbones():
+            for name, heatmap in backbone.plugin_maps(images).items():
+                maps.setdefault(f"{prefix}{name}", heatmap)
+        return maps
+
+    def explain_views(self, images: Tensor, part: int | None = None) -> dict[str, Tensor]:
+        """Every picture explain shows beside the map: `views`, then the plug-ins' (the STN's
+        warped input, the attention blocks' channel weights as a bar chart per stage)."""
+        views = self.views(images, part=part)
+        for prefix, backbone in self._plugin_backbones():
+            for name, picture in backbone.plugin_views(images).items():
+                views.setdefault(f"{prefix}{name}", picture)
+        return views
+
     def check_part(self, part: int | None) -> None:
         """ConfigError unless `part` is None or a part map index of this method."""
         if part is None:

@@ -8,7 +8,8 @@ Weight sources, tried in this order when `pretrained=true`:
 
 Modules a method adds inside a backbone (before its weights load) are declared with
 `new_prefixes`: the checkpoint may lack their tensors, which then keep their initial values;
-every other missing or unexpected tensor is an error.
+every other missing or unexpected tensor is an error. The attention plug-ins
+(`model.attention`, `model.stn`; `models/plugins.py`) are added the same way.
 """
 
 from __future__ import annotations
@@ -23,9 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lookcloser.errors import ConfigError, WeightsError
+from lookcloser.models.plugins import (
+    PLUGIN_PREFIX,
+    SpatialTransformer,
+    StageAttention,
+    attention_blocks,
+    insert_attention,
+)
 
 if TYPE_CHECKING:
     from lookcloser.config import ModelConfig
@@ -283,6 +292,11 @@ class Backbone(nn.Module):
         kwargs: dict[str, Any] | None = None,
         edit: ModelEdit | None = None,
         new_prefixes: Sequence[str] = (),
+        attention: str = "none",
+        attention_stages: Sequence[int] = (),
+        attention_reduction: int = 16,
+        stn: bool = False,
+        stn_mode: str = "affine",
     ):
         super().__init__()
         extra = dict(kwargs or {})
@@ -295,9 +309,18 @@ class Backbone(nn.Module):
             extra["drop_path_rate"] = drop_path_rate
         self.name = name
         self.new_prefixes = tuple(new_prefixes)
+        self.attention_kind = attention
+        if attention != "none":
+            # Plug-in blocks go into the bare architecture like any method's edit (after it).
+            edit = _compose(
+                edit, _attention_edit(attention, attention_stages, attention_reduction, name)
+            )
+            self.new_prefixes += (PLUGIN_PREFIX,)
         self.model = create_timm_model(
             name, pretrained, weights, key_map, edit, self.new_prefixes, **extra
         )
+        # The spatial transformer warps the input in front of the network (model.stn).
+        self.stn = SpatialTransformer(stn_mode) if stn else None
         self.data_config = timm.data.resolve_model_data_config(self.model)
         self.num_features: int = self.model.num_features
         self.register_buffer("mean", torch.tensor(self.data_config["mean"]).view(1, 3, 1, 1))
@@ -307,9 +330,20 @@ class Backbone(nn.Module):
         """RGB images in [0, 1] normalized as the backbone's weights expect."""
         return (images - self.mean) / self.std
 
+    def warp(self, images: Tensor) -> Tensor:
+        """The spatial transformer's warped images (in [0, 1]); the images themselves without
+        model.stn."""
+        if self.stn is None:
+            return images
+        return self.stn(images, self.normalize(images))
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """What the timm model takes: the (warped) images, normalized."""
+        return self.normalize(self.warp(images))
+
     def forward_features(self, images: Tensor) -> Tensor:
         """The last feature map: B x C x h x W for CNNs, B x N x C tokens for transformers."""
-        return self.model.forward_features(self.normalize(images))
+        return self.model.forward_features(self.prepare(images))
 
     def pool(self, features: Tensor) -> Tensor:
         """The pooled embedding (B x num_features) of a feature map."""
@@ -344,7 +378,7 @@ class Backbone(nn.Module):
             raise ConfigError(f"model.backbone: timm's {self.name!r} has no forward_intermediates")
         index = list(indices) if isinstance(indices, Sequence) else indices
         return self.model.forward_intermediates(
-            self.normalize(images), indices=index, intermediates_only=True
+            self.prepare(images), indices=index, intermediates_only=True
         )
 
     def attention_probs(self, images: Tensor) -> list[Tensor]:
@@ -392,8 +426,99 @@ class Backbone(nn.Module):
                 handle.remove()
 
     def new_parameters(self) -> list[nn.Parameter]:
-        """Parameters under `new_prefixes` (modules added to the pretrained network)."""
-        return [p for n, p in self.model.named_parameters() if is_new_key(n, self.new_prefixes)]
+        """Parameters under `new_prefixes` (modules added to the pretrained network) and the
+        spatial transformer's."""
+        new = [p for n, p in self.model.named_parameters() if is_new_key(n, self.new_prefixes)]
+        return new + (list(self.stn.parameters()) if self.stn is not None else [])
+
+    # ---- attention plug-ins: what explain shows -------------------------------------------
+    def attention_blocks(self) -> list[StageAttention]:
+        """The model.attention blocks, in stage order (empty without them)."""
+        return attention_blocks(self.model)
+
+    def has_plugins(self) -> bool:
+        """Whether model.attention or model.stn put anything into this network."""
+        return bool(self.attention_blocks()) or self.stn is not None
+
+    def plugin_weights(self, images: Tensor) -> list[dict[str, Tensor]]:
+        """Per attention block, in stage order, the weights it gave `images` (eval mode, no
+        gradient): `channel` B x C (SE, CBAM), `spatial` B x h x w (CBAM), `branches`
+        B x 2 x C (SK's branch weights; they sum to 1 over the branches)."""
+        blocks = self.attention_blocks()
+        records: list[dict[str, Tensor]] = [{} for _ in blocks]
+        handles = []
+        for record, block in zip(records, blocks, strict=True):
+            for kind, module in block.gates().items():
+
+                def keep(_module, _args, output, record=record, kind=kind) -> None:
+                    record[kind] = output.detach()
+
+                handles.append(module.register_forward_hook(keep))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                self.forward_features(images)
+        finally:
+            self.train(was_training)
+            for handle in handles:
+                handle.remove()
+        for record in records:
+            if "channel" in record:
+                record["channel"] = record["channel"].flatten(1)
+            if "spatial" in record:
+                record["spatial"] = record["spatial"][:, 0]
+            if "branches" in record:
+                record["branches"] = record["branches"].flatten(2)
+        return records
+
+    def plugin_maps(self, images: Tensor) -> dict[str, Tensor]:
+        """Maps over the image (B x H x W in [0, 1]) of the plug-ins: CBAM's spatial attention
+        per stage (`cbam-spatial-<module>`), resized to the image."""
+        if self.attention_kind != "cbam":
+            return {}
+        maps = {}
+        for block, record in zip(self.attention_blocks(), self.plugin_weights(images), strict=True):
+            spatial = F.interpolate(
+                record["spatial"][:, None],
+                size=images.shape[-2:],
+                mode="bilinear",
+                align_corners=False,
+            )[:, 0]
+            maps[f"cbam-spatial-{block.module_name}"] = spatial.clamp(0, 1)
+        return maps
+
+    def plugin_views(self, images: Tensor) -> dict[str, Tensor]:
+        """Pictures of the plug-ins (B x 3 x h x w in [0, 1]): the STN's warped input, and a
+        bar chart of the attention blocks' channel (SK: branch) weights per stage."""
+        from lookcloser.explain.charts import weight_chart
+
+        views = {}
+        if self.stn is not None:
+            with torch.no_grad():
+                views["stn: warped input"] = self.warp(images).clamp(0, 1)
+        blocks = self.attention_blocks()
+        if blocks:
+            records = self.plugin_weights(images)
+            kind = "branches" if self.attention_kind == "sk" else "channel"
+            names = ("3x3", "3x3 dilated 2") if kind == "branches" else ()
+            charts = []
+            for i in range(images.shape[0]):
+                rows = [
+                    (
+                        f"{b.module_name} (stage {b.level}, gamma {float(b.gamma.detach()):.2f})",
+                        r[kind][i],
+                    )
+                    for b, r in zip(blocks, records, strict=True)
+                ]
+                charts.append(weight_chart(rows, names))
+            title = (
+                "sk branch weights"
+                if kind == "branches"
+                else f"{self.attention_kind} channel weights"
+            )
+            views[title] = torch.stack(charts).to(images.device)
+        return views
 
 
 @contextlib.contextmanager
@@ -411,13 +536,29 @@ def unfused_attention(model: nn.Module) -> Iterator[None]:
             module.fused_attn = value
 
 
+def _compose(first: ModelEdit | None, second: ModelEdit) -> ModelEdit:
+    if first is None:
+        return second
+
+    def both(model: nn.Module) -> None:
+        first(model)
+        second(model)
+
+    return both
+
+
+def _attention_edit(kind: str, stages: Sequence[int], reduction: int, name: str) -> ModelEdit:
+    return lambda model: insert_attention(model, kind, list(stages), reduction, name)
+
+
 class BackboneFactory:
     """Makes Backbones from the run's `model.*` config; a method calls it for each network.
 
     `make_backbone()` is the configured backbone. `make_backbone(name, **overrides)` is another
     (its own weights from timm; model.weights and model.kwargs belong to `model.backbone`).
-    Overrides are Backbone arguments (edit, new_prefixes, drop_rate, ...); `kwargs` given
-    here are added to model.kwargs.
+    Overrides are Backbone arguments (edit, new_prefixes, drop_rate, attention, stn, ...);
+    `kwargs` given here are added to model.kwargs. The plug-ins (model.attention, model.stn)
+    go into the configured network and any other of the same name, as model.kwargs do.
     """
 
     def __init__(self, model: ModelConfig, pretrained: bool | None = None):
@@ -437,6 +578,12 @@ class BackboneFactory:
             "drop_rate": cfg.drop_rate,
             "drop_path_rate": cfg.drop_path_rate,
             "kwargs": dict(cfg.kwargs) if configured else {},
+            # The plug-ins belong to model.backbone, as model.kwargs do.
+            "attention": cfg.attention if configured else "none",
+            "attention_stages": list(cfg.attention_stages) if configured else [],
+            "attention_reduction": cfg.attention_reduction,
+            "stn": cfg.stn if configured else False,
+            "stn_mode": cfg.stn_mode,
         }
         args["kwargs"].update(overrides.pop("kwargs", None) or {})
         args.update(overrides)
