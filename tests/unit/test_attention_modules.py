@@ -1,0 +1,343 @@
+"""Attention plug-ins (model.attention=se|sk|cbam, model.stn): shapes, identity at step 0 on
+pretrained weights, the weights explain shows, the STN's warp and gradients, stage choice,
+learning rates, weight sources and use with other methods."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from lookcloser.api import _save
+from lookcloser.config import Config, OptimConfig
+from lookcloser.data.batch import Batch
+from lookcloser.data.prepare import TrainingData
+from lookcloser.engine.module import parameter_groups
+from lookcloser.errors import ConfigError
+from lookcloser.methods import build_method
+from lookcloser.models import backbones
+from lookcloser.models.backbones import Backbone, create_timm_model
+from lookcloser.models.plugins import (
+    SpatialTransformer,
+    StageAttention,
+    affine_grid,
+    stn_theta,
+)
+from lookcloser.predictor import Predictor
+
+KINDS = ["se", "sk", "cbam"]
+
+
+def active(backbone: Backbone, gamma: float = 1.0) -> Backbone:
+    """The blocks fully on (gamma = 1: the block as published)."""
+    with torch.no_grad():
+        for block in backbone.attention_blocks():
+            block.gamma.fill_(gamma)
+    return backbone
+
+
+# ---- the blocks -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("channels", [16, 24, 40, 7])
+def test_every_block_keeps_the_shape(kind, channels):
+    block = StageAttention(kind, channels, 16, level=1, module="stage").eval()
+    with torch.no_grad():
+        block.gamma.fill_(1.0)
+        x = torch.randn(2, channels, 9, 11)
+        y = block(x)
+    assert y.shape == x.shape
+    assert not torch.allclose(y, x)  # it does something once on
+
+
+def test_a_block_refuses_a_map_of_another_width():
+    block = StageAttention("se", 16, 16, level=1, module="layer1")
+    with pytest.raises(ConfigError, match="layer1 gives"):
+        block(torch.randn(1, 8, 4, 4))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_blocks_leave_the_pretrained_network_unchanged_at_initialisation(kind):
+    """Offline ImageNet weights of Lite0 (no network): with fresh blocks the backbone gives the
+    pretrained features exactly, and only the blocks are new."""
+    images = torch.rand(2, 3, 64, 64)
+    plain = Backbone("tf_efficientnet_lite0", pretrained=True).eval()
+    plugged = Backbone("tf_efficientnet_lite0", pretrained=True, attention=kind).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plugged(images), plain(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            plugged.forward_features(images), plain.forward_features(images), rtol=0, atol=1e-6
+        )
+    new = {id(p) for p in plugged.new_parameters()}
+    names = {n for n, p in plugged.model.named_parameters() if id(p) in new}
+    assert names and all(n.startswith("attention_blocks.") for n in names)
+    # Once on, the blocks change the features.
+    with torch.no_grad():
+        assert not torch.allclose(active(plugged)(images), plain(images), atol=1e-3)
+
+
+def test_stn_at_identity_leaves_the_pretrained_network_unchanged():
+    images = torch.rand(2, 3, 64, 64)
+    plain = Backbone("tf_efficientnet_lite0", pretrained=True).eval()
+    warped = Backbone("tf_efficientnet_lite0", pretrained=True, stn=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(warped(images), plain(images), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_blocks_run_in_every_forward_path_and_copies_use_their_own_blocks(kind):
+    """Hooks on the stage modules: forward_intermediates sees the blocks too, and a deep copy
+    (the EMA's) runs its own blocks, not the original's."""
+    images = torch.rand(1, 3, 64, 64)
+    backbone = active(Backbone("resnet18", attention=kind, attention_stages=[1])).eval()
+    plain_maps = Backbone("resnet18").eval()
+    plain_maps.load_state_dict(
+        {k: v for k, v in backbone.state_dict().items() if "attention_blocks" not in k}
+    )
+    with torch.no_grad():
+        mine = backbone.intermediates(images, [1])[0]
+        theirs = plain_maps.intermediates(images, [1])[0]
+        block = backbone.attention_blocks()[0]
+        torch.testing.assert_close(mine, block(theirs))
+        twin = copy.deepcopy(backbone)
+        twin.attention_blocks()[0].gamma.fill_(0.0)
+        torch.testing.assert_close(twin.intermediates(images, [1])[0], theirs)
+        torch.testing.assert_close(backbone.intermediates(images, [1])[0], mine)
+
+
+# ---- the weights explain shows ---------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_are_in_range_and_maps_have_the_stage_size(kind):
+    images = torch.rand(2, 3, 64, 64)
+    backbone = active(Backbone("resnet18", attention=kind))
+    records = backbone.plugin_weights(images)
+    blocks = backbone.attention_blocks()
+    assert [b.module_name for b in blocks] == ["layer1", "layer2", "layer3", "layer4"]
+    stage_maps = backbone.intermediates(images, [b.level for b in blocks])
+    for record, stage in zip(records, stage_maps, strict=True):
+        c, h, w = stage.shape[1:]
+        if kind in ("se", "cbam"):
+            assert record["channel"].shape == (2, c)
+            assert record["channel"].min() >= 0 and record["channel"].max() <= 1
+        if kind == "cbam":
+            assert record["spatial"].shape == (2, h, w)  # at the feature map's size
+            assert record["spatial"].min() >= 0 and record["spatial"].max() <= 1
+        if kind == "sk":
+            branches = record["branches"]
+            assert branches.shape == (2, 2, c)
+            assert branches.min() >= 0 and branches.max() <= 1
+            torch.testing.assert_close(branches.sum(1), torch.ones(2, c))
+    maps = backbone.plugin_maps(images)
+    if kind == "cbam":
+        assert list(maps) == [f"cbam-spatial-layer{i}" for i in range(1, 5)]
+        for heatmap in maps.values():
+            assert heatmap.shape == (2, 64, 64) and 0 <= heatmap.min() <= heatmap.max() <= 1
+    else:
+        assert maps == {}
+    views = backbone.plugin_views(images)
+    (name,) = views
+    assert name == ("sk branch weights" if kind == "sk" else f"{kind} channel weights")
+    chart = views[name]
+    assert chart.shape[:2] == (2, 3) and chart.min() >= 0 and chart.max() <= 1
+
+
+# ---- the spatial transformer ---------------------------------------------------------------------
+def test_our_grid_is_torchs_affine_grid():
+    theta = torch.tensor([[[0.8, -0.3, 0.1], [0.2, 1.1, -0.2]], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    expected = F.affine_grid(theta, (2, 3, 7, 5), align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, 7, 5), expected)
+
+
+@pytest.mark.parametrize("mode", ["affine", "similarity", "translation_scale"])
+def test_stn_at_identity_reproduces_its_input(mode):
+    stn = SpatialTransformer(mode)
+    images = torch.rand(2, 3, 48, 40)
+    torch.testing.assert_close(stn(images), images, rtol=0, atol=1e-5)
+
+
+def test_similarity_and_translation_scale_parameters():
+    zero = torch.zeros(1, 4)
+    torch.testing.assert_close(stn_theta(zero, "similarity"), torch.eye(2, 3)[None])
+    params = torch.tensor([[np.log(0.5), np.pi / 2, 0.1, -0.2]], dtype=torch.float32)
+    expected = torch.tensor([[[0.0, -0.5, 0.1], [0.5, 0.0, -0.2]]])
+    torch.testing.assert_close(stn_theta(params, "similarity"), expected)
+    params = torch.tensor([[np.log(2.0), 0.3, 0.4]], dtype=torch.float32)
+    expected = torch.tensor([[[2.0, 0.0, 0.3], [0.0, 2.0, 0.4]]])
+    torch.testing.assert_close(stn_theta(params, "translation_scale"), expected)
+
+
+def test_a_learned_zoom_samples_the_centre():
+    """A translation_scale STN whose bias says scale 0.5 shows the image's centre, enlarged."""
+    stn = SpatialTransformer("translation_scale")
+    with torch.no_grad():
+        stn.regress.bias.copy_(torch.tensor([np.log(0.5), 0.0, 0.0]))
+    images = torch.zeros(1, 1, 8, 8).expand(1, 3, 8, 8).clone()
+    images[:, :, 2:6, 2:6] = 1.0  # a bright centre square fills the whole view after zoom
+    warped = stn(images)
+    assert warped[:, :, 1:7, 1:7].min() > 0.99
+
+
+def test_gradients_reach_the_localisation_net():
+    torch.manual_seed(0)
+    stn = SpatialTransformer("affine")
+    images = torch.rand(2, 3, 32, 32)
+    target = torch.rand(2, 3, 32, 32)
+    optimizer = torch.optim.SGD(stn.parameters(), lr=0.1)
+    ((stn(images) - target) ** 2).mean().backward()
+    assert stn.regress.weight.grad.abs().sum() > 0  # the transform responds to the loss
+    assert all(p.grad is not None for p in stn.parameters())
+    optimizer.step()
+    optimizer.zero_grad()
+    ((stn(images) - target) ** 2).mean().backward()
+    first_conv = stn.features[0].weight
+    assert first_conv.grad.abs().sum() > 0  # once the last layer moved, the whole net learns
+
+
+def test_stn_warps_what_the_backbone_sees_and_explain_shows_it():
+    backbone = Backbone("resnet18", stn=True).eval()
+    with torch.no_grad():
+        backbone.stn.regress.bias.copy_(torch.tensor([0.5, 0.0, 0.2, 0.0, 0.5, 0.0]))
+    images = torch.rand(1, 3, 64, 64)
+    plain = Backbone("resnet18").eval()
+    plain.load_state_dict({k: v for k, v in backbone.state_dict().items() if "stn" not in k})
+    with torch.no_grad():
+        warped = backbone.warp(images)
+        torch.testing.assert_close(backbone(images), plain(warped))
+        torch.testing.assert_close(backbone.plugin_views(images)["stn: warped input"], warped)
+    assert len(backbone.new_parameters()) == len(list(backbone.stn.parameters()))
+
+
+# ---- stages, config, learning rates, weight sources ---------------------------------------------
+def test_chosen_stages_and_bad_ones():
+    lite = Backbone("test_efficientnet", attention="se", attention_stages=[0, -1])
+    assert [b.module_name for b in lite.attention_blocks()] == ["blocks.0", "blocks.4"]
+    default = Backbone("test_efficientnet", attention="se")  # from stride 4 on
+    assert [b.level for b in default.attention_blocks()] == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match=r"7 is not a stage.*0: blocks\.0 \(16 ch, stride 2\)"):
+        Backbone("test_efficientnet", attention="cbam", attention_stages=[7])
+
+
+def test_transformers_are_refused_with_a_reason_but_take_the_stn():
+    kwargs = {"img_size": 64}
+    with pytest.raises(ConfigError, match="transformer.*model.stn works with any backbone"):
+        Backbone("vit_tiny_patch16_224", attention="se", kwargs=kwargs)
+    vit = Backbone("vit_tiny_patch16_224", stn=True, kwargs=kwargs).eval()
+    with torch.no_grad():
+        assert vit(torch.rand(1, 3, 64, 64)).shape == (1, vit.num_features)
+
+
+def test_config_keys_are_checked():
+    cfg = Config.load(None, ["model.attention=cbam", "model.attention_stages=[2, 3]"])
+    assert cfg.model.attention == "cbam" and cfg.model.attention_stages == [2, 3]
+    with pytest.raises(ConfigError, match="model.attention: expected 'none' | 'se'"):
+        Config.load(None, ["model.attention=eca"])
+    with pytest.raises(ConfigError, match="model.stn_mode"):
+        Config.load(None, ["model.stn_mode=projective"])
+    with pytest.raises(ConfigError, match="model.attention_reduction"):
+        Config.load(None, ["model.attention_reduction=0"])
+
+
+def test_new_blocks_learn_at_the_head_rate_and_other_networks_stay_plain():
+    cfg = Config.load(
+        None,
+        [
+            "model.backbone=resnet18",
+            "model.pretrained=false",
+            "model.attention=se",
+            "model.stn=true",
+            "method.name=tasn",
+            "method.attention_backbone=test_efficientnet",
+            "method.attention_channels=8",
+        ],
+    )
+    method = build_method(cfg, 3)
+    assert method.backbone.attention_blocks() and method.backbone.stn is not None
+    # The plug-ins belong to model.backbone; TASN's attention network is another one.
+    assert not method.attention_net.backbone.has_plugins()
+    groups = parameter_groups(method, OptimConfig(head_lr_scale=5.0))
+    fast = {id(p) for g in groups if g.get("lr_scale") == 5.0 for p in g["params"]}
+    assert {id(p) for p in method.backbone.new_parameters()} <= fast
+    conv1 = method.backbone.model.conv1.weight
+    assert id(conv1) not in fast
+
+
+def test_weights_from_a_file_and_from_the_hub_path_load_around_the_blocks(tmp_path, monkeypatch):
+    source = timm.create_model("test_efficientnet", pretrained=False)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    loaded = Backbone("test_efficientnet", weights=path, attention="sk")
+    assert torch.equal(loaded.model.conv_stem.weight, source.conv_stem.weight)
+    # timm's hub loads inside timm.create_model: the blocks go in afterwards.
+    calls = []
+
+    def hub(name, pretrained, kwargs):
+        calls.append(pretrained)
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(backbones, "_create", hub)
+    model = create_timm_model(
+        "test_efficientnet",
+        pretrained=True,
+        edit=backbones._attention_edit("cbam", [], 16, "test_efficientnet"),
+        new_prefixes=["attention_blocks."],
+    )
+    assert calls == [True] and len(model.attention_blocks) == 4
+
+
+# ---- with other methods, saved and explained -------------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("dcl", ["method.regions=2", "method.neighbourhood=1"]), ("ramstrans", [])],
+)
+def test_plugins_train_with_other_methods(method, options):
+    cfg = Config.load(
+        None,
+        [
+            "model.backbone=resnet18",
+            "model.pretrained=false",
+            "data.image_size=64",
+            "model.attention=cbam",
+            "model.stn=true",
+            f"method.name={method}",
+            *options,
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_method(cfg, 3).train()
+    losses = model.training_losses(Batch(torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    assert model.backbone.attention_blocks()[0].gamma.grad is not None
+    assert model.backbone.stn.regress.weight.grad is not None
+    maps = model.explain_maps(torch.rand(1, 3, 64, 64))
+    assert "cbam-spatial-layer4" in maps
+    assert list(maps)[0] != "cbam-spatial-layer1"  # the method's own map stays the default
+
+
+def test_explain_figure_shows_the_chart_and_the_warped_input(tmp_path):
+    cfg = Config.load(
+        None,
+        [
+            "model.backbone=resnet18",
+            "model.pretrained=false",
+            "data.image_size=64",
+            "data.crop_pct=1.0",
+            "model.attention=cbam",
+            "model.stn=true",
+        ],
+    )
+    method = build_method(cfg, 3).eval()
+    _save(tmp_path, method.for_inference(), TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
+    predictor = Predictor.load(tmp_path)
+    picture = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+    explanation = predictor.explain(picture, map_name="cbam-spatial-layer3")
+    assert explanation.map_name == "cbam-spatial-layer3"
+    assert list(explanation.views) == ["stn: warped input", "cbam channel weights"]
+    assert explanation.views["stn: warped input"].size == (64, 64)
+    with pytest.raises(ConfigError, match="cbam-spatial-layer1"):
+        predictor.explain(picture, map_name="nope")
