@@ -39,6 +39,13 @@ BACKBONES = {
 CONTRACT_OPTIONS = {
     "dcl": ["method.regions=2", "method.neighbourhood=1"],
     "tasn": ["method.attention_channels=32"],  # a small dilated head: fast enough here
+    # 16 px cells: a 4 x 4 grid, matched by the coarse ResNet's stage 2 at half size.
+    "dcn": [
+        "method.patch_size=16",
+        "method.glimpses=3",
+        "method.coarse_stage=2",
+        "method.top_channels=32",
+    ],
 }
 
 # Methods that need CNN feature maps where a ViT has tokens: building one on the ViT must fail
