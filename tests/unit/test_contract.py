@@ -39,6 +39,9 @@ BACKBONES = {
 CONTRACT_OPTIONS = {
     "dcl": ["method.regions=2", "method.neighbourhood=1"],
     "tasn": ["method.attention_channels=32"],  # a small dilated head: fast enough here
+    # Two scales and a small APN (the contract's first step is the APN pretraining one, which
+    # reaches every parameter).
+    "racnn": ["method.scales=2", "method.apn_channels=8", "method.apn_hidden=16"],
     # 16 px cells: a 4 x 4 grid, matched by the coarse ResNet's stage 2 at half size.
     "dcn": [
         "method.patch_size=16",

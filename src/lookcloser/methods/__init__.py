@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 def _import_builtin_methods() -> None:
     # Each method module registers itself on import.
-    from lookcloser.methods import baseline, dcl, dcn, ramstrans, tasn  # noqa: F401
+    from lookcloser.methods import baseline, dcl, dcn, racnn, ramstrans, tasn  # noqa: F401
 
 
 def build_method(cfg: Config, num_classes: int, pretrained: bool | None = None) -> Method:
