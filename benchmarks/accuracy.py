@@ -66,6 +66,36 @@ METHODS = {
         "method.importance=cam",
         "model.kwargs.output_stride=16",
     ],
+    # Attention plug-ins on the baseline (configs/*/{se,sk,cbam,stn}-lite0.yaml): blocks after
+    # Lite0's stages from stride 4 on, each starting as the identity; the STN affine.
+    **{
+        kind: ["method.name=baseline", "method.label_smoothing=0.1", f"model.attention={kind}"]
+        for kind in ("se", "sk", "cbam")
+    },
+    "stn": ["method.name=baseline", "method.label_smoothing=0.1", "model.stn=true"],
+    # DCN as configs/*/dcn-lite0.yaml: 4 of 16 32-px cells through the fine Lite0, coarse Lite0
+    # to stage 3 at half size; about half the fine network's FLOPs (the size must be a
+    # multiple of 32).
+    "dcn": [
+        "method.name=dcn",
+        "method.label_smoothing=0.1",
+        "method.coarse_backbone=tf_efficientnet_lite0",
+        "method.coarse_scale=0.5",
+        "method.coarse_stage=3",
+        "method.patch_size=32",
+        "method.glimpses=4",
+        "method.top_channels=128",
+    ],
+    # RA-CNN with two Lite0 scales (three triple the cost); the alternation in steps sized for
+    # 15-23 steps an epoch (5 epochs): an epoch of APN pretraining, then 15 + 5 step cycles.
+    "racnn": [
+        "method.name=racnn",
+        "method.label_smoothing=0.1",
+        "method.scales=2",
+        "method.apn_pretrain_steps=20",
+        "method.cls_steps=15",
+        "method.apn_steps=5",
+    ],
 }
 COMMON = [
     "model.backbone=tf_efficientnet_lite0",

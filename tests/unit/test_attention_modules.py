@@ -5,6 +5,7 @@ learning rates, weight sources and use with other methods."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,3 +342,32 @@ def test_explain_figure_shows_the_chart_and_the_warped_input(tmp_path):
     assert explanation.views["stn: warped input"].size == (64, 64)
     with pytest.raises(ConfigError, match="cbam-spatial-layer1"):
         predictor.explain(picture, map_name="nope")
+
+
+# ---- recipes ----------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN_RECIPES = sorted(
+    p for kind in ("se", "sk", "cbam", "stn") for p in (REPO / "configs").glob(f"*/{kind}-*.yaml")
+)
+
+
+def test_the_plugin_recipes_exist():
+    names = {f"{p.parent.name}/{p.name}" for p in PLUGIN_RECIPES}
+    datasets = ("synthetic", "flowers12", "butterflies10", "cars66")
+    assert {f"{d}/{k}-lite0.yaml" for d in datasets for k in ("se", "sk", "cbam", "stn")} <= names
+
+
+@pytest.mark.parametrize("path", PLUGIN_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_plugin_recipes_load_and_build(path):
+    from lookcloser.api import check_config
+
+    cfg = Config.load(path, ["data.root=/nonexistent"])
+    assert cfg.data.root == "/nonexistent"  # recipes name no data folder
+    check_config(cfg)
+    assert cfg.model.attention != "none" or cfg.model.stn
+    cfg.model.pretrained = False
+    method = build_method(cfg, 4).eval()
+    assert method.backbone.has_plugins()
+    size = cfg.data.image_size
+    with torch.no_grad():
+        assert method(torch.rand(1, 3, size, size)).shape == (1, 4)
