@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+from lookcloser import api
 from lookcloser.api import _save
 from lookcloser.config import Config, OptimConfig
 from lookcloser.data.batch import Batch
@@ -267,6 +268,33 @@ def test_new_blocks_learn_at_the_head_rate_and_other_networks_stay_plain():
     assert id(conv1) not in fast
 
 
+def test_blocks_of_pruned_stages_go_with_them():
+    """TASN's attention network named like model.backbone gets the plug-ins too; cut after
+    stage 2 it keeps only the blocks it runs, so every parameter still learns."""
+    cfg = Config.load(
+        None,
+        [
+            "model.backbone=resnet18",
+            "model.pretrained=false",
+            "data.image_size=64",
+            "model.attention=se",
+            "method.name=tasn",
+            "method.attention_backbone=resnet18",
+            "method.attention_stage=2",
+            "method.attention_output_stride=0",
+            "method.attention_channels=8",
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_method(cfg, 3).train()
+    kept = model.attention_net.backbone.attention_blocks()
+    assert [b.module_name for b in kept] == ["layer1", "layer2"]
+    assert len(model.backbone.attention_blocks()) == 4
+    model.training_losses(Batch(torch.rand(2, 3, 64, 64), torch.tensor([0, 1])))["loss"].backward()
+    unreached = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unreached, unreached[:5]
+
+
 def test_weights_from_a_file_and_from_the_hub_path_load_around_the_blocks(tmp_path, monkeypatch):
     source = timm.create_model("test_efficientnet", pretrained=False)
     path = tmp_path / "w.safetensors"
@@ -342,6 +370,11 @@ def test_explain_figure_shows_the_chart_and_the_warped_input(tmp_path):
     assert explanation.views["stn: warped input"].size == (64, 64)
     with pytest.raises(ConfigError, match="cbam-spatial-layer1"):
         predictor.explain(picture, map_name="nope")
+    # The figure `lookcloser explain` writes has the two extra panels.
+    image = tmp_path / "bird.png"
+    picture.save(image)
+    out = api.explain(tmp_path, image, tmp_path / "explained.png", map_name="cbam-spatial-layer2")
+    assert Image.open(out).width > 3.5 * Image.open(out).height  # input, overlay and 2 views
 
 
 # ---- recipes ----------------------------------------------------------------------------------

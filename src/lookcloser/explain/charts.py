@@ -17,7 +17,7 @@ BRANCH_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 
 
 def weight_chart(
-    rows: Sequence[tuple[str, Tensor]], branch_names: Sequence[str] = (), width: float = 4.8
+    rows: Sequence[tuple[str, Tensor]], branch_names: Sequence[str] = (), width: float = 6.0
 ) -> Tensor:
     """3 x h x w picture in [0, 1]: one bar chart per (title, weights) row.
 
@@ -27,7 +27,7 @@ def weight_chart(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, 0.4 + 1.3 * len(rows)), dpi=100)
+    fig = Figure(figsize=(width, 0.4 + 1.1 * len(rows)), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
     for ax, (title, weights) in zip(axes, rows, strict=True):

@@ -34,6 +34,7 @@ from lookcloser.errors import ConfigError
 from lookcloser.explain.cam import normalize_maps
 from lookcloser.methods.base import Method, register_method
 from lookcloser.models.backbones import Backbone, BackboneFactory
+from lookcloser.models.plugins import prune_attention_blocks
 
 Normalisation = Literal["none", "spatial", "spatial_relation"]
 
@@ -212,6 +213,7 @@ class AttentionNet(nn.Module):
         if stage >= 0:
             # Drop the stages after the one used: their compute and weights are never needed.
             backbone.model.prune_intermediate_layers([stage], prune_norm=True, prune_head=True)
+            prune_attention_blocks(backbone.model)  # model.attention blocks of dropped stages
         with torch.no_grad():
             was_training = backbone.training
             in_channels = self._trunk(torch.zeros(1, 3, 64, 64, device=backbone.mean.device))

@@ -169,6 +169,22 @@ def insert_attention(
     setattr(model, PLUGIN_ATTRIBUTE, blocks)
 
 
+def prune_attention_blocks(model: nn.Module) -> None:
+    """Drop the blocks whose stage is gone (after timm's `prune_intermediate_layers`: the
+    stage module removed or replaced), so no parameter is left that nothing uses."""
+    blocks = getattr(model, PLUGIN_ATTRIBUTE, None)
+    if blocks is None:
+        return
+    for key, block in list(blocks.items()):
+        try:
+            stage = model.get_submodule(block.module_name)
+        except AttributeError:
+            stage = None
+        hooks = stage._forward_hooks.values() if stage is not None else ()
+        if not any(getattr(hook, "__self__", None) is block for hook in hooks):
+            del blocks[key]
+
+
 def attention_blocks(model: nn.Module) -> list[StageAttention]:
     """The plug-in blocks of a timm model, in stage order (none without model.attention)."""
     blocks = getattr(model, PLUGIN_ATTRIBUTE, None)
