@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lookcloser.models.modes import eval_mode
+
 
 def grad_cam(
     method,
@@ -24,9 +26,7 @@ def grad_cam(
     The metadata, for methods that take it, enters the head as in `forward`, so the map
     explains the same logits the model gives.
     """
-    was_training = method.training
-    method.eval()
-    with torch.enable_grad():
+    with eval_mode(method), torch.enable_grad():
         images = images.detach()
         features = method.forward_features(images)
         logits = method.forward_head(features, meta, meta_mask)
@@ -34,7 +34,6 @@ def grad_cam(
             target = logits.argmax(dim=1)
         score = logits.gather(1, target.view(-1, 1)).sum()
         (grads,) = torch.autograd.grad(score, features)
-    method.train(was_training)
     spatial = method.backbone.spatial_map
     fmap, gmap = spatial(features.detach()), spatial(grads)
     weights = gmap.mean(dim=(2, 3), keepdim=True)

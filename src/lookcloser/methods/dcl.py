@@ -37,6 +37,7 @@ from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method, register_method
 from lookcloser.models.backbones import Backbone
+from lookcloser.models.modes import eval_mode
 
 AlignmentKind = Literal["coords", "index"]
 
@@ -151,14 +152,11 @@ class RegionAlignment(nn.Module):
 
 def alignment_map(method: Method, alignment: RegionAlignment, images: Tensor) -> Tensor:
     """B x H x W map in (0, 1]: 1 / (1 + error in cells) of the head on the undestroyed image."""
-    was_training = method.training
-    method.eval()
-    with torch.no_grad():
+    with eval_mode(method), torch.no_grad():
         grid = method.backbone.spatial_map(method.forward_features(images))
         predicted = alignment(grid)
         source = identity_source(images.shape[0], alignment.regions, images.device)
         score = 1.0 / (1.0 + alignment.error_in_cells(predicted, source))
-    method.train(was_training)
     # Nearest: the map is per region, its cells should stay visible as cells.
     return F.interpolate(score[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0]
 

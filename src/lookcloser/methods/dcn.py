@@ -40,6 +40,7 @@ from lookcloser.methods.base import Method, register_method
 from lookcloser.methods.ramstrans import draw_boxes
 from lookcloser.methods.tasn import AttentionNet
 from lookcloser.models.backbones import Backbone, BackboneFactory
+from lookcloser.models.modes import eval_mode
 from lookcloser.models.plugins import is_token_model
 
 
@@ -331,12 +332,8 @@ class DCN(Method):
 
     # ---- explain ----------------------------------------------------------------------------------
     def _explained(self, images: Tensor) -> Glimpses:
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            looked = self.glimpse(images)
-        self.train(was_training)
-        return looked
+        with eval_mode(self), torch.no_grad():
+            return self.glimpse(images)
 
     def attention_maps(
         self,

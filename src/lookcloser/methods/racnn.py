@@ -49,6 +49,7 @@ from lookcloser.explain.cam import normalize_maps
 from lookcloser.methods.base import Method, register_method
 from lookcloser.methods.ramstrans import compose_boxes, draw_boxes, paste
 from lookcloser.models.backbones import Backbone, BackboneFactory
+from lookcloser.models.modes import eval_mode
 
 PredictFrom = Literal["fusion", "sum", "last"]
 Phase = Literal["pretrain", "classify", "propose"]
@@ -300,15 +301,11 @@ class RACNN(Method):
 
     @staticmethod
     def _map_channels(backbone: Backbone) -> int:
-        was_training = backbone.training
-        backbone.eval()
-        with torch.no_grad():
+        with eval_mode(backbone), torch.no_grad():
             features = backbone.forward_features(
                 torch.zeros(1, 3, 64, 64, device=backbone.mean.device)
             )
-            channels = backbone.spatial_map(features).shape[1]
-        backbone.train(was_training)
-        return channels
+            return backbone.spatial_map(features).shape[1]
 
     # ---- the alternation --------------------------------------------------------------------------
     def phase(self, step: int | None = None) -> Phase:
@@ -449,12 +446,8 @@ class RACNN(Method):
 
     # ---- explain ----------------------------------------------------------------------------------
     def _explained(self, images: Tensor) -> Looks:
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            looks = self.look_closer(images)
-        self.train(was_training)
-        return looks
+        with eval_mode(self), torch.no_grad():
+            return self.look_closer(images)
 
     @staticmethod
     def _regions(looks: Looks, size: tuple[int, int]) -> list[Tensor]:

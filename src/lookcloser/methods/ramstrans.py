@@ -36,6 +36,7 @@ from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method, register_method
 from lookcloser.models.backbones import Backbone
+from lookcloser.models.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -512,12 +513,8 @@ class RAMSTrans(Method):
 
     # ---- explain ----------------------------------------------------------------------------------
     def _explained(self, images: Tensor) -> Looks:
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            looks = self.look_closer(images, importance_everywhere=True)
-        self.train(was_training)
-        return looks
+        with eval_mode(self), torch.no_grad():
+            return self.look_closer(images, importance_everywhere=True)
 
     @staticmethod
     def _regions(looks: Looks, size: tuple[int, int]) -> list[Tensor]:

@@ -34,6 +34,7 @@ from lookcloser.errors import ConfigError
 from lookcloser.explain.cam import normalize_maps
 from lookcloser.methods.base import Method, register_method
 from lookcloser.models.backbones import Backbone, BackboneFactory
+from lookcloser.models.modes import eval_mode
 from lookcloser.models.plugins import prune_attention_blocks
 
 Normalisation = Literal["none", "spatial", "spatial_relation"]
@@ -214,11 +215,10 @@ class AttentionNet(nn.Module):
             # Drop the stages after the one used: their compute and weights are never needed.
             backbone.model.prune_intermediate_layers([stage], prune_norm=True, prune_head=True)
             prune_attention_blocks(backbone.model)  # model.attention blocks of dropped stages
-        with torch.no_grad():
-            was_training = backbone.training
-            in_channels = self._trunk(torch.zeros(1, 3, 64, 64, device=backbone.mean.device))
-            in_channels = in_channels.shape[1]
-            backbone.train(was_training)
+        # A dry run for the channel count, in eval mode: it must not touch BN statistics.
+        with eval_mode(backbone), torch.no_grad():
+            probe = torch.zeros(1, 3, 64, 64, device=backbone.mean.device)
+            in_channels = self._trunk(probe).shape[1]
         self.head = DilatedAttentionHead(in_channels, channels) if channels else nn.Identity()
         self.channels = channels or in_channels
 
@@ -470,9 +470,5 @@ class TASN(Method):
         return self.attention_net.channels
 
     def _maps(self, images: Tensor) -> Tensor:
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            maps = self.attention_maps_of(self.attention_features(images))
-        self.train(was_training)
-        return maps
+        with eval_mode(self), torch.no_grad():
+            return self.attention_maps_of(self.attention_features(images))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lookcloser.errors import ConfigError, WeightsError
+from lookcloser.models.modes import eval_mode
 from lookcloser.models.plugins import (
     PLUGIN_PREFIX,
     SpatialTransformer,
@@ -454,13 +455,10 @@ class Backbone(nn.Module):
                     record[kind] = output.detach()
 
                 handles.append(module.register_forward_hook(keep))
-        was_training = self.training
-        self.eval()
         try:
-            with torch.no_grad():
+            with eval_mode(self), torch.no_grad():
                 self.forward_features(images)
         finally:
-            self.train(was_training)
             for handle in handles:
                 handle.remove()
         for record in records:
