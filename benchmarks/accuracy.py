@@ -184,7 +184,7 @@ def table(records: list[dict]) -> str:
     rows = []
     for (dataset, method, size, epochs), rs in sorted(groups.items()):
         top1 = [100 * r["top1"] for r in rs]
-        spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
+        spread = f"± {statistics.stdev(top1):.1f}" if len(top1) > 1 else "(one seed)"
         rows.append(
             [
                 dataset,
@@ -193,7 +193,7 @@ def table(records: list[dict]) -> str:
                 f"{1 / rs[0]['classes'] * 100:.1f}",
                 f"{size} px, {epochs} ep",
                 ", ".join(str(r["seed"]) for r in rs),
-                f"**{statistics.mean(top1):.1f}** ± {spread:.1f}",
+                f"**{statistics.mean(top1):.1f}** {spread}",
                 " / ".join(f"{t:.1f}" for t in top1),
             ]
         )
