@@ -76,6 +76,7 @@ METHODS = {
         "method.attention_backbone=tf_efficientnet_lite0",
         "method.attention_output_stride=16",
         "method.attention_channels=128",
+        "method.structure_power=1.0",
         "method.input_size=256",
     ],
     # RAMS-Trans's zoom with CAM importance (no pretrained ViT offline); Lite0 at output

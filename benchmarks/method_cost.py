@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,22 +28,36 @@ from lookcloser.engine.module import count_parameters  # noqa: E402
 from lookcloser.methods import build_method  # noqa: E402
 
 
-def build(name: str, backbone: str, classes: int, options: list[str]):
+def build(name: str, backbone: str, size: int, classes: int, options: list[str]):
     cfg = Config()
+    # data.image_size matters to methods that resample to it (TASN's sampler output).
     cfg.apply_overrides(
-        [f"model.backbone={backbone}", "model.pretrained=false", f"method.name={name}", *options]
+        [
+            f"model.backbone={backbone}",
+            "model.pretrained=false",
+            f"data.image_size={size}",
+            f"method.name={name}",
+            *options,
+        ]
     )
     torch.manual_seed(0)
     return build_method(cfg, classes)
 
 
 def graph_parameters(module, images) -> int:
-    """Parameters the forward pass uses (stored-but-unused tensors excluded)."""
-    module.zero_grad(set_to_none=True)
-    module(images).sum().backward()
-    used = sum(p.numel() for p in module.parameters() if p.grad is not None)
-    module.zero_grad(set_to_none=True)
-    return used
+    """Parameters of the modules the forward pass runs (stored-but-unused tensors excluded).
+
+    Counted by forward hooks rather than by gradients: TASN's attention network runs at
+    inference but gets no gradient through its (non-differentiable) sampler.
+    """
+    ran: set[nn.Module] = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: ran.add(m)) for m in module.modules()]
+    with torch.inference_mode():
+        module(images)
+    for hook in hooks:
+        hook.remove()
+    unique = {id(p): p for m in ran for p in m.parameters(recurse=False)}
+    return sum(p.numel() for p in unique.values())
 
 
 def flops(module, images) -> int:
@@ -67,8 +82,8 @@ def main() -> None:
 
     images = torch.rand(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, args.classes, (args.batch,))
-    base = build("baseline", args.backbone, args.classes, ["method.label_smoothing=0.0"])
-    other = build(args.method, args.backbone, args.classes, args.options)
+    base = build("baseline", args.backbone, args.size, args.classes, ["method.label_smoothing=0.0"])
+    other = build(args.method, args.backbone, args.size, args.classes, args.options)
 
     def stepper(method, x=images, y=labels):
         method.train()
