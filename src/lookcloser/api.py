@@ -27,6 +27,7 @@ __all__ = [
     "predict",
     "explain",
     "export",
+    "serve",
     "Predictor",
     "Config",
 ]
@@ -454,3 +455,19 @@ def export(
     out = Path(out) if out else Path(model_dir) / "model.onnx"
     export_onnx(predictor, out)
     return out, max_abs_difference(predictor, out)
+
+
+def serve(
+    model_dir: str | Path,
+    settings=None,
+    backend: str = "torch",
+    onnx_file: str | Path | None = None,
+    device: str = "cpu",
+) -> None:
+    """Serve a model over HTTP until interrupted: the REST API and the web page
+    (`lookcloser.serve.app.ServeSettings`: host, port, token, batching, limits)."""
+    from lookcloser.serve.app import ServeSettings, run
+    from lookcloser.serve.backends import load_backend
+
+    settings = (settings or ServeSettings()).check()
+    run(load_backend(model_dir, backend, onnx_file, device), settings)

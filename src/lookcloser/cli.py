@@ -150,6 +150,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from lookcloser import api
+    from lookcloser.serve.app import ServeSettings
+
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        token=args.token if args.token is not None else os.environ.get("LOOKCLOSER_TOKEN"),
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        timeout_s=args.timeout,
+        unsure_below=args.unsure_below,
+    )
+    api.serve(args.model_dir, settings, args.backend, args.onnx, args.device)
+    return 0
+
+
 def cmd_data_synth(args) -> int:
     from lookcloser.data.synthetic import generate
 
@@ -374,6 +394,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", help="output file (default: MODEL_DIR/model.onnx)")
+
+    p = command(
+        "serve",
+        "Serve a model over HTTP: POST /predict, POST /explain, GET /model, a web page at /.",
+        cmd_serve,
+    )
+    p.add_argument("model_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--token",
+        help="require 'Authorization: Bearer TOKEN' (default: $LOOKCLOSER_TOKEN; none if unset)",
+    )
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--onnx", metavar="FILE", help="ONNX graph (default: MODEL_DIR/model.onnx)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    p.add_argument(
+        "--max-batch", type=_positive_int, default=8, help="images per forward; 1: no batching"
+    )
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for a batch to fill")
+    p.add_argument(
+        "--max-queue", type=_positive_int, default=64, help="requests in progress; more get 503"
+    )
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="body limit (413)")
+    p.add_argument(
+        "--max-pixels", type=_positive_int, help="decoded image limit (default: the model's)"
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument(
+        "--unsure-below",
+        type=float,
+        help="flag answers whose top probability is below this (default: from the model's "
+        "validation metrics, else 0.5)",
+    )
 
     data = sub.add_parser(
         "data",
