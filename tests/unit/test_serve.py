@@ -484,3 +484,45 @@ def test_cli_serve_refuses_a_folder_without_a_model(tmp_path, capsys):
     """`lookcloser serve DIR` on a folder that is no model directory exits 2 with a message."""
     assert main(["serve", str(tmp_path)]) == 2
     assert "not a model directory" in capsys.readouterr().err
+
+
+# ---- fuzzing the OpenAPI schema --------------------------------------------------------------------
+def test_schemathesis_finds_no_server_error(predictor):
+    """Schemathesis requests made from the OpenAPI schema (its example, schema-valid and
+    schema-invalid data; 15 of each kind per operation) get no 5xx, and every answer conforms
+    to the schema (status codes, content types, bodies)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    app = create_app(predictor, ServeSettings(timeout_s=10))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    seen: dict[str, set[int]] = {}
+    with TestClient(app):
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            kinds = [*schema.get_strategies_from_examples(operation)]
+            kinds.append(operation.as_strategy(generation_mode=GenerationMode.POSITIVE))
+            if operation.body or operation.query:
+                kinds.append(operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
+
+            @given(case=st.one_of(*kinds))
+            @settings(
+                max_examples=15 * len(kinds),
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
+            def check(case):
+                response = case.call()
+                seen.setdefault(case.operation.label, set()).add(response.status_code)
+                # A binary field cannot say "a decodable image": schema-valid bytes may be 422.
+                case.validate_response(response, excluded_checks=[positive_data_acceptance])
+
+            check()
+    assert {"POST /predict", "POST /explain", "GET /model", "GET /health"} <= set(seen)
+    assert all(code < 500 for codes in seen.values() for code in codes), seen
+    assert 200 in seen["POST /predict"] and 422 in seen["POST /predict"]  # the example, and fuzz

@@ -95,6 +95,13 @@ class PredictResponse(BaseModel):
     unsure_below: float
 
 
+def _example_png() -> str:
+    """A 16 x 16 PNG, base64: the request example in the OpenAPI schema (and for fuzzers)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 120, 40)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 _IMAGE_BODY = {
     "requestBody": {
         "required": True,
@@ -117,7 +124,8 @@ _IMAGE_BODY = {
                         "image": {"type": "string", "description": "the image file, base64"},
                         "meta": {"type": "object", "description": "the model's meta_keys"},
                     },
-                }
+                },
+                "example": {"image": _example_png(), "meta": {}},
             },
         },
     }

@@ -52,14 +52,29 @@ class ModelWorker:
         self.forwards = 0  # batches run
         self.predicted = 0  # images predicted
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="lookcloser-model", daemon=True)
+        self._thread: threading.Thread | None = None
+        self._users = 0  # app lifespans running: a test client and a fuzzer may overlap
+        self._lock = threading.Lock()
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the thread (if not running yet); each start needs a stop."""
+        with self._lock:
+            self._users += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="lookcloser-model", daemon=True
+                )
+                self._thread.start()
 
     def stop(self) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+        """Stop the thread after the jobs queued before this call, once every start has stopped."""
+        with self._lock:
+            self._users -= 1
+            if self._users > 0 or self._thread is None:
+                return
+            self._queue.put(_STOP)
+            self._thread.join(timeout=30)
+            self._thread = None
 
     def predict(self, image: Tensor, meta: Tensor, meta_mask: Tensor) -> Future:
         """A Future of the image's class probabilities (1-D). Cancel it to drop the request."""
