@@ -277,6 +277,7 @@ def create_app(model: Backend | Predictor, settings: ServeSettings | None = None
     # Decoding and resizing are CPU work: no more at once than there are cores, which also
     # bounds the memory decoded images take.
     decoders = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+    backend.map_names()  # one dry run now, so no request runs the model outside the worker
     if settings.unsure_below is not None:
         unsure_below, unsure_source = settings.unsure_below, "--unsure-below"
     else:

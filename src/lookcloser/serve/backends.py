@@ -91,7 +91,7 @@ class Backend:
         val = self.predictor.info.get("metrics", {}).get("val", {})
         if CONFIDENCE_KEY in val:
             return float(val[CONFIDENCE_KEY]), (
-                f"validation split: predictions at or above it were right 90 % of the time "
+                f"validation split: predictions at or above it were right at least 90 % of the time "
                 f"({val.get('images', '?')} images, model.json metrics.val.{CONFIDENCE_KEY})"
             )
         return DEFAULT_UNSURE_BELOW, (
