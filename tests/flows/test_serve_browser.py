@@ -38,9 +38,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def server(trained_model):
+def server(request):
     """`lookcloser serve MODEL` on a free loopback port; yields its base URL."""
-    model = Path(os.environ.get("LOOKCLOSER_SERVE_MODEL", trained_model))
+    model = os.environ.get("LOOKCLOSER_SERVE_MODEL") or request.getfixturevalue("trained_model")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
@@ -84,15 +84,16 @@ def browser():
         driver.quit()
 
 
-def test_page_shows_top_classes_and_heatmap(server, browser, synthetic_root, tmp_path):
+def test_page_shows_top_classes_and_heatmap(server, browser, request, tmp_path):
     """Picking an image on the page shows its top classes with bars (the API's answer, in
     order) and the heatmap image from /explain; the screenshot is a real rendering."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    image = Path(
-        os.environ.get("LOOKCLOSER_SERVE_IMAGE") or sorted(synthetic_root.glob("test/*/*.png"))[0]
-    )
+    image = os.environ.get("LOOKCLOSER_SERVE_IMAGE")
+    if not image:
+        image = sorted(request.getfixturevalue("synthetic_root").glob("test/*/*.png"))[0]
+    image = Path(image)
     with urllib.request.urlopen(f"{server}/model") as r:
         info = json.load(r)
     browser.get(server + "/")
