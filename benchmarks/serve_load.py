@@ -1,15 +1,17 @@
 """Load on `lookcloser serve` over loopback: N concurrent clients for T seconds, with and
 without micro-batching, in the same run.
 
-Each mode starts its own server (`lookcloser serve MODEL_DIR --port P --max-batch B`, a real
-uvicorn process on 127.0.0.1), warms it up, then N client threads POST images to /predict
-(multipart, keep-alive connections) for T seconds. Reported per mode: requests/s, p50 and
-p99 latency, errors (any answer but 200, or a failed connection), the server's mean batch
-size (images / forwards, from /health) and its resident memory before and after the load.
+Each mode has its own server (`lookcloser serve MODEL_DIR --port P --max-batch B`, a real
+uvicorn process on 127.0.0.1). Both are warmed up, then N client threads POST images to
+/predict (multipart, keep-alive connections), in rounds that alternate between the modes
+(T seconds per mode in all), so that the machine's other load hits both alike. Reported per
+mode: requests/s, p50 and p99 latency, errors (any answer but 200, or a failed connection),
+the server's mean batch size (images / forwards, from /health) and its resident memory after
+the warm-up and after each round (steady when nothing leaks).
 The images are synthetic (lookcloser's generator), so nothing from a dataset is needed.
 
-    python benchmarks/serve_load.py MODEL_DIR [--clients 8] [--seconds 10] [--max-batch 8]
-        [--backend torch|onnx] [--write]
+    python benchmarks/serve_load.py MODEL_DIR [--clients 8] [--seconds 10] [--rounds 4]
+        [--max-batch 8] [--backend torch|onnx] [--write]
 """
 
 from __future__ import annotations
@@ -123,11 +125,8 @@ def client(port: int, bodies: list[bytes], stop_at: float, out: list, seed: int)
     conn.close()
 
 
-def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
-    """N clients for T seconds against a running server."""
-    for body in bodies[:2]:  # warm-up: first forwards, lazy imports
-        client(port, [body], time.monotonic() + 0.01, [], 0)
-    before = get_json(port, "/health")
+def run_clients(port: int, bodies: list[bytes], clients: int, seconds: float) -> tuple[list, float]:
+    """N client threads for T seconds; their (latency, status) results and the time taken."""
     results: list[list] = [[] for _ in range(clients)]
     stop_at = time.monotonic() + seconds
     threads = [
@@ -139,9 +138,11 @@ def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.monotonic() - start
-    after = get_json(port, "/health")
-    done = [r for rs in results for r in rs]
+    return [r for rs in results for r in rs], time.monotonic() - start
+
+
+def summarize(done: list, elapsed: float, before: dict, after: dict, rss: list[float]) -> dict:
+    """Requests/s, latency percentiles, errors, images per forward and memory of one mode."""
     ok = sorted(latency for latency, status in done if status == 200)
     images = after["predicted"] - before["predicted"]
     forwards = after["forwards"] - before["forwards"]
@@ -153,8 +154,7 @@ def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
         "p50_ms": 1000 * statistics.median(ok) if ok else float("nan"),
         "p99_ms": 1000 * ok[min(len(ok) - 1, int(0.99 * len(ok)))] if ok else float("nan"),
         "mean_batch": images / forwards if forwards else float("nan"),
-        "rss_before": before["rss_mb"],
-        "rss_after": after["rss_mb"],
+        "rss_mb": rss,
     }
 
 
@@ -173,6 +173,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="the batched mode's batch")
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     parser.add_argument("--image-size", type=int, default=256, help="side of the posted images")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before timing")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations between the modes")
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args()
     if not 1 <= args.clients <= 64 or not 0 < args.seconds <= 120:
@@ -184,13 +186,36 @@ def main() -> None:
         "unbatched (--max-batch 1)": 1,
         f"micro-batched (--max-batch {args.max_batch})": args.max_batch,
     }
-    rows, figures = [], {}
-    for name, max_batch in modes.items():
-        server = Server(args.model_dir, args.backend, max_batch, ["--max-queue", "256"])
-        try:
-            figures[name] = result = load(server.port, bodies, args.clients, args.seconds)
-        finally:
+    servers = {
+        name: Server(args.model_dir, args.backend, max_batch, ["--max-queue", "256"])
+        for name, max_batch in modes.items()
+    }
+    try:
+        # Warm-up at the same load: first forwards, lazy imports, the allocator's pools.
+        for server in servers.values():
+            run_clients(server.port, bodies, args.clients, args.warmup)
+        before = {name: get_json(s.port, "/health") for name, s in servers.items()}
+        done = {name: [] for name in modes}
+        elapsed = dict.fromkeys(modes, 0.0)
+        rss = {name: [before[name]["rss_mb"]] for name in modes}
+        # Rounds alternate between the modes, so the machine's other load hits both alike.
+        for _ in range(args.rounds):
+            for name, server in servers.items():
+                results, took = run_clients(
+                    server.port, bodies, args.clients, args.seconds / args.rounds
+                )
+                done[name] += results
+                elapsed[name] += took
+                rss[name].append(get_json(server.port, "/health")["rss_mb"])
+        after = {name: get_json(s.port, "/health") for name, s in servers.items()}
+    finally:
+        for server in servers.values():
             server.stop()
+    rows, figures = [], {}
+    for name in modes:
+        figures[name] = result = summarize(
+            done[name], elapsed[name], before[name], after[name], rss[name]
+        )
         print(name, json.dumps(result), flush=True)
         rows.append(
             [
@@ -200,7 +225,7 @@ def main() -> None:
                 f"{result['p99_ms']:.0f}",
                 f"{result['mean_batch']:.2f}",
                 f"{result['errors']} of {result['requests']}",
-                f"{result['rss_before']:.0f} -> {result['rss_after']:.0f}",
+                " / ".join(f"{m:.0f}" for m in result["rss_mb"]),
             ]
         )
     unbatched, batched = (figures[n]["rate"] for n in modes)
@@ -211,18 +236,20 @@ def main() -> None:
     command = (
         f"nice -n 10 python benchmarks/serve_load.py MODEL_DIR --clients {args.clients} "
         f"--seconds {args.seconds:g} --max-batch {args.max_batch} --backend {args.backend} "
-        f"--image-size {args.image_size} --write"
+        f"--image-size {args.image_size} --warmup {args.warmup:g} --rounds {args.rounds} --write"
     )
     text = "\n".join(
         [
             "## serve-load: `lookcloser serve` under concurrent clients, with and without "
             "micro-batching",
             "",
-            f"{args.clients} clients on loopback for {args.seconds:g} s per mode, each POSTing "
+            f"{args.clients} clients on loopback for {args.seconds:g} s per mode, in {args.rounds} "
+            "rounds that alternate between the modes, each client POSTing "
             f"{args.image_size} px synthetic PNGs to /predict (multipart, keep-alive); model: "
             f"{record['method']} {record['backbone']} at {record['preprocessing']['image_size']} "
-            f"px, {len(record['classes'])} classes, {args.backend} backend. A fresh server per "
-            "mode; memory is the server's resident set before and after the load (from /health).",
+            f"px, {len(record['classes'])} classes, {args.backend} backend. One server per mode, "
+            f"both warmed up by {args.warmup:g} s of the same load; memory is the server's "
+            "resident set (from /health) after the warm-up and after each round.",
             "",
             markdown_table(
                 [
@@ -232,14 +259,15 @@ def main() -> None:
                     "p99 ms",
                     "images per forward",
                     "errors",
-                    "server MiB",
+                    "server MiB, after warm-up / each round",
                 ],
                 rows,
             ),
             "",
             f"Throughput ratio micro-batched / unbatched: **{ratio:.2f}x**.",
             "",
-            f"Machine: {machine()}. Command: `{command}`.",
+            f"Machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the end (the "
+            f"machine's other jobs share its {os.cpu_count()} cores). Command: `{command}`.",
         ]
     )
     print(text)
