@@ -224,7 +224,8 @@ async def _read_input(request: Request, limit: int) -> _Input:
     if not data:
         raise HTTPException(422, f"{name}: empty file")
     if not isinstance(meta, dict):
-        raise HTTPException(422, f"meta: expected a JSON object of key: number, got {meta!r}")
+        shown = repr(meta) if len(repr(meta)) <= 80 else repr(meta)[:77] + "..."
+        raise HTTPException(422, f"meta: expected a JSON object of key: number, got {shown}")
     return _Input(data, name, meta)
 
 
