@@ -55,7 +55,17 @@ HELP: dict[str, str] = {
     "model.drop_rate": "dropout before the classifier",
     "model.drop_path_rate": "stochastic depth rate",
     "model.kwargs": "extra timm.create_model arguments, e.g. model.kwargs.img_size=448",
-    "model.head": "class head type (registered heads: linear, ...)",
+    "model.head": "class head type: linear, cosine, arcface, subcenter_arcface (registry: "
+    "models/heads.py)",
+    "model.head_scale": "cosine heads: logits = scale x cosine (null = 30)",
+    "model.head_margin": "arcface heads: additive angular margin in radians on the target "
+    "class, training only (null = 0.3)",
+    "model.head_subcenters": "subcenter_arcface: centres per class (null = 3)",
+    "model.fusion": "metadata fusion before every class head: none, add, concat or gate "
+    "(needs data.meta_keys; latitude/longitude and day_of_year get their own encodings)",
+    "model.meta_hidden": "metadata fusion: width of the embedding MLP",
+    "model.meta_dropout": "metadata fusion: share of training samples whose metadata is "
+    "masked whole",
     "model.attention": "attention blocks after the CNN's stages: none, se, sk or cbam "
     "(timm's layers; each starts as the identity)",
     "model.attention_stages": "stages (feature levels, as Backbone.intermediates counts them) "
