@@ -69,6 +69,9 @@ class SyntheticConfig:
     test_per_class: int = ranged(20, 0)
     size: int = ranged(128, 32)
     seed: int = ranged(0, 0)
+    # Per-sample latitude, longitude and date tied to the class (a home region and season per
+    # class, with noise; some values missing), for measuring metadata fusion.
+    meta: bool = False
 
 
 @dataclass

@@ -42,7 +42,9 @@ def registries():
 # ---- heads ------------------------------------------------------------------------------------
 def test_unknown_head_lists_the_registered_ones():
     available = "arcface, cosine, linear, subcenter_arcface"
-    with pytest.raises(ConfigError, match=f"model.head: unknown head 'cos'; available: {available}"):
+    with pytest.raises(
+        ConfigError, match=f"model.head: unknown head 'cos'; available: {available}"
+    ):
         build_head("cos", 8, 3)
     with pytest.raises(ConfigError, match="unknown head 'cos'"):
         build_method(tiny_cfg("model.head=cos"), 3)
