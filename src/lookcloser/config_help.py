@@ -49,7 +49,7 @@ HELP: dict[str, str] = {
     "data.synthetic.size": "synthetic set: image side in pixels",
     "data.synthetic.seed": "synthetic set: generator seed",
     "data.synthetic.meta": "synthetic set: per-image latitude, longitude and date around a "
-    "home region and season of each class (noisy, 10% missing each)",
+    "home region and season of each class (noisy, 10% missing each; the metadata alone guesses about 57% of 8 classes)",
     "model.backbone": "any timm model name",
     "model.pretrained": "start from pretrained weights (model.weights, an offline package, or timm's hub)",
     "model.weights": "a local safetensors or state-dict checkpoint to start from",
