@@ -90,18 +90,14 @@ def check_config(cfg: Config) -> Config:
     or model is touched."""
     from lookcloser.config import method_options
     from lookcloser.data.meta import check_meta_keys
-    from lookcloser.methods.base import method_class
-    from lookcloser.models.heads import head_factory
+    from lookcloser.methods.base import check_meta_use, method_class
+    from lookcloser.models.heads import HeadSpec
 
     cfg.validate()
     cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
     method_options(cfg, cls.Options)
-    head_factory(cfg.model.head)
-    if check_meta_keys(cfg.data.meta_keys) and not cls.accepts_meta:
-        raise ConfigError(
-            f"data.meta_keys: method {cls.name!r} does not use metadata; leave data.meta_keys "
-            "empty or choose a method that takes it"
-        )
+    keys = check_meta_keys(cfg.data.meta_keys)
+    check_meta_use(cls.name, cls.accepts_meta, HeadSpec.from_config(cfg.model), keys)
     return cfg
 
 

@@ -69,6 +69,9 @@ class SyntheticConfig:
     test_per_class: int = ranged(20, 0)
     size: int = ranged(128, 32)
     seed: int = ranged(0, 0)
+    # Per-sample latitude, longitude and date tied to the class (a home region and season per
+    # class, with noise; some values missing), for measuring metadata fusion.
+    meta: bool = False
 
 
 @dataclass
@@ -134,8 +137,19 @@ class ModelConfig:
     # Extra arguments for timm.create_model, e.g. model.kwargs.img_size=448,
     # model.kwargs.dynamic_img_size=true, model.kwargs.output_stride=16.
     kwargs: dict[str, Any] = field(default_factory=dict)
-    # The class head (models.heads registry): linear.
+    # The class head (models.heads registry): linear, cosine, arcface, subcenter_arcface.
     head: str = "linear"
+    # Options of cosine / margin heads; None = the head's default (a head that does not take
+    # an option refuses it). The margin is in radians.
+    head_scale: float | None = ranged(None, **POSITIVE)
+    head_margin: float | None = ranged(None, 0, 1.5)
+    head_subcenters: int | None = ranged(None, 1, 64)
+    # Metadata fusion in front of every class head (models.fusion): data.meta_keys encoded
+    # (location on the sphere, day of year on a circle), an MLP, joined with the image feature.
+    fusion: Literal["none", "add", "concat", "gate"] = "none"
+    meta_hidden: int = ranged(256, 1, 65536)
+    # Training: the share of samples whose metadata is masked whole (trains the image-only path).
+    meta_dropout: float = ranged(0.1, 0, 1, high_open=True)
     # Attention plug-ins (models/plugins.py): SE, SK or CBAM blocks after the CNN's stages
     # (feature levels; empty = every level from stride 4 on), starting as the identity.
     attention: Literal["none", "se", "sk", "cbam"] = "none"

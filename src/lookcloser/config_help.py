@@ -48,6 +48,8 @@ HELP: dict[str, str] = {
     "data.synthetic.test_per_class": "synthetic set: test images per class",
     "data.synthetic.size": "synthetic set: image side in pixels",
     "data.synthetic.seed": "synthetic set: generator seed",
+    "data.synthetic.meta": "synthetic set: per-image latitude, longitude and date around a "
+    "home region and season of each class (noisy, 10% missing each; the metadata alone guesses about 57% of 8 classes)",
     "model.backbone": "any timm model name",
     "model.pretrained": "start from pretrained weights (model.weights, an offline package, or timm's hub)",
     "model.weights": "a local safetensors or state-dict checkpoint to start from",
@@ -55,7 +57,17 @@ HELP: dict[str, str] = {
     "model.drop_rate": "dropout before the classifier",
     "model.drop_path_rate": "stochastic depth rate",
     "model.kwargs": "extra timm.create_model arguments, e.g. model.kwargs.img_size=448",
-    "model.head": "class head type (registered heads: linear, ...)",
+    "model.head": "class head type: linear, cosine, arcface, subcenter_arcface (registry: "
+    "models/heads.py)",
+    "model.head_scale": "cosine heads: logits = scale x cosine (null = 30)",
+    "model.head_margin": "arcface heads: additive angular margin in radians on the target "
+    "class, training only (null = 0.3)",
+    "model.head_subcenters": "subcenter_arcface: centres per class (null = 3)",
+    "model.fusion": "metadata fusion before every class head: none, add, concat or gate "
+    "(needs data.meta_keys; latitude/longitude and day_of_year get their own encodings)",
+    "model.meta_hidden": "metadata fusion: width of the embedding MLP",
+    "model.meta_dropout": "metadata fusion: share of training samples whose metadata is "
+    "masked whole",
     "model.attention": "attention blocks after the CNN's stages: none, se, sk or cbam "
     "(timm's layers; each starts as the identity)",
     "model.attention_stages": "stages (feature levels, as Backbone.intermediates counts them) "
