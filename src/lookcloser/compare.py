@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -385,14 +386,17 @@ def pick_images(
         for pool, why in zip(pools, whys, strict=True):
             if pool and len(chosen) < quota:
                 chosen.append((pool.pop(0), why))
-    for pool, why in (
-        (_spread_classes(all_right, labels), "every method right"),
-        (_spread_classes(all_wrong, labels), "every method wrong"),
-        *zip(pools, whys, strict=True),
-    ):
-        while pool and len(chosen) < count:
-            chosen.append((pool.pop(0), why))
-    return chosen
+    # The rest: images every method gets right, and one that every method gets wrong.
+    right = _spread_classes(all_right, labels)
+    wrong = _spread_classes(all_wrong, labels)
+    room = count - len(chosen)
+    take_right = right[: max(room - 1, 0)] if wrong and room >= 2 else right[:room]
+    chosen += [(i, "every method right") for i in take_right]
+    chosen += [(i, "every method wrong") for i in wrong[: count - len(chosen)]]
+    # Still short (few images of a kind): whatever disagreements or agreements are left.
+    leftovers = [(i, why) for pool, why in zip(pools, whys, strict=True) for i in pool]
+    leftovers += [(i, "every method right") for i in right[len(take_right) :]]
+    return chosen + leftovers[: count - len(chosen)]
 
 
 @dataclass
@@ -631,7 +635,8 @@ def write_report(
     from lookcloser import __version__
 
     images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(images_dir, ignore_errors=True)  # an earlier report's pictures
+    images_dir.mkdir(parents=True)
     (out / "plot.png").write_bytes(plot)
     reference = groups[0]
     first = reference.runs[0]
@@ -818,6 +823,12 @@ def write_report(
     return CompareReport(out, html_path, md_path, csv_files, groups, classes, notes)
 
 
+def _number(value: float) -> str:
+    """A float for CSV: full precision, empty for NaN (a class without test images)."""
+    value = float(value)
+    return "" if math.isnan(value) else repr(value)
+
+
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -841,7 +852,7 @@ def _leaderboard_csv(groups: Sequence[Group]) -> tuple[list[str], list[list[Any]
         ]
         for metric in METRICS:
             sd = g.spread(metric)
-            row += [repr(g.mean(metric)), "" if sd is None else repr(sd)]
+            row += [_number(g.mean(metric)), "" if sd is None else _number(sd)]
         rows.append(row)
     return header, rows
 
@@ -880,8 +891,8 @@ def _runs_csv(groups: Sequence[Group]) -> tuple[list[str], list[list[Any]]]:
             g.label,
             r.seed,
             int(r.metrics["images"]),
-            *[repr(float(r.metrics[m])) for m in METRICS],
-            repr(float(r.computed["top1"])),
+            *[_number(r.metrics[m]) for m in METRICS],
+            _number(r.computed["top1"]),
         ]
         for g in groups
         for r in sorted(g.runs, key=lambda r: r.seed)
@@ -898,7 +909,12 @@ def _per_class_csv(
     for i, name in enumerate(classes):
         values = [g.per_class[i] for g in groups]
         rows.append(
-            [name, int(counts[i]), *map(repr, values), *[repr(v - values[0]) for v in values[1:]]]
+            [
+                name,
+                int(counts[i]),
+                *map(_number, values),
+                *[_number(v - values[0]) for v in values[1:]],
+            ]
         )
     return header, rows
 
