@@ -584,12 +584,17 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _html_table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
+    def css(j: int, text: str) -> str:
+        if j < numeric_from:
+            return ""
+        # Signed differences: gains green, losses red.
+        return "num up" if text.startswith("+") else "num down" if text.startswith("-") else "num"
+
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>"
         + "".join(
-            f'<td class="{"num" if j >= numeric_from else ""}">{html.escape(str(c))}</td>'
-            for j, c in enumerate(row)
+            f'<td class="{css(j, str(c))}">{html.escape(str(c))}</td>' for j, c in enumerate(row)
         )
         + "</tr>"
         for row in rows
@@ -617,6 +622,9 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 .grid img { width: 150px; height: auto; image-rendering: auto; display: block; margin: 0 auto; }
 .right { color: #137333; font-weight: 600; } .wrong { color: #b3261e; font-weight: 600; }
 .why { color: #555; }
+td.up { color: #137333; } td.down { color: #b3261e; }
+.legend { display: inline-block; width: 160px; height: 10px; vertical-align: middle;
+  background: linear-gradient(to right, #00007f, #0000ff, #00ffff, #7fff7f, #ffff00, #ff0000, #7f0000); }
 """
 
 
@@ -749,7 +757,8 @@ def write_report(
         parts.append(
             "<p class='note'>Each method's first map (Predictor.explain: Grad-CAM unless the "
             "method has its own) for its predicted class, over the model's input view, from "
-            "its lowest-seed run; ✓/✗: the prediction is right/wrong, with its probability.</p>"
+            "its lowest-seed run; ✓/✗: the prediction is right/wrong, with its probability. "
+            "Colours: low <span class='legend'></span> high (each map scaled to 0-1).</p>"
         )
     else:
         parts.append("<p class='note'>No images to show (a test split without image files).</p>")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
 from lookcloser import api
 from lookcloser.api import _save
@@ -18,6 +20,8 @@ from lookcloser.data.sources import build_source
 from lookcloser.errors import ConfigError, DataError
 from lookcloser.export.quantize import QuantizeSettings
 from lookcloser.methods import build_method
+from lookcloser.methods.base import register_method
+from lookcloser.methods.baseline import Baseline
 from lookcloser.predictor import Predictor
 
 SIZE = 64
@@ -153,3 +157,59 @@ def test_empty_calibration_folder_is_named(model_dir, tmp_path):
     with pytest.raises(DataError, match="empty"):
         api.export_int8(model_dir, tmp_path / "z.onnx", calibration=empty)
     assert not (tmp_path / "z.onnx").exists()
+
+
+@register_method
+class _MetaBaseline(Baseline):
+    """The baseline's logits plus a linear term of (meta * mask, mask)."""
+
+    name = "test-quantize-meta"
+    accepts_meta = True
+
+    def __init__(self, backbone, num_classes, options=None, **kwargs):
+        super().__init__(backbone, num_classes, options, **kwargs)
+        self.meta_head = nn.Linear(2 * len(self.meta_keys), num_classes)
+
+    def forward_head(self, features, meta=None, meta_mask=None):
+        mask = meta_mask.float()
+        return super().forward_head(features) + self.meta_head(torch.cat([meta * mask, mask], 1))
+
+
+def test_metadata_model_quantizes_with_its_inputs(tmp_path):
+    """A model taking metadata keeps `meta` and `meta_mask` (bool) as int8 graph inputs."""
+    from lookcloser.data.synthetic import generate
+    from lookcloser.export.quantize import quantize_int8
+
+    cfg = Config.load(
+        None,
+        [
+            "model.backbone=test_efficientnet",
+            "model.pretrained=false",
+            "method.name=test-quantize-meta",
+            "data.meta_keys=[lat, lon]",
+        ],
+    )
+    torch.manual_seed(0)
+    predictor = Predictor(build_method(cfg, 3), ["a", "b", "c"], image_size=32)
+    images = generate(tmp_path / "images", classes=3, per_class=2, test_per_class=0, size=32)
+    result = quantize_int8(
+        predictor,
+        tmp_path / "meta.int8.onnx",
+        images,
+        QuantizeSettings(calibration_images=4, check_images=2, batch_size=2),
+    )
+    assert result.graph == "torch.export" and result.checked == 2
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    inputs = {i.name: i.type for i in session.get_inputs()}
+    assert inputs == {
+        "images": "tensor(float)",
+        "meta": "tensor(float)",
+        "meta_mask": "tensor(bool)",
+    }
+    feed = {
+        "images": np.zeros((3, 3, 32, 32), np.float32),
+        "meta": np.ones((3, 2), np.float32),
+        "meta_mask": np.array([[True, False]] * 3),
+    }
+    assert session.run(["logits"], feed)[0].shape == (3, 3)
+    assert json.loads(result.sidecar.read_text())["inputs"] == ["images", "meta", "meta_mask"]

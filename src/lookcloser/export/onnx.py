@@ -66,7 +66,11 @@ def export_onnx(predictor, out: str | Path, opset: int = 18, dynamo: bool = Fals
                 inputs,
                 input_names=names,
                 output_names=["logits"],
-                dynamic_shapes=tuple({0: batch} for _ in inputs),
+                # images, then the *meta varargs as one tuple (torch.export's structure)
+                dynamic_shapes=(
+                    {0: batch},
+                    *([tuple({0: batch} for _ in inputs[1:])] if len(inputs) > 1 else []),
+                ),
                 opset_version=opset,
                 dynamo=True,
                 verbose=False,
