@@ -448,7 +448,7 @@ def plot_accuracy_cost(groups: Sequence[Group]) -> bytes:
     """Top-1 (mean, error bar: standard deviation over seeds) against GFLOPs and images/s."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4.2))
+    fig = Figure(figsize=(10, 4.2 + 0.3 * math.ceil(len(groups) / 3)))
     axes = fig.subplots(1, 2)
     cost_axes = [
         ("flops", 1e-9, "inference GFLOPs per image (lower is cheaper)"),
@@ -460,22 +460,25 @@ def plot_accuracy_cost(groups: Sequence[Group]) -> bytes:
             y = 100 * group.mean("top1")
             sd = group.spread("top1")
             ax.errorbar(
-                x, y, yerr=100 * sd if sd is not None else None, fmt="o", color=f"C{i}", capsize=4
-            )
-            ax.annotate(
-                group.label,
-                (x, y),
-                textcoords="offset points",
-                xytext=(6, 6),
-                fontsize=8,
-                color=f"C{i}",
+                x,
+                y,
+                yerr=100 * sd if sd is not None else None,
+                fmt="os^Dvp<>"[i % 8],
+                color=f"C{i % 10}",
+                capsize=4,
+                markersize=7,
+                label=group.label,
             )
         ax.set_xlabel(title)
         ax.set_ylabel("test top-1 % (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.margins(x=0.25, y=0.25)
+    # A legend rather than labels at the points: close points would overlap their labels.
+    handles, labels = axes[0].get_legend_handles_labels()
+    rows = math.ceil(len(groups) / 3)
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(groups)), fontsize=9)
     fig.suptitle("accuracy against cost (error bars: standard deviation over seeds)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, facecolor="white")
     fig.clear()
