@@ -9,7 +9,10 @@ and batch 32 with one intra-op thread. Nothing is written into the model directo
         --variants qoperator-pc qdq-pc
 Variant names: `qoperator` or `qdq`, then any of `-pc` (per-channel weights), `-ends`
 (first and last layers kept in fp32), `-cN` (N calibration images, default 64), `-pct` /
-`-ent` (percentile / entropy calibration instead of min-max).
+`-ent` (percentile / entropy calibration instead of min-max), `-script` (quantize the
+TorchScript graph instead of the torch.export one). A variant starts from
+per-tensor weights with every layer quantized; `lookcloser export --quantize int8` is
+`qoperator-pc-ends`.
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ from lookcloser.predictor import Predictor  # noqa: E402
 def parse_variant(name: str) -> QuantizeSettings:
     """`qdq-pc-ends-c128-pct` -> QuantizeSettings."""
     fmt, *flags = name.split("-")
-    settings = QuantizeSettings(quant_format=fmt, per_channel=False)
+    settings = QuantizeSettings(quant_format=fmt, per_channel=False, exclude_ends=False)
     for flag in flags:
         if flag == "pc":
             settings.per_channel = True
         elif flag == "ends":
             settings.exclude_ends = True
+        elif flag == "script":
+            settings.torch_export = False
         elif flag == "nopre":
             settings.pre_process = False
         elif flag == "pct":

@@ -51,6 +51,7 @@ class QuantizeSettings:
     batch_size: int = 16
     seed: int = 0
     pre_process: bool = True
+    torch_export: bool = True  # False: quantize the TorchScript graph (for comparison)
 
     def validate(self) -> QuantizeSettings:
         if self.quant_format not in QUANT_FORMATS:
@@ -164,11 +165,13 @@ def _end_nodes(model_path: Path) -> list[str]:
     return list(dict.fromkeys([weighted[0], weighted[-1]])) if weighted else []
 
 
-def _export_fp32(predictor, path: Path) -> tuple[Path, str]:
+def _export_fp32(predictor, path: Path, torch_export: bool = True) -> tuple[Path, str]:
     """The fp32 graph to quantize: torch.export's (static sizes but the batch), else the
     TorchScript tracer's for a method torch.export cannot trace."""
     import logging
 
+    if not torch_export:
+        return export_onnx(predictor, path), "torchscript"
     try:
         return export_onnx(predictor, path, dynamo=True), "torch.export"
     except Exception as err:  # torch.export refuses some Python control flow
@@ -216,9 +219,11 @@ def quantize_int8(
             return next(self.feeds, None)
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        fp32, graph = _export_fp32(predictor, Path(tmp) / "fp32.onnx")
+        fp32, graph = _export_fp32(predictor, Path(tmp) / "fp32.onnx", settings.torch_export)
         prepared = fp32
-        if settings.pre_process:
+        # ONNX Runtime's pre-processing breaks the TorchScript graph's Shape -> Pad subgraphs
+        # (its quantizer then fails: "Graph is not a DAG"); the torch.export graph has none.
+        if settings.pre_process and graph == "torch.export":
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         int8 = Path(tmp) / "int8.onnx"
