@@ -175,14 +175,21 @@ def cmd_export(args) -> int:
 def cmd_compare(args) -> int:
     from lookcloser import api
     from lookcloser.compare import leaderboard_rows
+    from lookcloser.errors import ConfigError
 
     run_dirs = [item for item in args.items if "=" not in item or Path(item).is_dir()]
     overrides = [item for item in args.items if item not in run_dirs]
+    # key=value right after --methods or --seeds belongs to the overrides.
+    methods = [m for m in args.methods or [] if "=" not in m]
+    seeds = [s for s in args.seeds if "=" not in s]
+    overrides += [x for x in [*(args.methods or []), *args.seeds] if "=" in x]
+    if not all(s.lstrip("-").isdigit() for s in seeds):
+        raise ConfigError(f"--seeds: expected integers, got {' '.join(seeds)}")
     report = api.compare(
         run_dirs,
         args.out,
-        methods=args.methods or (),
-        seeds=args.seeds,
+        methods=methods,
+        seeds=[int(s) for s in seeds],
         data=args.data,
         config=args.config,
         overrides=[*overrides, *getattr(args, "overrides", [])],
@@ -486,9 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="report folder (new, empty or an earlier report)")
     p.add_argument("--methods", nargs="+", metavar="NAME", help="train these methods first")
-    p.add_argument(
-        "--seeds", nargs="+", type=int, default=[0], help="seeds for --methods (default: 0)"
-    )
+    p.add_argument("--seeds", nargs="+", default=["0"], help="seeds for --methods (default: 0)")
     p.add_argument(
         "--data",
         metavar="ROOT",

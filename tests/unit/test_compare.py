@@ -201,6 +201,20 @@ def test_not_a_run_dir_is_named(trained, tmp_path, capsys):
     assert str(plain) in capsys.readouterr().err
 
 
+def test_cli_compare_prints_the_report(trained, tmp_path, capsys):
+    runs = trained["runs"]
+    out = tmp_path / "cli"
+    args = ["compare", str(runs / "dcl-s0"), str(runs / "baseline-s0"), "--out", str(out)]
+    code = main([*args, "--images", "2", "--no-progress"])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == str(out / "report.html")
+    assert "dcl" in (out / "report.md").read_text()
+    with (out / "leaderboard.csv").open() as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["baseline", "dcl"]
+    assert main(["compare", "--methods", "baseline", "--seeds", "one", "--out", str(out)]) == 2
+    assert "--seeds: expected integers" in capsys.readouterr().err
+
+
 def test_changed_config_for_a_kept_run_is_refused(trained, synthetic, tmp_path):
     with pytest.raises(ConfigError, match="optim.lr"):
         api.compare(
