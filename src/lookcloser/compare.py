@@ -27,7 +27,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -975,7 +975,6 @@ def build_report(
     cost_rounds: int = 3,
     progress: bool = True,
     device: str = "cpu",
-    log: Callable[[str], None] | None = None,
 ) -> CompareReport:
     """Read, evaluate, time and explain the runs; write the report into `out`."""
     import torch
