@@ -22,13 +22,17 @@ from typing import Any
 import numpy as np
 
 from lookcloser.data.sources import Sample
-from lookcloser.errors import ConfigError, DataError
+from lookcloser.errors import ConfigError, DataError, LookcloserError
 from lookcloser.export.onnx import export_onnx, input_names
 
 SCHEMES = ("int8",)
 QUANT_FORMATS = ("qdq", "qoperator")
 CALIBRATE_METHODS = ("minmax", "percentile", "entropy")
 SIDECAR_FORMAT = "lookcloser.onnx"
+
+
+class ExportError(LookcloserError):
+    """The model could not be exported or quantized; the message says which step failed."""
 
 
 @dataclass
@@ -227,25 +231,32 @@ def quantize_int8(
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         int8 = Path(tmp) / "int8.onnx"
-        quantize_static(
-            str(prepared),
-            str(int8),
-            Reader(),
-            quant_format=QuantFormat.QDQ
-            if settings.quant_format == "qdq"
-            else QuantFormat.QOperator,
-            per_channel=settings.per_channel,
-            # u8 activations x s8 weights: the combination x86 VNNI kernels are made for.
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=_end_nodes(prepared) if settings.exclude_ends else None,
-            calibrate_method={
-                "minmax": CalibrationMethod.MinMax,
-                "percentile": CalibrationMethod.Percentile,
-                "entropy": CalibrationMethod.Entropy,
-            }[settings.calibrate_method],
-            extra_options={"CalibTensorRangeSymmetric": False},
-        )
+        try:
+            quantize_static(
+                str(prepared),
+                str(int8),
+                Reader(),
+                quant_format=QuantFormat.QDQ
+                if settings.quant_format == "qdq"
+                else QuantFormat.QOperator,
+                per_channel=settings.per_channel,
+                # u8 activations x s8 weights: the combination x86 VNNI kernels are made for.
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=_end_nodes(prepared) if settings.exclude_ends else None,
+                calibrate_method={
+                    "minmax": CalibrationMethod.MinMax,
+                    "percentile": CalibrationMethod.Percentile,
+                    "entropy": CalibrationMethod.Entropy,
+                }[settings.calibrate_method],
+            )
+        except LookcloserError:
+            raise
+        except Exception as err:  # ONNX Runtime's quantizer has no error type of its own
+            raise ExportError(
+                f"int8: ONNX Runtime could not quantize the {graph} graph of this model "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            ) from err
         sessions = [
             ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             for path in (fp32, int8)
