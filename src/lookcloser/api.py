@@ -479,7 +479,7 @@ def export_int8(
     calibration: str | Path | None = None,
     calibration_images: int = 64,
     check_images: int = 256,
-    quant_format: str = "qoperator",
+    quant_format: str = "qdq",
     per_channel: bool = True,
     exclude_ends: bool = True,
 ):

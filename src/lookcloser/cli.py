@@ -465,10 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--quant-format",
-        choices=["qoperator", "qdq"],
-        default="qoperator",
-        help="qoperator: int8 operators (faster here, see docs/benchmarks.md); qdq: "
-        "Quantize/DequantizeLinear pairs (default: %(default)s)",
+        choices=["qdq", "qoperator"],
+        default="qdq",
+        help="qdq: Quantize/DequantizeLinear pairs that ONNX Runtime fuses into int8 kernels; "
+        "qoperator: int8 operators such as QLinearConv (same predictions, speed within a few "
+        "%% here: docs/benchmarks.md) (default: %(default)s)",
     )
     p.add_argument(
         "--per-tensor", action="store_true", help="one weight scale per tensor, not per channel"

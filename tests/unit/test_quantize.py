@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -70,11 +71,11 @@ def test_int8_agrees_with_fp32_and_records_it(model_dir, tmp_path):
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
     assert [o.name for o in session.get_outputs()] == ["logits"]
-    # Quantized operators, not an fp32 graph under another name.
-    import onnx
-
-    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
-    assert "QLinearConv" in ops
+    # Quantized (QDQ: int8 weights behind DequantizeLinear), not an fp32 graph renamed.
+    graph = onnx.load(str(result.path)).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 40  # lite0's convolutions less the first one
 
     predictor = Predictor.load(model_dir)
     test = build_source(Config.from_dict(predictor.info["config"]).data).test
@@ -94,12 +95,12 @@ def test_int8_agrees_with_fp32_and_records_it(model_dir, tmp_path):
     assert sidecar["precision"] == "int8" and sidecar["file"] == "m.int8.onnx"
     assert sidecar["classes"] == predictor.classes
     assert sidecar["quantization"]["calibrated_on"] == 16
-    assert sidecar["quantization"]["quant_format"] == "qoperator"
+    assert sidecar["quantization"]["quant_format"] == "qdq"
     assert sidecar["preprocessing"]["image_size"] == SIZE
 
 
 def test_cli_export_int8_prints_agreement(model_dir, tmp_path, capsys):
-    """`export --quantize int8` with --calibration DIR and QDQ: too few images for a
+    """`export --quantize int8` with --calibration DIR and QOperator: too few images for a
     held-out set, so the check runs on the calibration images and says so."""
     calibration = tmp_path / "calib"
     calibration.mkdir()
@@ -120,17 +121,18 @@ def test_cli_export_int8_prints_agreement(model_dir, tmp_path, capsys):
             "--calibration-images",
             "8",
             "--quant-format",
-            "qdq",
+            "qoperator",
         ]
     )
     assert code == 0
     text = capsys.readouterr().out
     assert "top-1 agreement with fp32" in text and "calibration images" in text
     sidecar = json.loads(out.with_suffix(".json").read_text())
-    assert sidecar["quantization"]["quant_format"] == "qdq"
+    assert sidecar["quantization"]["quant_format"] == "qoperator"
     assert sidecar["quantization"]["calibrated_on"] == 6
     assert "calibration images" in sidecar["check_against_fp32"]["which"]
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert "QLinearConv" in {n.op_type for n in onnx.load(str(out)).graph.node}
 
 
 def test_bad_quantize_values_are_refused(model_dir, tmp_path, capsys):

@@ -39,14 +39,16 @@ class ExportError(LookcloserError):
 class QuantizeSettings:
     """How the graph is quantized (every choice is recorded in the sidecar).
 
-    `quant_format`: `qoperator` (QLinearConv and friends: int8 kernels end to end) or `qdq`
-    (QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses when it can).
+    `quant_format`: `qdq` (QuantizeLinear/DequantizeLinear pairs around fp32 operators, which
+    ONNX Runtime fuses into int8 kernels; ONNX Runtime's recommended form, readable by other
+    runtimes) or `qoperator` (QLinearConv and friends). On cars66 both give the same
+    predictions and QDQ ran 4-9 % faster in the same round-robin (docs/benchmarks.md).
     `per_channel`: one weight scale per output channel (depthwise convolutions need it).
     `exclude_ends`: keep the first convolution and the classifier in fp32 (on cars66 this
     halves the top-1 lost at the same speed, docs/benchmarks.md).
     """
 
-    quant_format: str = "qoperator"
+    quant_format: str = "qdq"
     per_channel: bool = True
     exclude_ends: bool = True
     calibrate_method: str = "minmax"
