@@ -12,7 +12,7 @@ Variant names: `qoperator` or `qdq`, then any of `-pc` (per-channel weights), `-
 `-ent` (percentile / entropy calibration instead of min-max), `-script` (quantize the
 TorchScript graph instead of the torch.export one). A variant starts from
 per-tensor weights with every layer quantized; `lookcloser export --quantize int8` is
-`qoperator-pc-ends`.
+`qdq-pc-ends`.
 """
 
 from __future__ import annotations
