@@ -28,6 +28,8 @@ __all__ = [
     "explain",
     "export",
     "serve",
+    "export_int8",
+    "compare",
     "Predictor",
     "Config",
 ]
@@ -341,8 +343,25 @@ def evaluate(
     write_to: str | Path | None = None,
 ) -> dict[str, Any]:
     """Metrics of a saved model on its test split (or on data.* overrides)."""
-    from lookcloser.data.prepare import verified
     from lookcloser.evaluation import compute_metrics, summary, write_confusion
+
+    predictor, out = outputs_on_test(model_dir, overrides, progress=progress, device=device)
+    metrics = compute_metrics(out.logits, out.labels, predictor.classes)
+    if write_to is not None:
+        write_confusion(metrics["confusion"], predictor.classes, write_to)
+    return {**summary(metrics), "most_confused": metrics["most_confused"]}
+
+
+def outputs_on_test(
+    model_dir: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    progress: bool = True,
+    device: str = "cpu",
+):
+    """The loaded Predictor and its logits, labels and image paths on the model's test split
+    (or on data.* overrides); paths are empty for shards."""
+    from lookcloser.data.prepare import verified
 
     predictor = load(model_dir, device)
     cfg = Config.from_dict(predictor.info["config"])
@@ -366,10 +385,7 @@ def evaluate(
     out = _split_outputs(predictor, cfg, progress, "test", index, test)
     if out is None:
         raise DataError(f"data.root={cfg.data.root}: no test split to evaluate")
-    metrics = compute_metrics(out.logits, out.labels, predictor.classes)
-    if write_to is not None:
-        write_confusion(metrics["confusion"], predictor.classes, write_to)
-    return {**summary(metrics), "most_confused": metrics["most_confused"]}
+    return predictor, out
 
 
 def _check_same_classes(data_classes: list[str], model_classes: list[str]) -> None:
@@ -467,3 +483,87 @@ def serve(
 
     settings = (settings or ServeSettings()).check()
     run(load_backend(model_dir, backend, onnx_file, device), settings)
+
+
+def export_int8(
+    model_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    calibration: str | Path | None = None,
+    calibration_images: int = 64,
+    check_images: int = 256,
+    quant_format: str = "qdq",
+    per_channel: bool = True,
+    exclude_ends: bool = True,
+):
+    """int8 ONNX (ONNX Runtime static quantization) calibrated on training images (or the
+    images under `calibration`), checked against fp32 on other images; returns a
+    `QuantizeResult` (file, JSON sidecar, top-1 agreement with fp32)."""
+    from lookcloser.export.quantize import QuantizeSettings, quantize_int8
+
+    settings = QuantizeSettings(
+        quant_format=quant_format,
+        per_channel=per_channel,
+        exclude_ends=exclude_ends,
+        calibration_images=calibration_images,
+        check_images=check_images,
+    ).validate()
+    predictor = load(model_dir)
+    out = Path(out) if out else Path(model_dir) / "model.int8.onnx"
+    return quantize_int8(predictor, out, calibration, settings)
+
+
+def compare(
+    run_dirs: list[str | Path] | tuple = (),
+    out: str | Path = "compare-report",
+    *,
+    methods: list[str] | tuple = (),
+    seeds: list[int] | tuple = (0,),
+    data: str | Path | None = None,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    runs_dir: str | Path | None = None,
+    images: int = 6,
+    classes_shown: int = 10,
+    cost_batch: int = 8,
+    cost_rounds: int = 3,
+    progress: bool = True,
+    device: str = "cpu",
+):
+    """A report comparing trained runs (HTML, Markdown, CSV in `out`); returns a CompareReport.
+
+    With `methods`, each method x seed is first trained through `train` into
+    `runs_dir/<method>-s<seed>` (default `out/runs`), from `config` + `overrides` (`data`: an
+    ImageFolder root, or data.root for the source the config names); runs already there
+    with the same config are kept.
+    """
+    from lookcloser.compare import build_report, prepare_out, read_run, train_missing
+
+    if not methods and (data is not None or config is not None or overrides):
+        raise ConfigError(
+            "compare: --data, --config and key=value overrides say how to train; they need --methods"
+        )
+    for path in run_dirs:
+        read_run(path)  # a bad folder fails now, not after the training
+    trained = []
+    if methods:
+        prepare_out(Path(out))
+        trained = train_missing(
+            methods,
+            seeds,
+            Path(runs_dir) if runs_dir else Path(out) / "runs",
+            config,
+            overrides or [],
+            data,
+            progress,
+        )
+    return build_report(
+        [*run_dirs, *trained],
+        out,
+        images=images,
+        classes_shown=classes_shown,
+        cost_batch=cost_batch,
+        cost_rounds=cost_rounds,
+        progress=progress,
+        device=device,
+    )

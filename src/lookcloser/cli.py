@@ -145,8 +145,72 @@ def cmd_explain(args) -> int:
 def cmd_export(args) -> int:
     from lookcloser import api
 
-    out, diff = api.export(args.model_dir, args.format, args.out)
-    print(f"wrote {out}; max |logit| difference ONNX Runtime vs PyTorch: {diff:.2e}")
+    if args.quantize is None:
+        out, diff = api.export(args.model_dir, args.format, args.out)
+        print(f"wrote {out}; max |logit| difference ONNX Runtime vs PyTorch: {diff:.2e}")
+        return 0
+    result = api.export_int8(
+        args.model_dir,
+        args.out,
+        calibration=args.calibration,
+        calibration_images=args.calibration_images,
+        check_images=args.check_images,
+        quant_format=args.quant_format,
+        per_channel=not args.per_tensor,
+        exclude_ends=not args.quantize_ends,
+    )
+    print(
+        f"wrote {result.path} ({result.bytes_int8 / 2**20:.1f} MiB, fp32 "
+        f"{result.bytes_fp32 / 2**20:.1f} MiB) and {result.sidecar}; calibrated on "
+        f"{result.calibrated} images"
+    )
+    if result.checked:
+        print(
+            f"top-1 agreement with fp32: {100 * result.agreement:.1f} % of {result.checked} "
+            f"{result.check_source}; max |logit| difference {result.max_abs_logit_difference:.3f}"
+        )
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from lookcloser import api
+    from lookcloser.compare import leaderboard_rows
+    from lookcloser.errors import ConfigError
+
+    run_dirs = [item for item in args.items if "=" not in item or Path(item).is_dir()]
+    overrides = [item for item in args.items if item not in run_dirs]
+    # key=value right after --methods or --seeds belongs to the overrides.
+    methods = [m for m in args.methods or [] if "=" not in m]
+    seeds = [s for s in args.seeds if "=" not in s]
+    overrides += [x for x in [*(args.methods or []), *args.seeds] if "=" in x]
+    if not all(s.lstrip("-").isdigit() for s in seeds):
+        raise ConfigError(f"--seeds: expected integers, got {' '.join(seeds)}")
+    report = api.compare(
+        run_dirs,
+        args.out,
+        methods=methods,
+        seeds=[int(s) for s in seeds],
+        data=args.data,
+        config=args.config,
+        overrides=[*overrides, *getattr(args, "overrides", [])],
+        runs_dir=args.runs,
+        images=args.images,
+        classes_shown=args.classes,
+        cost_batch=args.cost_batch,
+        progress=not args.no_progress,
+        device=args.device,
+    )
+    header, rows = leaderboard_rows(report.groups)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"leaderboard ({len(report.classes)} classes)")
+    for name in header[:6]:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*row[:6])
+    Console(stderr=True).print(table)
+    print(report.html)
     return 0
 
 
@@ -393,7 +457,86 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir")
     p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--out", help="output file (default: MODEL_DIR/model.onnx)")
+    p.add_argument("--out", help="output file (default: MODEL_DIR/model.onnx, or model.int8.onnx)")
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8: ONNX Runtime static quantization, calibrated on training images and "
+        "checked against fp32 (top-1 agreement, also in the .json written beside the file)",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="DIR",
+        help="calibrate on the images under DIR (default: the model's training images)",
+    )
+    p.add_argument(
+        "--calibration-images",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="images to calibrate on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--check-images",
+        type=int,
+        default=256,
+        metavar="N",
+        help="other images to check int8 against fp32 on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quant-format",
+        choices=["qdq", "qoperator"],
+        default="qdq",
+        help="qdq: Quantize/DequantizeLinear pairs that ONNX Runtime fuses into int8 kernels; "
+        "qoperator: int8 operators such as QLinearConv (same predictions, speed within a few "
+        "%% here: docs/benchmarks.md) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--per-tensor", action="store_true", help="one weight scale per tensor, not per channel"
+    )
+    p.add_argument(
+        "--quantize-ends",
+        action="store_true",
+        help="quantize the first convolution and the classifier too (kept fp32 by default)",
+    )
+
+    p = command(
+        "compare",
+        "Compare trained runs (or train methods x seeds first): one HTML report with the "
+        "leaderboard, cost, per-class differences and explained images, plus CSV and Markdown.",
+        cmd_compare,
+    )
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="RUN_DIR | key=value",
+        help="run directories to compare; key=value: config overrides for training --methods",
+    )
+    p.add_argument("--out", required=True, help="report folder (new, empty or an earlier report)")
+    p.add_argument("--methods", nargs="+", metavar="NAME", help="train these methods first")
+    p.add_argument("--seeds", nargs="+", default=["0"], help="seeds for --methods (default: 0)")
+    p.add_argument(
+        "--data",
+        metavar="ROOT",
+        help="data.root for --methods (an ImageFolder tree unless data.source= says otherwise)",
+    )
+    p.add_argument("--config", help="YAML recipe for --methods")
+    p.add_argument("--runs", help="where --methods runs go (default: OUT/runs)")
+    p.add_argument(
+        "--images", type=int, default=6, help="test images explained by every method (default: 6)"
+    )
+    p.add_argument(
+        "--classes",
+        type=_positive_int,
+        default=10,
+        help="classes with the largest differences shown (default: 10)",
+    )
+    p.add_argument(
+        "--cost-batch", type=_positive_int, default=8, help="batch size timed (default: 8)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--no-progress", action="store_true", help="hide progress")
+    p.set_defaults(overrides=[])  # key=value after the options land here
 
     p = command(
         "serve",
