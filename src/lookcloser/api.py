@@ -197,6 +197,7 @@ def _train(
         mixup=cfg.data.mixup,
         cutmix=cfg.data.cutmix,
         ema_decay=cfg.trainer.ema_decay,
+        freeze_norm=cfg.model.freeze_norm,
     )
     if plan is not None:
         plan.claim(cfg.to_yaml(), data.skipped)
