@@ -14,9 +14,9 @@ swapped; every test image is scored by weights that never saw it. "Best single" 
 with the best top-1 on the fitting half, scored on the other half the same way. Runs with a
 validation split are fitted on it, as `lookcloser ensemble fit` does.
 
-Costs are seconds of the Predictor over the test split in this process (image decoding
-included), as ratios to the same seed's plain pass; the ensemble's is its three members'
-plain passes over one member's.
+Costs: seconds of the Predictor (image decoding included) on the first `--cost-images` test
+images, plain, with each TTA spec and as the equal-weight ensemble, in interleaved rounds;
+the medians as ratios to the plain model.
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tta_ensemble.py --runs /work/bench-tasn \\
         --sets synthetic flowers12 butterflies10 cars66 --tta flip
@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -78,6 +80,27 @@ def member_outputs(
     return probs.numpy(), out.labels.numpy(), seconds
 
 
+def cost_ratios(runs: list[Path], samples, specs: list[str], rounds: int = 3) -> dict[str, float]:
+    """Seconds per image of one plain model, and each TTA spec's and the 3-seed ensemble's
+    time as a ratio to it: medians of `rounds` interleaved passes over the same images (so a
+    change in the machine's load hits every variant alike)."""
+    from lookcloser.ensemble import EnsemblePredictor
+
+    variants = {PLAIN: Predictor.load(runs[0], tta=PLAIN)}
+    variants.update({spec: Predictor.load(runs[0], tta=spec) for spec in specs})
+    members = [Predictor.load(r, tta=PLAIN) for r in runs]
+    variants["ensemble"] = EnsemblePredictor(members, [1 / len(runs)] * len(runs))
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, predictor in variants.items():
+            start = time.perf_counter()
+            predictor.run_samples(samples, batch_size=32, progress=False)
+            times[name].append(time.perf_counter() - start)
+    plain = statistics.median(times[PLAIN])
+    ratios = {name: statistics.median(t) / plain for name, t in times.items()}
+    return {**ratios, "plain_seconds_per_image": plain / len(samples)}
+
+
 class Splits:
     """The val and test samples of a run, from its saved config (the split it trained beside)."""
 
@@ -128,18 +151,52 @@ def cross_fitted(probs: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[s
     }
 
 
-def val_fitted(val: np.ndarray, val_labels, test: np.ndarray, test_labels) -> dict[str, float]:
-    """Test top-1 of weights fitted on the validation split, and of the best seed on it."""
-    fit = fit_weights(val, val_labels, seed=0)
-    best = max(
-        range(len(val)),
-        key=lambda i: (fit.member_scores[i]["correct"], -fit.member_scores[i]["log_loss"]),
-    )
+def val_fitted(runs: list[Path], out: Path, test: np.ndarray, test_labels) -> dict[str, float]:
+    """Test top-1 of the weights `lookcloser ensemble fit` finds on the members' validation
+    split, and of the seed best on that split."""
+    from lookcloser import api
+
+    target = out / "ensembles" / runs[0].name.rsplit("-s", 1)[0]
+    if target.exists():
+        shutil.rmtree(target)
+    result = api.fit_ensemble(runs, target, progress=False)
+    members = result.validation["members"]
+    best = max(range(len(runs)), key=lambda i: (members[i]["correct"], -members[i]["log_loss"]))
     return {
-        "fitted": score(np.array(fit.weights), test, test_labels)["top1"],
-        "best_single": score(np.eye(len(val))[best], test, test_labels)["top1"],
-        "weights": [fit.weights],
+        "fitted": score(np.array(result.weights), test, test_labels)["top1"],
+        "best_single": score(np.eye(len(runs))[best], test, test_labels)["top1"],
+        "weights": [result.weights],
     }
+
+
+def train_missing(args) -> None:
+    """Train the runs that are missing with the accuracy benchmark's baseline recipe, carving
+    `--val-fraction` of train for validation (the split ensemble weights are fitted on)."""
+    from accuracy import COMMON, DATASETS, METHODS
+
+    from lookcloser import api
+
+    for name in args.sets:
+        for seed in args.seeds:
+            out = args.runs / f"{name}-baseline-s{seed}"
+            if (out / "model.json").is_file():
+                continue
+            root = args.runs / "synthetic-data" if name == "synthetic" else args.data_root / name
+            overrides = [
+                *COMMON,
+                *DATASETS[name],
+                *METHODS["baseline"],
+                f"data.val_fraction={args.val_fraction}",
+                "data.image_size=128",
+                "trainer.epochs=5",
+                f"seed={seed}",
+                f"data.root={root}",
+                f"out={out}",
+                "overwrite=true",
+            ]
+            start = time.perf_counter()
+            api.train(overrides=overrides, progress=False)
+            print(f"trained {out} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def mean_sd(values: list[float]) -> str:
@@ -174,12 +231,13 @@ def measure(args) -> list[dict]:
             outs = [member_outputs(r, "test", spec, args.out / "cache", splits) for r in runs]
             row["tta"][spec] = [score(np.ones(1), p[None], labels)["top1"] for p, _, _ in outs]
             row["seconds"][spec] = [s for _, _, s in outs]
+        timed = [spec for spec in args.tta if spec in row["tta"]]
+        row["cost"] = cost_ratios(runs, splits(runs[0], "test")[: args.cost_images], timed)
         probs = np.stack([p for p, _, _ in plain])
         row["ensemble_equal"] = score(np.full(len(runs), 1 / len(runs)), probs, labels)["top1"]
         if has_val:
-            val = [member_outputs(r, "val", PLAIN, args.out / "cache", splits) for r in runs]
-            fitted = val_fitted(np.stack([p for p, _, _ in val]), val[0][1], probs, labels)
-            row["fitted_on"] = "validation split"
+            fitted = val_fitted(runs, args.out, probs, labels)
+            row["fitted_on"] = f"validation split ({len(splits(runs[0], 'val'))} images)"
         else:
             fitted = cross_fitted(probs, labels)
             row["fitted_on"] = "test halves, cross-fitted"
@@ -212,21 +270,17 @@ def tables(rows: list[dict], specs: list[str]) -> str:
     cost_header += [f"TTA `{s}`" for s in specs] + ["ensemble of 3"]
     cost = []
     for r in rows:
-        plain = r["seconds"][PLAIN]
-        line = [r["set"], f"{statistics.mean(plain) / r['images']:.3f}"]
-        for s in specs:
-            if s in r["seconds"]:
-                ratios = [t / p for t, p in zip(r["seconds"][s], plain, strict=True)]
-                line.append(f"{statistics.mean(ratios):.1f}x")
-            else:
-                line.append("not run")
-        line.append(f"{sum(plain) / plain[0]:.1f}x")
+        c = r["cost"]
+        line = [r["set"], f"{c['plain_seconds_per_image']:.3f}"]
+        line += [f"{c[s]:.1f}x" if s in c else "not run" for s in specs]
+        line.append(f"{c['ensemble']:.1f}x")
         cost.append(line)
     return (
         "Test top-1 % (mean ± sd over the seeds where a column has one per seed):\n\n"
         + markdown_table(header, accuracy)
-        + "\n\nInference cost, as a ratio to one plain model (same run, same images):\n\n"
-        + markdown_table(cost_header, cost)
+        + "\n\nInference cost as a ratio to one plain model: medians of 3 interleaved passes "
+        "over the same test images (seed 0; image decoding included; the ensemble runs its "
+        "members one after another):\n\n" + markdown_table(cost_header, cost)
     )
 
 
@@ -240,8 +294,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-tta-ensemble"))
     parser.add_argument("--section", default="tta-ensemble")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--cost-images", type=int, default=48, help="test images timed")
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="train missing runs first (accuracy.py's baseline recipe with a validation split)",
+    )
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="with --train")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=os.environ.get("LOOKCLOSER_DATA"),
+        help="with --train: folder of the real sets (default: $LOOKCLOSER_DATA)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.train:
+        train_missing(args)
     rows = measure(args)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     command = "OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tta_ensemble.py " + " ".join(

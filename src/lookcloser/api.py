@@ -570,6 +570,12 @@ def fit_ensemble(
             raise ConfigError(
                 f"ensemble fit takes data.* overrides only (not meta_keys), got {item!r}"
             )
+        if item.split("=", 1)[0] in ("data.val_fraction", "data.split_seed"):
+            raise ConfigError(
+                f"ensemble fit: {item.split('=', 1)[0]} cannot be overridden: another carve of "
+                "the members' training images would fit weights on images they learned from; "
+                "point data.root at a labelled set with a val/ folder instead"
+            )
     members = [Single.load(d, device, tta=tta or "none") for d in model_dirs]
     configs = [Config.from_dict(m.info["config"]).apply_overrides(overrides or []) for m in members]
     split_keys = (

@@ -209,6 +209,8 @@ def test_members_must_share_a_validation_split(members, image_set, tmp_path):
     none = save_member(image_set, tmp_path / "none", 9, "data.val_fraction=0")
     with pytest.raises(DataError, match="no validation split"):
         api.fit_ensemble([none], tmp_path / "e", progress=False)
+    with pytest.raises(ConfigError, match="data.val_fraction cannot be overridden"):
+        api.fit_ensemble([none], tmp_path / "e", ["data.val_fraction=0.2"], progress=False)
     with pytest.raises(ConfigError, match="not an empty folder"):
         api.fit_ensemble(members[:1], members[1], progress=False)
 

@@ -109,6 +109,10 @@ class FGVCSystem(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.batches_done = 0
         self._enter_stage()
+        # Lightning calls set_epoch on samplers only; streamed (iterable) data needs it too.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
 
     def _enter_stage(self) -> None:
         """Freeze what this epoch's stage freezes, once per epoch. The stage follows from the
@@ -121,10 +125,6 @@ class FGVCSystem(L.LightningModule):
         self.freezer.apply(stage.freeze_norm, stage.freeze_backbone)
         if len(self.stages) > 1:  # the stage's own schedule from its first step
             self._step_schedule()
-        # Lightning calls set_epoch on samplers only; streamed (iterable) data needs it too.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(self.current_epoch)
 
     # ---- validation -------------------------------------------------------------------------
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
