@@ -307,15 +307,26 @@ def main() -> None:
         default=os.environ.get("LOOKCLOSER_DATA"),
         help="with --train: folder of the real sets (default: $LOOKCLOSER_DATA)",
     )
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="write the section from <out>/results.json (the last measurement); run nothing",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.train:
-        train_missing(args)
-    rows = measure(args)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    results = args.out / "results.json"
     command = "OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tta_ensemble.py " + " ".join(
-        sys.argv[1:]
+        a for a in sys.argv[1:] if a not in ("--table-only", "--no-write")
     )
+    if args.table_only:
+        saved = json.loads(results.read_text())
+        rows, command, args.tta = saved["rows"], saved["command"], saved["tta"]
+    else:
+        if args.train:
+            train_missing(args)
+        rows = measure(args)
+        record = {"command": command, "tta": args.tta, "rows": rows}
+        results.write_text(json.dumps(record, indent=2) + "\n")
     text = (
         "## Test-time augmentation and ensembles (EfficientNet-Lite0 baselines, 128 px)\n\n"
         f"Command: `{command}`. Machine: {machine()}, shared with other jobs (timings are "
