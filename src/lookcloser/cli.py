@@ -424,7 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir")
     p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--out", help="output file (default: MODEL_DIR/model.onnx)")
+    p.add_argument(
+        "--out",
+        help="output file (default: MODEL_DIR/model.onnx); for an ensemble a folder of one "
+        "graph per member plus onnx.json (default: ENSEMBLE_DIR/onnx)",
+    )
 
     p = command(
         "tta-default",
