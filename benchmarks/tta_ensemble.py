@@ -223,13 +223,18 @@ def measure(args) -> list[dict]:
         row["single"] = [score(np.ones(1), p[None], labels)["top1"] for p, _, _ in plain]
         row["seconds"][PLAIN] = [s for _, _, s in plain]
         for spec in args.tta:
-            cached = all(
-                (args.out / "cache" / f"{r.name}-test-{slug(spec)}.json").exists() for r in runs
-            )
-            if name in args.tta_skip and not cached:
+            # Computed for --tta-seeds of sets not in --tta-skip; read wherever cached.
+            chosen = [
+                (seed, r)
+                for seed, r in zip(args.seeds, runs, strict=True)
+                if (args.out / "cache" / f"{r.name}-test-{slug(spec)}.json").exists()
+                or (name not in args.tta_skip and (not args.tta_seeds or seed in args.tta_seeds))
+            ]
+            if not chosen:
                 continue
-            outs = [member_outputs(r, "test", spec, args.out / "cache", splits) for r in runs]
+            outs = [member_outputs(r, "test", spec, args.out / "cache", splits) for _, r in chosen]
             row["tta"][spec] = [score(np.ones(1), p[None], labels)["top1"] for p, _, _ in outs]
+            row["tta_seeds"] = {**row.get("tta_seeds", {}), spec: [seed for seed, _ in chosen]}
             row["seconds"][spec] = [s for _, _, s in outs]
         timed = [spec for spec in args.tta if spec in row["tta"]]
         row["cost"] = cost_ratios(runs, splits(runs[0], "test")[: args.cost_images], timed)
@@ -258,7 +263,14 @@ def tables(rows: list[dict], specs: list[str]) -> str:
     for r in rows:
         line = [r["set"], str(r["images"]), mean_sd([100 * t for t in r["single"]])]
         for s in specs:
-            line.append(mean_sd([100 * t for t in r["tta"][s]]) if s in r["tta"] else "not run")
+            if s not in r["tta"]:
+                line.append("not run")
+            elif len(r["tta"][s]) == 1:
+                seed = r["tta_seeds"][s][0]
+                single = 100 * r["single"][r["seeds"].index(seed)]
+                line.append(f"{100 * r['tta'][s][0]:.1f} (seed {seed} only; plain {single:.1f})")
+            else:
+                line.append(mean_sd([100 * t for t in r["tta"][s]]))
         line += [
             f"{100 * r['ensemble_equal']:.1f}",
             f"{100 * r['ensemble_fitted']:.1f}",
@@ -291,6 +303,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tta", nargs="*", default=["flip"], help="TTA specs to measure")
     parser.add_argument("--tta-skip", nargs="*", default=[], help="sets to leave TTA out for")
+    parser.add_argument(
+        "--tta-seeds", nargs="*", type=int, default=[], help="seeds TTA is run for (default: all)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench-tta-ensemble"))
     parser.add_argument("--section", default="tta-ensemble")
     parser.add_argument("--no-write", action="store_true", help="print only")
