@@ -311,3 +311,60 @@ def test_ema_weights_are_the_saved_weights(tiny_set, tmp_path):
     saved = load_file(str(tmp_path / "ema" / "model.safetensors"))
     assert all(torch.equal(saved[k], seen["ema"][k]) for k in saved)
     assert any(not torch.equal(saved[k], seen["raw"][k]) for k in saved)
+
+
+# ---- every method: freezing reaches its networks, never its new modules --------------------------
+CONTRACT_OPTIONS = {  # as tests/unit/test_contract.py, for 64 px inputs
+    "dcl": ["method.regions=2", "method.neighbourhood=1"],
+    "tasn": ["method.attention_channels=32"],
+    "racnn": ["method.scales=2", "method.apn_channels=8", "method.apn_hidden=16"],
+    "dcn": [
+        "method.patch_size=16",
+        "method.glimpses=3",
+        "method.coarse_stage=2",
+        "method.top_channels=32",
+    ],
+}
+
+
+def builtin_methods() -> list[str]:
+    from lookcloser.methods import _import_builtin_methods
+    from lookcloser.methods.base import METHODS
+
+    _import_builtin_methods()
+    return sorted(n for n, c in METHODS.items() if c.__module__.startswith("lookcloser."))
+
+
+@pytest.mark.parametrize("name", builtin_methods())
+def test_freezing_composes_with_every_method(name):
+    from lookcloser.engine.finetune import Freezer, backbone_modules
+
+    cfg = tiny_cfg(
+        "test_resnet", f"method.name={name}", "data.image_size=64", *CONTRACT_OPTIONS.get(name, [])
+    )
+    torch.manual_seed(0)
+    method = build_method(cfg, 3).train()
+    freezer = Freezer(method)
+    freezer.apply(freeze_norm=True, freeze_backbone=False)
+    norms = pretrained_norms(method)
+    assert norms and all(not m.training for m in norms)
+    new = {id(p) for m in method.new_modules() for p in m.parameters()}
+    assert not any(id(p) in new for m in norms for p in m.parameters())
+
+    freezer.apply(freeze_norm=False, freeze_backbone=True)
+    inside = [m for b in backbone_modules(method) for m in b.modules() if isinstance(m, NORM_TYPES)]
+    assert inside and all(not m.training for m in inside)  # a frozen backbone keeps its stats
+    frozen = {id(p) for b in backbone_modules(method) for p in b.parameters()}
+    assert frozen and all(
+        not p.requires_grad for b in backbone_modules(method) for p in b.parameters()
+    )
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    assert trainable and not any(id(p) in frozen for p in trainable)
+    losses = method.training_losses(Batch(torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])))
+    losses["loss"].backward()
+    freezer.drop_gradients()
+    assert all(p.grad is None for b in backbone_modules(method) for p in b.parameters())
+    # Released again, everything the stage froze trains.
+    freezer.apply(freeze_norm=False, freeze_backbone=False)
+    assert all(p.requires_grad for b in backbone_modules(method) for p in b.parameters())
+    assert all(m.training for m in inside)
