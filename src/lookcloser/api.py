@@ -546,6 +546,7 @@ def fit_ensemble(
     seed: int = 0,
     maxiter: int = 200,
     tta: str | None = None,
+    weights: str = "fitted",
     progress: bool = True,
     device: str = "cpu",
 ) -> EnsembleResult:
@@ -555,7 +556,8 @@ def fit_ensemble(
     the source's val split, else data.val_fraction carved with data.split_seed); every member
     must name the same one, and the test split is never read. `overrides` (data.* only)
     point at another labelled set's val split. `tta`: fit (and later predict) with
-    test-time augmentation.
+    test-time augmentation. `weights="equal"` predicts with equal weights (the fitted ones
+    are still searched and recorded): fitted weights overfit a small validation split.
     """
     from dataclasses import replace as replace_dc
 
@@ -616,11 +618,12 @@ def fit_ensemble(
         "validation": {"split": split, "val_split": data.val_split},
         **({"tta": members[0].tta.spec()} if members[0].tta else {}),
     }
-    path = write_ensemble_dir(out, model_dirs, fit, info)
+    path = write_ensemble_dir(out, model_dirs, fit, info, use=weights)
     validation = {
         "images": fit.images,
         "fitted": fit.fitted_score,
         "equal": fit.equal_score,
         "members": fit.member_scores,
     }
-    return EnsembleResult(path, fit.weights, validation)
+    chosen = fit.weights if weights == "fitted" else fit.equal_weights
+    return EnsembleResult(path, chosen, validation)

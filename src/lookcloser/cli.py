@@ -167,6 +167,7 @@ def cmd_ensemble_fit(args) -> int:
         seed=args.seed,
         maxiter=args.maxiter,
         tta=args.tta,
+        weights=args.weights,
         progress=not args.no_progress,
     )
     v = result.validation
@@ -174,7 +175,7 @@ def cmd_ensemble_fit(args) -> int:
     rows += [
         ("equal weights val top-1", f"{v['equal']['top1']:.4f}"),
         ("fitted weights val top-1", f"{v['fitted']['top1']:.4f}"),
-        ("fitted weights", ", ".join(f"{w:.3f}" for w in result.weights)),
+        (f"weights used ({args.weights})", ", ".join(f"{w:.3f}" for w in result.weights)),
         ("validation images", str(v["images"])),
     ]
     _print_table(f"ensemble ({result.path})", rows)
@@ -458,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the search (default: %(default)s)")
     p.add_argument("--maxiter", type=_positive_int, default=200, help="search generations")
     p.add_argument("--tta", metavar="SPEC", help="fit on (and default to) these test-time views")
+    p.add_argument(
+        "--weights",
+        choices=["fitted", "equal"],
+        default="fitted",
+        help="which weights predict (both are recorded); equal suits a small validation split "
+        "(default: %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     data = sub.add_parser(

@@ -318,8 +318,12 @@ def write_ensemble_dir(
     member_dirs: Sequence[str | Path],
     fit: EnsembleFit,
     info: dict[str, Any],
+    use: str = "fitted",
 ) -> Path:
-    """Copy the members' model files under `out/members/` and write ensemble.json (last)."""
+    """Copy the members' model files under `out/members/` and write ensemble.json (last);
+    `use` says which weights predict: the fitted ones or equal ones (both are recorded)."""
+    if use not in ("fitted", "equal"):
+        raise ConfigError(f"ensemble weights: expected 'fitted' or 'equal', got {use!r}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out}: exists and is not an empty folder")
@@ -347,7 +351,9 @@ def write_ensemble_dir(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "members": members,
-        "weights": fit.weights,
+        "weights": fit.weights if use == "fitted" else [1 / len(members)] * len(members),
+        "uses": use,
+        "fitted_weights": fit.weights,
         "equal_weights": [1 / len(members)] * len(members),
         **info,
         "validation": {
@@ -375,6 +381,11 @@ class EnsembleFit:
     member_scores: list[dict[str, float]]
     images: int
     search: dict[str, Any]
+
+    @property
+    def equal_weights(self) -> list[float]:
+        """1 / M for each of the M members."""
+        return [1 / len(self.weights)] * len(self.weights)
 
 
 def score(weights: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:

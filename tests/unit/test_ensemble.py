@@ -177,6 +177,14 @@ def test_ensemble_eval_and_predict_are_the_weighted_mixture(ensemble_dir, member
     assert all(m.tta is not None and m.tta.flip for m in flipped.members)
 
 
+def test_equal_weights_on_request(members, tmp_path):
+    result = api.fit_ensemble(members, tmp_path / "eq", weights="equal", maxiter=5, progress=False)
+    record = json.loads((result.path / "ensemble.json").read_text())
+    assert record["weights"] == record["equal_weights"] == [1 / 3] * 3 == result.weights
+    assert record["uses"] == "equal" and len(record["fitted_weights"]) == 3
+    assert api.load(result.path).weights == pytest.approx([1 / 3] * 3)
+
+
 def test_one_member_ensemble_equals_its_member(members, image_set, tmp_path):
     result = api.fit_ensemble(members[:1], tmp_path / "one", progress=False)
     assert result.weights == [1.0]
