@@ -14,7 +14,8 @@ swapped; every test image is scored by weights that never saw it. "Best single" 
 with the best top-1 on the fitting half, scored on the other half the same way. Runs with a
 validation split are fitted on it, as `lookcloser ensemble fit` does.
 
-Costs: seconds of the Predictor (image decoding included) on the first `--cost-images` test
+Costs: CPU seconds of the Predictor (one thread, image decoding included; wall time on a
+shared machine measures the other jobs) on the first `--cost-images` test
 images of each of `--cost-sets`, plain, with each TTA spec and as the equal-weight ensemble,
 in interleaved rounds; the medians as ratios to the plain model.
 
@@ -81,9 +82,9 @@ def member_outputs(
 
 
 def cost_ratios(runs: list[Path], samples, specs: list[str], rounds: int = 3) -> dict[str, float]:
-    """Seconds per image of one plain model, and each TTA spec's and the 3-seed ensemble's
-    time as a ratio to it: medians of `rounds` interleaved passes over the same images (so a
-    change in the machine's load hits every variant alike)."""
+    """CPU seconds per image of one plain model, and each TTA spec's and the 3-seed
+    ensemble's CPU time as a ratio to it: medians of `rounds` interleaved passes over the same
+    images."""
     from lookcloser.ensemble import EnsemblePredictor
 
     variants = {PLAIN: Predictor.load(runs[0], tta=PLAIN)}
@@ -93,9 +94,11 @@ def cost_ratios(runs: list[Path], samples, specs: list[str], rounds: int = 3) ->
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, predictor in variants.items():
-            start = time.perf_counter()
+            # CPU time of this (single-threaded) process: what the work costs, whatever else
+            # the machine runs meanwhile (wall time on a shared machine measures the others).
+            start = time.process_time()
             predictor.run_samples(samples, batch_size=32, progress=False)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.process_time() - start)
     plain = statistics.median(times[PLAIN])
     ratios = {name: statistics.median(t) / plain for name, t in times.items()}
     return {**ratios, "plain_seconds_per_image": plain / len(samples)}
@@ -282,7 +285,7 @@ def tables(rows: list[dict], specs: list[str]) -> str:
             r["fitted_on"],
         ]
         accuracy.append(line)
-    cost_header = ["set", "one plain model (s / image)"]
+    cost_header = ["set", "one plain model (CPU s / image)"]
     cost_header += [f"TTA `{s}`" for s in specs] + ["ensemble of 3"]
     cost = []
     for r in rows:
@@ -296,8 +299,9 @@ def tables(rows: list[dict], specs: list[str]) -> str:
     return (
         "Test top-1 % (mean ± sd over the seeds where a column has one per seed):\n\n"
         + markdown_table(header, accuracy)
-        + "\n\nInference cost as a ratio to one plain model: medians of 3 interleaved passes "
-        "over the same test images (seed 0; image decoding included; the ensemble runs its "
+        + "\n\nInference cost as a ratio to one plain model: CPU time of the process (one "
+        "torch thread), medians of 3 interleaved passes over the same test images (seed 0; "
+        "image decoding included; the ensemble runs its "
         "members one after another; a TTA spec is timed even where its accuracy was not "
         "measured):\n\n" + markdown_table(cost_header, cost)
     )
@@ -352,8 +356,7 @@ def main() -> None:
         results.write_text(json.dumps(record, indent=2) + "\n")
     text = (
         "## Test-time augmentation and ensembles (EfficientNet-Lite0 baselines, 128 px)\n\n"
-        f"Command: `{command}`. Machine: {machine()}, shared with other jobs (timings are "
-        "ratios taken in one process). Members: the three seeds of a set's baseline runs. "
+        f"Command: `{command}`. Machine: {machine()}, shared with other jobs. Members: the three seeds of a set's baseline runs. "
         "Ensemble weights (scipy differential evolution, top-1 then log-loss: "
         "`lookcloser ensemble fit`'s search) are fitted on the members' validation split "
         "where they have one; runs trained on all of train (the recorded baselines, "
