@@ -141,7 +141,17 @@ def average_probabilities(
         mask = meta_mask.repeat_interleave(v, dim=0) if meta_mask is not None else None
         for flipped in (False, True) if flip else (False,):
             x = images.flip(-1) if flipped else images
-            probs = model(x, m, mask).float().softmax(dim=1).reshape(b, v, -1).sum(dim=1)
+            # Forward passes of at most b images, as without TTA: the memory a batch needs
+            # stays the same, and a CPU runs large batches slower per image.
+            logits = torch.cat(
+                [
+                    model(
+                        x[i : i + b], *(t[i : i + b] if t is not None else None for t in (m, mask))
+                    )
+                    for i in range(0, len(x), b)
+                ]
+            )
+            probs = logits.float().softmax(dim=1).reshape(b, v, -1).sum(dim=1)
             total = probs if total is None else total + probs
             count += v
     return total / count

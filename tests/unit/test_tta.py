@@ -174,3 +174,17 @@ def test_predict_and_eval_take_tta_and_the_stored_default(model_dir, capsys):
     assert "tta" not in json.loads((path / "model.json").read_text())
     Predictor.load(path)  # the weights' checksum still matches after the rewrite
     assert cli.main(["predict", str(path), str(root / "test"), "--tta", "nope"]) == 2
+
+
+def test_every_view_carries_its_image_metadata():
+    from lookcloser.tta import average_probabilities
+
+    def by_meta(images, meta, meta_mask):  # logits from the metadata alone
+        assert len(images) <= 2  # forward passes no larger than the batch
+        return torch.where(meta_mask, meta, 0.0) * 5
+
+    meta = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    views = [torch.rand(2, 5, 3, 8, 8), torch.rand(2, 5, 3, 12, 12)]
+    probs = average_probabilities(by_meta, views, True, meta, mask)
+    torch.testing.assert_close(probs, (torch.where(mask, meta, 0.0) * 5).softmax(dim=1))
