@@ -79,7 +79,10 @@ def cmd_eval(args) -> int:
     from lookcloser import api
 
     metrics = api.evaluate(
-        args.model_dir, args.overrides, progress=not args.no_progress and args.format == "table"
+        args.model_dir,
+        args.overrides,
+        progress=not args.no_progress and args.format == "table",
+        tta=args.tta,
     )
     if args.format == "json":
         print(json.dumps(metrics, indent=2))
@@ -91,7 +94,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from lookcloser import api
 
-    predictor = api.load(args.model_dir, args.device)
+    predictor = api.load(args.model_dir, args.device, args.tta)
     meta = None
     if args.meta:
         from lookcloser.data.meta import read_meta_file
@@ -138,7 +141,45 @@ def cmd_explain(args) -> int:
     out = api.explain(
         args.model_dir, args.image, args.out, args.target, args.map, args.meta, args.part
     )
-    print(out)
+    for path in out if isinstance(out, list) else [out]:  # an ensemble: one per member
+        print(path)
+    return 0
+
+
+def cmd_tta_default(args) -> int:
+    from lookcloser import api
+
+    spec = api.set_tta_default(args.model_dir, args.spec)
+    print(f"{args.model_dir}: default test-time augmentation: {spec}")
+    return 0
+
+
+def cmd_ensemble_fit(args) -> int:
+    from lookcloser import api
+
+    # key=value items among the directories are data.* overrides.
+    dirs = [a for a in args.model_dirs if "=" not in a]
+    overrides = [a for a in args.model_dirs if "=" in a] + list(args.overrides)
+    result = api.fit_ensemble(
+        dirs,
+        args.out,
+        overrides,
+        seed=args.seed,
+        maxiter=args.maxiter,
+        tta=args.tta,
+        weights=args.weights,
+        progress=not args.no_progress,
+    )
+    v = result.validation
+    rows = [(f"member {i} val top-1", f"{m['top1']:.4f}") for i, m in enumerate(v["members"])]
+    rows += [
+        ("equal weights val top-1", f"{v['equal']['top1']:.4f}"),
+        ("fitted weights val top-1", f"{v['fitted']['top1']:.4f}"),
+        (f"weights used ({args.weights})", ", ".join(f"{w:.3f}" for w in result.weights)),
+        ("validation images", str(v["images"])),
+    ]
+    _print_table(f"ensemble ({result.path})", rows)
+    print(result.path)
     return 0
 
 
@@ -345,6 +386,13 @@ META_HELP = (
 )
 
 
+TTA_HELP = (
+    "test-time augmentation, probabilities averaged over the views: comma-separated flip, "
+    "five_crop, scales=S1+S2 (e.g. flip,five_crop,scales=224+288); none turns a stored "
+    "default off (default: the model's, see tta-default)"
+)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (exit 2), like every other user error here."""
 
@@ -415,12 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     p = command(
-        "eval", "Evaluate a model directory on its test split (or data.* overrides).", cmd_eval
+        "eval",
+        "Evaluate a model or ensemble directory on its test split (or data.* overrides).",
+        cmd_eval,
     )
     p.add_argument("model_dir")
     p.add_argument("overrides", nargs="*", metavar="data.key=value")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--tta", metavar="SPEC", help=TTA_HELP)
 
     p = command("predict", "Top-k classes for image files or folders.", cmd_predict)
     p.add_argument("model_dir")
@@ -437,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--meta", metavar="FILE", help=META_HELP)
+    p.add_argument("--tta", metavar="SPEC", help=TTA_HELP)
 
     p = command("explain", "Write an attention heatmap over an image as a PNG.", cmd_explain)
     p.add_argument("model_dir")
@@ -457,7 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir")
     p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--out", help="output file (default: MODEL_DIR/model.onnx, or model.int8.onnx)")
+    p.add_argument(
+        "--out",
+        help="output file (default: MODEL_DIR/model.onnx, or model.int8.onnx); for an ensemble "
+        "a folder of one graph per member plus onnx.json (default: ENSEMBLE_DIR/onnx)",
+    )
     p.add_argument(
         "--quantize",
         choices=["int8"],
@@ -571,6 +627,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="flag answers whose top probability is below this (default: from the model's "
         "validation metrics, else 0.5)",
     )
+
+    p = command(
+        "tta-default",
+        "Store a test-time augmentation spec as a model's (or ensemble's) default.",
+        cmd_tta_default,
+    )
+    p.add_argument("model_dir")
+    p.add_argument("spec", help="e.g. flip,five_crop,scales=224+288; none removes the default")
+
+    ensemble = sub.add_parser(
+        "ensemble", help="Ensembles of model directories.", description="Ensembles."
+    )
+    ensemble_sub = ensemble.add_subparsers(dest="ensemble_command", required=True, metavar="CMD")
+    p = ensemble_sub.add_parser(
+        "fit",
+        help="Fit member weights on the validation split; write an ensemble directory.",
+        description="Gather the members' validation-split probabilities (never the test "
+        "split), search their weights with differential evolution (top-1, log-loss breaking "
+        "ties) and write DIR: ensemble.json and a copy of each member. eval, predict, explain "
+        "and export take DIR like a model directory.",
+    )
+    p.set_defaults(fn=cmd_ensemble_fit, overrides=[])
+    p.add_argument(
+        "model_dirs", nargs="+", metavar="MODEL_DIR", help="members (and data.* overrides)"
+    )
+    p.add_argument("--out", required=True, help="new or empty folder for the ensemble")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (default: %(default)s)")
+    p.add_argument("--maxiter", type=_positive_int, default=200, help="search generations")
+    p.add_argument("--tta", metavar="SPEC", help="fit on (and default to) these test-time views")
+    p.add_argument(
+        "--weights",
+        choices=["fitted", "equal"],
+        default="fitted",
+        help="which weights predict (both are recorded); equal suits a small validation split "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     data = sub.add_parser(
         "data",

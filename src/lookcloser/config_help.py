@@ -40,6 +40,9 @@ HELP: dict[str, str] = {
     "data.color_jitter": "training: colour jitter strength",
     "data.auto_augment": "training: timm auto-augment policy (e.g. rand-m9-mstd0.5)",
     "data.random_erasing": "training: random erasing probability",
+    "data.erasing_fill": "training: what an erased box holds: zero, noise, or the image's per-channel mean",
+    "data.preset": "augmentation preset: none, or inat21 (flip, rotation 15, jitter 0.4, "
+    "erasing 0.25 filled with the mean); explicit keys win",
     "data.sampler": "training order: uniform shuffling, class-balanced or sqrt-frequency weights",
     "data.mixup": "mixup alpha (0 = off)",
     "data.cutmix": "cutmix alpha (0 = off)",
@@ -75,6 +78,8 @@ HELP: dict[str, str] = {
     "model.attention_reduction": "channel reduction r of the blocks' bottleneck (SE paper: 16)",
     "model.stn": "a spatial transformer warps the input in front of the backbone (starts as "
     "the identity)",
+    "model.freeze_norm": "freeze pretrained BatchNorm / LayerNorm layers: statistics and affine "
+    "parameters stay as loaded",
     "model.stn_mode": "the transform the STN learns: affine, similarity (scale, rotation, "
     "shift) or translation_scale",
     "optim.name": "any timm optimizer name",
@@ -88,6 +93,8 @@ HELP: dict[str, str] = {
     "optim.min_lr": "lowest learning rate of the schedule",
     "optim.step_epochs": "step schedule: epochs between decays",
     "optim.step_gamma": "step schedule: decay factor",
+    "optim.stages": "train in stages, each a mapping of epochs, lr, warmup_epochs, freeze_norm, "
+    "freeze_backbone, sampler (e.g. the two-stage fine-tune); [] = one stage",
     "trainer.epochs": "training epochs",
     "trainer.accelerator": "Lightning accelerator: auto, cpu, gpu",
     "trainer.devices": "devices per node: auto, a count, or -1 for all",
@@ -191,6 +198,8 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):  # a record in a list (optim.stages)
+        return _plain(dataclasses.asdict(value))
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
