@@ -39,6 +39,10 @@ DATASETS = {
     ],
     **{name: ["data.source=imagefolder"] for name in REAL},
 }
+# The same images, each with a latitude, longitude and date around its class's home region
+# and season (data/synthetic.py); only runs that declare data.meta_keys read them.
+DATASETS["synthetic-meta"] = [*DATASETS["synthetic"], "data.synthetic.meta=true"]
+META_KEYS = "data.meta_keys=[latitude, longitude, day_of_year]"
 METHODS = {
     "baseline": ["method.name=baseline", "method.label_smoothing=0.1"],
     # N = 128 / 32: one region per feature cell of Lite0 (stride 32); k = 1 keeps regions local.
@@ -118,6 +122,13 @@ METHODS = {
         "method.apn_steps=5",
     ],
 }
+# Margin heads and metadata fusion (issue 12) on the baseline; `fusion` needs a set with
+# metadata (synthetic-meta).
+METHODS |= {
+    "arcface": [*METHODS["baseline"], "model.head=arcface"],
+    "fusion": [*METHODS["baseline"], "model.fusion=add", META_KEYS],
+    "arcface-fusion": [*METHODS["baseline"], "model.head=arcface", "model.fusion=add", META_KEYS],
+}
 COMMON = [
     "model.backbone=tf_efficientnet_lite0",
     "model.pretrained=true",
@@ -156,7 +167,7 @@ def run(
         f"out={out}",
         "overwrite=true",
     ]
-    if dataset == "synthetic":
+    if dataset.startswith("synthetic"):
         overrides.append(f"data.root={out_root / 'synthetic-data'}")
     else:
         overrides.append(f"data.root={data_root / dataset}")
@@ -269,7 +280,15 @@ def main() -> None:
                 f"Command: `{command.strip()}`. Machine: {machine()}. Every run: AdamW lr 2e-3 "
                 "(heads x5), cosine schedule with half an epoch of warm-up, batch 32, label "
                 "smoothing 0.1, test = the official/provided test split, centre crop. Synthetic: "
-                "8 classes, 60 train + 20 test images each, 128 px renders.\n\n" + table(wanted)
+                "8 classes, 60 train + 20 test images each, 128 px renders"
+                + (
+                    "; synthetic-meta: the same images with class-linked latitude, longitude "
+                    "and date (data.synthetic.meta=true), read only by the fusion runs"
+                    if "synthetic-meta" in args.datasets
+                    else ""
+                )
+                + ".\n\n"
+                + table(wanted)
             ),
         )
 

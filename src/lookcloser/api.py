@@ -27,6 +27,11 @@ __all__ = [
     "predict",
     "explain",
     "export",
+    "serve",
+    "export_int8",
+    "compare",
+    "fit_ensemble",
+    "set_tta_default",
     "Predictor",
     "Config",
 ]
@@ -89,18 +94,14 @@ def check_config(cfg: Config) -> Config:
     or model is touched."""
     from lookcloser.config import method_options
     from lookcloser.data.meta import check_meta_keys
-    from lookcloser.methods.base import method_class
-    from lookcloser.models.heads import head_factory
+    from lookcloser.methods.base import check_meta_use, method_class
+    from lookcloser.models.heads import HeadSpec
 
     cfg.validate()
     cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
     method_options(cfg, cls.Options)
-    head_factory(cfg.model.head)
-    if check_meta_keys(cfg.data.meta_keys) and not cls.accepts_meta:
-        raise ConfigError(
-            f"data.meta_keys: method {cls.name!r} does not use metadata; leave data.meta_keys "
-            "empty or choose a method that takes it"
-        )
+    keys = check_meta_keys(cfg.data.meta_keys)
+    check_meta_use(cls.name, cls.accepts_meta, HeadSpec.from_config(cfg.model), keys)
     return cfg
 
 
@@ -197,6 +198,7 @@ def _train(
         mixup=cfg.data.mixup,
         cutmix=cfg.data.cutmix,
         ema_decay=cfg.trainer.ema_decay,
+        freeze_norm=cfg.model.freeze_norm,
     )
     if plan is not None:
         plan.claim(cfg.to_yaml(), data.skipped)
@@ -257,7 +259,16 @@ def _evaluate_and_write(
 
 
 def _split_outputs(predictor: Predictor, cfg: Config, progress: bool, split: str, index, samples):
-    """The Predictor's logits over one split of a source or of shards (None if empty)."""
+    """The Predictor's logits over one split of a source or of shards (None if empty); for an
+    ensemble, the log of its members' mixture."""
+    from lookcloser.ensemble import EnsemblePredictor
+
+    if isinstance(predictor, EnsemblePredictor):
+        outputs = [
+            _split_outputs(member, cfg, progress, split, index, samples)
+            for member in predictor.members
+        ]
+        return None if outputs[0] is None else predictor.combine_outputs(outputs)
     if index is None:
         if not samples:
             return None
@@ -275,7 +286,7 @@ def _split_outputs(predictor: Predictor, cfg: Config, progress: bool, split: str
     dataset = ShardDataset.from_index(
         index,
         split,
-        transform=predictor.transform,
+        transform=predictor.item_transform,
         meta_keys=predictor.meta_keys,
         max_pixels=predictor.max_pixels,
         on_bad_image=cfg.data.on_bad_image,
@@ -330,9 +341,21 @@ def _save(
     save_model_dir(run_dir, inference.state_dict(), info)
 
 
-def load(model_dir: str | Path, device: str = "cpu") -> Predictor:
-    """Load a model directory as a Predictor."""
-    return Predictor.load(model_dir, device)
+def load(model_dir: str | Path, device: str = "cpu", tta: str | None = None) -> Predictor:
+    """Load a model directory as a Predictor, or an ensemble directory as an
+    EnsemblePredictor (the same interface). `tta`: test-time augmentation, e.g.
+    "flip,five_crop,scales=224+288" (None: the directory's default; "none": off)."""
+    from lookcloser.predictor import load_model
+
+    return load_model(model_dir, device, tta)
+
+
+def set_tta_default(model_dir: str | Path, spec: str | None) -> str:
+    """Store a test-time augmentation spec as a model's (or ensemble's) default, used by
+    predict / eval / serve unless they name another; "none" removes it. Returns the spec."""
+    from lookcloser.modeldir import set_default_tta
+
+    return set_default_tta(model_dir, spec).get("tta", "none")
 
 
 def evaluate(
@@ -342,12 +365,34 @@ def evaluate(
     progress: bool = True,
     device: str = "cpu",
     write_to: str | Path | None = None,
+    tta: str | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a saved model on its test split (or on data.* overrides)."""
-    from lookcloser.data.prepare import verified
+    """Metrics of a saved model or ensemble on its test split (or on data.* overrides);
+    `tta` as for `load`."""
     from lookcloser.evaluation import compute_metrics, summary, write_confusion
 
-    predictor = load(model_dir, device)
+    predictor, out = outputs_on_test(
+        model_dir, overrides, progress=progress, device=device, tta=tta
+    )
+    metrics = compute_metrics(out.logits, out.labels, predictor.classes)
+    if write_to is not None:
+        write_confusion(metrics["confusion"], predictor.classes, write_to)
+    return {**summary(metrics), "most_confused": metrics["most_confused"]}
+
+
+def outputs_on_test(
+    model_dir: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    progress: bool = True,
+    device: str = "cpu",
+    tta: str | None = None,
+):
+    """The loaded Predictor (or EnsemblePredictor) and its logits, labels and image paths on
+    the model's test split (or on data.* overrides); paths are empty for shards."""
+    from lookcloser.data.prepare import verified
+
+    predictor = load(model_dir, device, tta)
     cfg = Config.from_dict(predictor.info["config"])
     for item in overrides or []:
         if not item.startswith("data."):
@@ -369,10 +414,7 @@ def evaluate(
     out = _split_outputs(predictor, cfg, progress, "test", index, test)
     if out is None:
         raise DataError(f"data.root={cfg.data.root}: no test split to evaluate")
-    metrics = compute_metrics(out.logits, out.labels, predictor.classes)
-    if write_to is not None:
-        write_confusion(metrics["confusion"], predictor.classes, write_to)
-    return {**summary(metrics), "most_confused": metrics["most_confused"]}
+    return predictor, out
 
 
 def _check_same_classes(data_classes: list[str], model_classes: list[str]) -> None:
@@ -393,13 +435,15 @@ def predict(
     batch_size: int = 32,
     on_bad_image: str = "error",
     meta: str | Path | dict | list | None = None,
+    tta: str | None = None,
 ) -> list:
     """Top-k predictions for files and folders (`on_bad_image="skip"`: see `.skipped`).
 
     `meta`: per-image metadata for models that take it: a CSV / JSON file (see
     `data.meta.read_meta_file`), a mapping of path -> dict, or one dict per image.
+    `tta`: test-time augmentation, as for `load`.
     """
-    return load(model_dir).predict(
+    return load(model_dir, tta=tta).predict(
         paths,
         top_k=top_k,
         batch_size=batch_size,
@@ -425,8 +469,10 @@ def explain(
     map_name: str | None = None,
     meta: str | Path | dict | None = None,
     part: int | None = None,
-) -> Path:
-    """Write the image and its attention heatmap side by side as a PNG; returns its path.
+) -> Path | list[Path]:
+    """Write the image and its attention heatmap side by side as a PNG; returns its path
+    (for an ensemble, one PNG per member, `<name>-<member>.png`, all explaining the class
+    the ensemble predicts unless `target` names one; returns their paths).
 
     `meta`: the image's metadata dict, or a CSV / JSON metadata file to look the image up in.
     `part`: show part map K and the image it samples (methods with part maps: TASN).
@@ -436,9 +482,19 @@ def explain(
 
     if isinstance(meta, str | Path):
         meta = _meta_argument(meta).get(same_path(image), {})
-    explanation = load(model_dir).explain(image, target, map_name, meta, part)
+    predictor = load(model_dir)
     name = Path(image).stem + (f"-part{part}" if part is not None else "")
     out = Path(out) if out else Path(model_dir) / "explanations" / f"{name}.png"
+    if not isinstance(predictor, Predictor):  # an ensemble: one picture per member
+        return [
+            save_explanation(
+                explanation,
+                out.with_name(f"{out.stem}-{member}{out.suffix or '.png'}"),
+                map_name=map_name,
+            )
+            for member, explanation in predictor.explain(image, target, map_name, meta, part)
+        ]
+    explanation = predictor.explain(image, target, map_name, meta, part)
     return save_explanation(explanation, out, map_name=map_name)
 
 
@@ -450,7 +506,245 @@ def export(
 
     if format != "onnx":
         raise ConfigError(f"export --format: only 'onnx' is supported, got {format!r}")
-    predictor = load(model_dir)
+    predictor = load(model_dir, tta="none")
+    if not isinstance(predictor, Predictor):
+        return _export_ensemble(predictor, Path(out) if out else Path(model_dir) / "onnx")
     out = Path(out) if out else Path(model_dir) / "model.onnx"
     export_onnx(predictor, out)
     return out, max_abs_difference(predictor, out)
+
+
+def serve(
+    model_dir: str | Path,
+    settings=None,
+    backend: str = "torch",
+    onnx_file: str | Path | None = None,
+    device: str = "cpu",
+) -> None:
+    """Serve a model over HTTP until interrupted: the REST API and the web page
+    (`lookcloser.serve.app.ServeSettings`: host, port, token, batching, limits)."""
+    from lookcloser.serve.app import ServeSettings, run
+    from lookcloser.serve.backends import load_backend
+
+    settings = (settings or ServeSettings()).check()
+    run(load_backend(model_dir, backend, onnx_file, device), settings)
+
+
+def export_int8(
+    model_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    calibration: str | Path | None = None,
+    calibration_images: int = 64,
+    check_images: int = 256,
+    quant_format: str = "qdq",
+    per_channel: bool = True,
+    exclude_ends: bool = True,
+):
+    """int8 ONNX (ONNX Runtime static quantization) calibrated on training images (or the
+    images under `calibration`), checked against fp32 on other images; returns a
+    `QuantizeResult` (file, JSON sidecar, top-1 agreement with fp32)."""
+    from lookcloser.export.quantize import QuantizeSettings, quantize_int8
+
+    settings = QuantizeSettings(
+        quant_format=quant_format,
+        per_channel=per_channel,
+        exclude_ends=exclude_ends,
+        calibration_images=calibration_images,
+        check_images=check_images,
+    ).validate()
+    predictor = load(model_dir)
+    if not isinstance(predictor, Predictor):
+        raise ConfigError(
+            f"{model_dir}: an ensemble directory; int8 export takes one model directory "
+            "(quantize each member's directory)"
+        )
+    out = Path(out) if out else Path(model_dir) / "model.int8.onnx"
+    return quantize_int8(predictor, out, calibration, settings)
+
+
+def compare(
+    run_dirs: list[str | Path] | tuple = (),
+    out: str | Path = "compare-report",
+    *,
+    methods: list[str] | tuple = (),
+    seeds: list[int] | tuple = (0,),
+    data: str | Path | None = None,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    runs_dir: str | Path | None = None,
+    images: int = 6,
+    classes_shown: int = 10,
+    cost_batch: int = 8,
+    cost_rounds: int = 3,
+    progress: bool = True,
+    device: str = "cpu",
+):
+    """A report comparing trained runs (HTML, Markdown, CSV in `out`); returns a CompareReport.
+
+    With `methods`, each method x seed is first trained through `train` into
+    `runs_dir/<method>-s<seed>` (default `out/runs`), from `config` + `overrides` (`data`: an
+    ImageFolder root, or data.root for the source the config names); runs already there
+    with the same config are kept.
+    """
+    from lookcloser.compare import build_report, prepare_out, read_run, train_missing
+
+    if not methods and (data is not None or config is not None or overrides):
+        raise ConfigError(
+            "compare: --data, --config and key=value overrides say how to train; they need --methods"
+        )
+    for path in run_dirs:
+        read_run(path)  # a bad folder fails now, not after the training
+    trained = []
+    if methods:
+        prepare_out(Path(out))
+        trained = train_missing(
+            methods,
+            seeds,
+            Path(runs_dir) if runs_dir else Path(out) / "runs",
+            config,
+            overrides or [],
+            data,
+            progress,
+        )
+    return build_report(
+        [*run_dirs, *trained],
+        out,
+        images=images,
+        classes_shown=classes_shown,
+        cost_batch=cost_batch,
+        cost_rounds=cost_rounds,
+        progress=progress,
+        device=device,
+    )
+
+
+def _export_ensemble(ensemble, out: Path) -> tuple[Path, float]:
+    """One ONNX graph per member in folder `out`, and onnx.json: files, weights, preprocessing
+    and how to combine (the weighted mean of each graph's softmax)."""
+    from lookcloser.export.onnx import export_onnx, max_abs_difference
+    from lookcloser.modeldir import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    worst, members = 0.0, []
+    for name, member, weight in zip(
+        ensemble.names, ensemble.members, ensemble.weights, strict=True
+    ):
+        path = export_onnx(member, out / f"{name}.onnx")
+        worst = max(worst, max_abs_difference(member, path))
+        members.append(
+            {
+                "file": path.name,
+                "weight": weight,
+                "inputs": ["images", "meta", "meta_mask"] if member.meta_keys else ["images"],
+                "meta_keys": member.meta_keys,
+                "preprocessing": member.info.get("preprocessing", {}),
+            }
+        )
+    record = {
+        "combine": "probabilities = sum of weight x softmax(logits) over the members",
+        "classes": ensemble.classes,
+        "members": members,
+    }
+    atomic_write_text(out / "onnx.json", json.dumps(record, indent=2) + "\n")
+    return out, worst
+
+
+@dataclass
+class EnsembleResult:
+    """What `fit_ensemble` wrote: the directory, the weights and the validation scores."""
+
+    path: Path
+    weights: list[float]
+    validation: dict[str, Any]
+
+
+def fit_ensemble(
+    model_dirs: list[str | Path],
+    out: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    seed: int = 0,
+    maxiter: int = 200,
+    tta: str | None = None,
+    weights: str = "fitted",
+    progress: bool = True,
+    device: str = "cpu",
+) -> EnsembleResult:
+    """Fit member weights on the validation split and write an ensemble directory.
+
+    The validation split is the one the members were trained beside (their saved config:
+    the source's val split, else data.val_fraction carved with data.split_seed); every member
+    must name the same one, and the test split is never read. `overrides` (data.* only)
+    point at another labelled set's val split. `tta`: fit (and later predict) with
+    test-time augmentation. `weights="equal"` predicts with equal weights (the fitted ones
+    are still searched and recorded): fitted weights overfit a small validation split.
+    """
+    from dataclasses import replace as replace_dc
+
+    from lookcloser.data.prepare import prepare_data
+    from lookcloser.ensemble import fit_weights, write_ensemble_dir
+    from lookcloser.predictor import Predictor as Single
+
+    if not model_dirs:
+        raise ConfigError("ensemble fit: no model directories")
+    for item in overrides or []:
+        if not item.startswith("data.") or item.startswith("data.meta_keys="):
+            raise ConfigError(
+                f"ensemble fit takes data.* overrides only (not meta_keys), got {item!r}"
+            )
+        if item.split("=", 1)[0] in ("data.val_fraction", "data.split_seed"):
+            raise ConfigError(
+                f"ensemble fit: {item.split('=', 1)[0]} cannot be overridden: another carve of "
+                "the members' training images would fit weights on images they learned from; "
+                "point data.root at a labelled set with a val/ folder instead"
+            )
+    members = [Single.load(d, device, tta=tta or "none") for d in model_dirs]
+    configs = [Config.from_dict(m.info["config"]).apply_overrides(overrides or []) for m in members]
+    split_keys = (
+        "source",
+        "root",
+        "val_fraction",
+        "split_seed",
+        "test_fraction",
+        "level",
+        "train_split",
+    )
+    split = {k: getattr(configs[0].data, k) for k in split_keys}
+    for d, cfg in zip(model_dirs, configs, strict=True):
+        other = {k: getattr(cfg.data, k) for k in split_keys}
+        if other != split or cfg.data.synthetic != configs[0].data.synthetic:
+            differ = [f"data.{k}" for k in split_keys if other[k] != split[k]] or ["data.synthetic"]
+            raise ConfigError(
+                f"ensemble fit: {d} was validated on another split than {model_dirs[0]} "
+                f"({', '.join(differ)} differ); members must share one validation split"
+            )
+    cfg = configs[0]
+    data = prepare_data(replace_dc(cfg.data, unlabelled=None))
+    for m in members:
+        _check_same_classes(data.classes, m.classes)
+    outputs = [_split_outputs(m, cfg, progress, "val", data.index, data.val) for m in members]
+    if outputs[0] is None or len(outputs[0].labels) == 0:
+        raise DataError(
+            f"ensemble fit: no validation split (data.root={cfg.data.root}, "
+            f"data.val_fraction={cfg.data.val_fraction}): weights must be fitted on images the "
+            "members did not train on; train the members with data.val_fraction > 0, or pass "
+            "data.root=<a labelled set with a val/ folder>"
+        )
+    fit = fit_weights(
+        [o.logits.float().softmax(dim=1) for o in outputs], outputs[0].labels, seed, maxiter
+    )
+    info = {
+        "classes": members[0].classes,
+        "validation": {"split": split, "val_split": data.val_split},
+        **({"tta": members[0].tta.spec()} if members[0].tta else {}),
+    }
+    path = write_ensemble_dir(out, model_dirs, fit, info, use=weights)
+    validation = {
+        "images": fit.images,
+        "fitted": fit.fitted_score,
+        "equal": fit.equal_score,
+        "members": fit.member_scores,
+    }
+    chosen = fit.weights if weights == "fitted" else fit.equal_weights
+    return EnsembleResult(path, chosen, validation)

@@ -79,7 +79,10 @@ def cmd_eval(args) -> int:
     from lookcloser import api
 
     metrics = api.evaluate(
-        args.model_dir, args.overrides, progress=not args.no_progress and args.format == "table"
+        args.model_dir,
+        args.overrides,
+        progress=not args.no_progress and args.format == "table",
+        tta=args.tta,
     )
     if args.format == "json":
         print(json.dumps(metrics, indent=2))
@@ -91,7 +94,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from lookcloser import api
 
-    predictor = api.load(args.model_dir, args.device)
+    predictor = api.load(args.model_dir, args.device, args.tta)
     meta = None
     if args.meta:
         from lookcloser.data.meta import read_meta_file
@@ -138,15 +141,137 @@ def cmd_explain(args) -> int:
     out = api.explain(
         args.model_dir, args.image, args.out, args.target, args.map, args.meta, args.part
     )
-    print(out)
+    for path in out if isinstance(out, list) else [out]:  # an ensemble: one per member
+        print(path)
+    return 0
+
+
+def cmd_tta_default(args) -> int:
+    from lookcloser import api
+
+    spec = api.set_tta_default(args.model_dir, args.spec)
+    print(f"{args.model_dir}: default test-time augmentation: {spec}")
+    return 0
+
+
+def cmd_ensemble_fit(args) -> int:
+    from lookcloser import api
+
+    # key=value items among the directories are data.* overrides.
+    dirs = [a for a in args.model_dirs if "=" not in a]
+    overrides = [a for a in args.model_dirs if "=" in a] + list(args.overrides)
+    result = api.fit_ensemble(
+        dirs,
+        args.out,
+        overrides,
+        seed=args.seed,
+        maxiter=args.maxiter,
+        tta=args.tta,
+        weights=args.weights,
+        progress=not args.no_progress,
+    )
+    v = result.validation
+    rows = [(f"member {i} val top-1", f"{m['top1']:.4f}") for i, m in enumerate(v["members"])]
+    rows += [
+        ("equal weights val top-1", f"{v['equal']['top1']:.4f}"),
+        ("fitted weights val top-1", f"{v['fitted']['top1']:.4f}"),
+        (f"weights used ({args.weights})", ", ".join(f"{w:.3f}" for w in result.weights)),
+        ("validation images", str(v["images"])),
+    ]
+    _print_table(f"ensemble ({result.path})", rows)
+    print(result.path)
     return 0
 
 
 def cmd_export(args) -> int:
     from lookcloser import api
 
-    out, diff = api.export(args.model_dir, args.format, args.out)
-    print(f"wrote {out}; max |logit| difference ONNX Runtime vs PyTorch: {diff:.2e}")
+    if args.quantize is None:
+        out, diff = api.export(args.model_dir, args.format, args.out)
+        print(f"wrote {out}; max |logit| difference ONNX Runtime vs PyTorch: {diff:.2e}")
+        return 0
+    result = api.export_int8(
+        args.model_dir,
+        args.out,
+        calibration=args.calibration,
+        calibration_images=args.calibration_images,
+        check_images=args.check_images,
+        quant_format=args.quant_format,
+        per_channel=not args.per_tensor,
+        exclude_ends=not args.quantize_ends,
+    )
+    print(
+        f"wrote {result.path} ({result.bytes_int8 / 2**20:.1f} MiB, fp32 "
+        f"{result.bytes_fp32 / 2**20:.1f} MiB) and {result.sidecar}; calibrated on "
+        f"{result.calibrated} images"
+    )
+    if result.checked:
+        print(
+            f"top-1 agreement with fp32: {100 * result.agreement:.1f} % of {result.checked} "
+            f"{result.check_source}; max |logit| difference {result.max_abs_logit_difference:.3f}"
+        )
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from lookcloser import api
+    from lookcloser.compare import leaderboard_rows
+    from lookcloser.errors import ConfigError
+
+    run_dirs = [item for item in args.items if "=" not in item or Path(item).is_dir()]
+    overrides = [item for item in args.items if item not in run_dirs]
+    # key=value right after --methods or --seeds belongs to the overrides.
+    methods = [m for m in args.methods or [] if "=" not in m]
+    seeds = [s for s in args.seeds if "=" not in s]
+    overrides += [x for x in [*(args.methods or []), *args.seeds] if "=" in x]
+    if not all(s.lstrip("-").isdigit() for s in seeds):
+        raise ConfigError(f"--seeds: expected integers, got {' '.join(seeds)}")
+    report = api.compare(
+        run_dirs,
+        args.out,
+        methods=methods,
+        seeds=[int(s) for s in seeds],
+        data=args.data,
+        config=args.config,
+        overrides=[*overrides, *getattr(args, "overrides", [])],
+        runs_dir=args.runs,
+        images=args.images,
+        classes_shown=args.classes,
+        cost_batch=args.cost_batch,
+        progress=not args.no_progress,
+        device=args.device,
+    )
+    header, rows = leaderboard_rows(report.groups)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"leaderboard ({len(report.classes)} classes)")
+    for name in header[:6]:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*row[:6])
+    Console(stderr=True).print(table)
+    print(report.html)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from lookcloser import api
+    from lookcloser.serve.app import ServeSettings
+
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        token=args.token if args.token is not None else os.environ.get("LOOKCLOSER_TOKEN"),
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        timeout_s=args.timeout,
+        unsure_below=args.unsure_below,
+    )
+    api.serve(args.model_dir, settings, args.backend, args.onnx, args.device)
     return 0
 
 
@@ -261,6 +386,13 @@ META_HELP = (
 )
 
 
+TTA_HELP = (
+    "test-time augmentation, probabilities averaged over the views: comma-separated flip, "
+    "five_crop, scales=S1+S2 (e.g. flip,five_crop,scales=224+288); none turns a stored "
+    "default off (default: the model's, see tta-default)"
+)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (exit 2), like every other user error here."""
 
@@ -331,12 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     p = command(
-        "eval", "Evaluate a model directory on its test split (or data.* overrides).", cmd_eval
+        "eval",
+        "Evaluate a model or ensemble directory on its test split (or data.* overrides).",
+        cmd_eval,
     )
     p.add_argument("model_dir")
     p.add_argument("overrides", nargs="*", metavar="data.key=value")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--tta", metavar="SPEC", help=TTA_HELP)
 
     p = command("predict", "Top-k classes for image files or folders.", cmd_predict)
     p.add_argument("model_dir")
@@ -353,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--meta", metavar="FILE", help=META_HELP)
+    p.add_argument("--tta", metavar="SPEC", help=TTA_HELP)
 
     p = command("explain", "Write an attention heatmap over an image as a PNG.", cmd_explain)
     p.add_argument("model_dir")
@@ -373,7 +509,161 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir")
     p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--out", help="output file (default: MODEL_DIR/model.onnx)")
+    p.add_argument(
+        "--out",
+        help="output file (default: MODEL_DIR/model.onnx, or model.int8.onnx); for an ensemble "
+        "a folder of one graph per member plus onnx.json (default: ENSEMBLE_DIR/onnx)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8: ONNX Runtime static quantization, calibrated on training images and "
+        "checked against fp32 (top-1 agreement, also in the .json written beside the file)",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="DIR",
+        help="calibrate on the images under DIR (default: the model's training images)",
+    )
+    p.add_argument(
+        "--calibration-images",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="images to calibrate on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--check-images",
+        type=int,
+        default=256,
+        metavar="N",
+        help="other images to check int8 against fp32 on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quant-format",
+        choices=["qdq", "qoperator"],
+        default="qdq",
+        help="qdq: Quantize/DequantizeLinear pairs that ONNX Runtime fuses into int8 kernels; "
+        "qoperator: int8 operators such as QLinearConv (same predictions, speed within a few "
+        "%% here: docs/benchmarks.md) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--per-tensor", action="store_true", help="one weight scale per tensor, not per channel"
+    )
+    p.add_argument(
+        "--quantize-ends",
+        action="store_true",
+        help="quantize the first convolution and the classifier too (kept fp32 by default)",
+    )
+
+    p = command(
+        "compare",
+        "Compare trained runs (or train methods x seeds first): one HTML report with the "
+        "leaderboard, cost, per-class differences and explained images, plus CSV and Markdown.",
+        cmd_compare,
+    )
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="RUN_DIR | key=value",
+        help="run directories to compare; key=value: config overrides for training --methods",
+    )
+    p.add_argument("--out", required=True, help="report folder (new, empty or an earlier report)")
+    p.add_argument("--methods", nargs="+", metavar="NAME", help="train these methods first")
+    p.add_argument("--seeds", nargs="+", default=["0"], help="seeds for --methods (default: 0)")
+    p.add_argument(
+        "--data",
+        metavar="ROOT",
+        help="data.root for --methods (an ImageFolder tree unless data.source= says otherwise)",
+    )
+    p.add_argument("--config", help="YAML recipe for --methods")
+    p.add_argument("--runs", help="where --methods runs go (default: OUT/runs)")
+    p.add_argument(
+        "--images", type=int, default=6, help="test images explained by every method (default: 6)"
+    )
+    p.add_argument(
+        "--classes",
+        type=_positive_int,
+        default=10,
+        help="classes with the largest differences shown (default: 10)",
+    )
+    p.add_argument(
+        "--cost-batch", type=_positive_int, default=8, help="batch size timed (default: 8)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--no-progress", action="store_true", help="hide progress")
+    p.set_defaults(overrides=[])  # key=value after the options land here
+
+    p = command(
+        "serve",
+        "Serve a model over HTTP: POST /predict, POST /explain, GET /model, a web page at /.",
+        cmd_serve,
+    )
+    p.add_argument("model_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--token",
+        help="require 'Authorization: Bearer TOKEN' (default: $LOOKCLOSER_TOKEN; none if unset)",
+    )
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--onnx", metavar="FILE", help="ONNX graph (default: MODEL_DIR/model.onnx)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    p.add_argument(
+        "--max-batch", type=_positive_int, default=8, help="images per forward; 1: no batching"
+    )
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for a batch to fill")
+    p.add_argument(
+        "--max-queue", type=_positive_int, default=64, help="requests in progress; more get 503"
+    )
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="body limit (413)")
+    p.add_argument(
+        "--max-pixels", type=_positive_int, help="decoded image limit (default: the model's)"
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument(
+        "--unsure-below",
+        type=float,
+        help="flag answers whose top probability is below this (default: from the model's "
+        "validation metrics, else 0.5)",
+    )
+
+    p = command(
+        "tta-default",
+        "Store a test-time augmentation spec as a model's (or ensemble's) default.",
+        cmd_tta_default,
+    )
+    p.add_argument("model_dir")
+    p.add_argument("spec", help="e.g. flip,five_crop,scales=224+288; none removes the default")
+
+    ensemble = sub.add_parser(
+        "ensemble", help="Ensembles of model directories.", description="Ensembles."
+    )
+    ensemble_sub = ensemble.add_subparsers(dest="ensemble_command", required=True, metavar="CMD")
+    p = ensemble_sub.add_parser(
+        "fit",
+        help="Fit member weights on the validation split; write an ensemble directory.",
+        description="Gather the members' validation-split probabilities (never the test "
+        "split), search their weights with differential evolution (top-1, log-loss breaking "
+        "ties) and write DIR: ensemble.json and a copy of each member. eval, predict, explain "
+        "and export take DIR like a model directory.",
+    )
+    p.set_defaults(fn=cmd_ensemble_fit, overrides=[])
+    p.add_argument(
+        "model_dirs", nargs="+", metavar="MODEL_DIR", help="members (and data.* overrides)"
+    )
+    p.add_argument("--out", required=True, help="new or empty folder for the ensemble")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (default: %(default)s)")
+    p.add_argument("--maxiter", type=_positive_int, default=200, help="search generations")
+    p.add_argument("--tta", metavar="SPEC", help="fit on (and default to) these test-time views")
+    p.add_argument(
+        "--weights",
+        choices=["fitted", "equal"],
+        default="fitted",
+        help="which weights predict (both are recorded); equal suits a small validation split "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     data = sub.add_parser(
         "data",

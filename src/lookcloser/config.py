@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -69,6 +69,9 @@ class SyntheticConfig:
     test_per_class: int = ranged(20, 0)
     size: int = ranged(128, 32)
     seed: int = ranged(0, 0)
+    # Per-sample latitude, longitude and date tied to the class (a home region and season per
+    # class, with noise; some values missing), for measuring metadata fusion.
+    meta: bool = False
 
 
 @dataclass
@@ -112,6 +115,12 @@ class DataConfig:
     color_jitter: float = ranged(0.2, 0)
     auto_augment: str | None = None
     random_erasing: float = ranged(0.0, **FRACTION)
+    # What an erased box holds: zeros (timm's const mode), noise (timm's pixel mode), or the
+    # image's own per-channel mean (the iNat 2021 recipe).
+    erasing_fill: Literal["zero", "noise", "mean"] = "zero"
+    # An augmentation preset (AUGMENTATION_PRESETS): sets the keys it names unless they are
+    # set explicitly (before or after it).
+    preset: Literal["none", "inat21"] = "none"
     # Training sampler: uniform shuffling, or drawing with class-balanced / sqrt-frequency weights.
     sampler: Literal["uniform", "balanced", "sqrt"] = "uniform"
     mixup: float = ranged(0.0, 0)
@@ -134,8 +143,19 @@ class ModelConfig:
     # Extra arguments for timm.create_model, e.g. model.kwargs.img_size=448,
     # model.kwargs.dynamic_img_size=true, model.kwargs.output_stride=16.
     kwargs: dict[str, Any] = field(default_factory=dict)
-    # The class head (models.heads registry): linear.
+    # The class head (models.heads registry): linear, cosine, arcface, subcenter_arcface.
     head: str = "linear"
+    # Options of cosine / margin heads; None = the head's default (a head that does not take
+    # an option refuses it). The margin is in radians.
+    head_scale: float | None = ranged(None, **POSITIVE)
+    head_margin: float | None = ranged(None, 0, 1.5)
+    head_subcenters: int | None = ranged(None, 1, 64)
+    # Metadata fusion in front of every class head (models.fusion): data.meta_keys encoded
+    # (location on the sphere, day of year on a circle), an MLP, joined with the image feature.
+    fusion: Literal["none", "add", "concat", "gate"] = "none"
+    meta_hidden: int = ranged(256, 1, 65536)
+    # Training: the share of samples whose metadata is masked whole (trains the image-only path).
+    meta_dropout: float = ranged(0.1, 0, 1, high_open=True)
     # Attention plug-ins (models/plugins.py): SE, SK or CBAM blocks after the CNN's stages
     # (feature levels; empty = every level from stride 4 on), starting as the identity.
     attention: Literal["none", "se", "sk", "cbam"] = "none"
@@ -144,6 +164,9 @@ class ModelConfig:
     # A spatial transformer in front of the backbone, starting as the identity.
     stn: bool = False
     stn_mode: Literal["affine", "similarity", "translation_scale"] = "affine"
+    # Pretrained BatchNorm / LayerNorm / GroupNorm layers frozen: running statistics and affine
+    # parameters stay as loaded (norms inside new modules still train).
+    freeze_norm: bool = False
 
 
 @dataclass
@@ -162,6 +185,52 @@ class OptimConfig:
     min_lr: float = ranged(0.0, 0)
     step_epochs: int = ranged(30, 1)
     step_gamma: float = ranged(0.1, **POSITIVE, high=1)
+    # Training in stages (e.g. the two-stage fine-tune), each with its own epochs and schedule;
+    # empty = one stage of trainer.epochs with the keys above.
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class StageConfig:
+    """One stage of `optim.stages`: its length, learning rate and what is frozen or sampled.
+
+    Unset (null) keys take the run's value (optim.lr, optim.warmup_epochs, model.freeze_norm,
+    data.sampler). Each stage runs its own optim.scheduler schedule over its epochs.
+    """
+
+    epochs: int = ranged(1, 1)
+    lr: float | None = ranged(None, **POSITIVE)
+    warmup_epochs: float | None = ranged(None, 0)
+    freeze_norm: bool | None = None
+    # Only the method's new modules (its heads) train; the pretrained backbone is frozen,
+    # weights and norm statistics alike.
+    freeze_backbone: bool = False
+    sampler: Literal["uniform", "balanced", "sqrt"] | None = None
+
+    HELP: ClassVar[dict[str, str]] = {
+        "epochs": "epochs of this stage",
+        "lr": "base learning rate of this stage (null: optim.lr)",
+        "warmup_epochs": "warm-up epochs at the stage's start (null: optim.warmup_epochs)",
+        "freeze_norm": "freeze pretrained norm layers (null: model.freeze_norm)",
+        "freeze_backbone": "train only the method's new modules (its heads)",
+        "sampler": "training sampler of this stage (null: data.sampler)",
+    }
+
+
+# Augmentation presets (data.preset): values for data keys, applied to every key not set
+# explicitly. The iNat 2021 winners name flip, rotation, brightness / contrast / saturation
+# jitter and random erasing filled with the image mean, without values; these are ours
+# (rotation as in the DCL recipes, jitter and erasing probability as timm's ImageNet recipes).
+AUGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "inat21": {
+        "hflip": 0.5,
+        "rotation": 15.0,
+        "color_jitter": 0.4,
+        "random_erasing": 0.25,
+        "erasing_fill": "mean",
+    },
+}
 
 
 @dataclass
@@ -203,6 +272,10 @@ class Config:
     seed: int = ranged(0, 0)
     out: str | None = None
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        # Keys set through `set` (files, overrides): an augmentation preset leaves them alone.
+        self._explicit: set[str] = set()
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -281,10 +354,24 @@ class Config:
                 value = _check_type(key, value, hint, where)
                 _check_range(key, value, _field(node, part), where)
                 setattr(node, part, value)
+                self._explicit.add(key)
+                self._derive(key)
                 return
             node = getattr(node, part)
             if not dataclasses.is_dataclass(node):
                 raise ConfigError(f"{where}: {key}: {'.'.join(parts[: i + 1])} has no sub-keys")
+
+    def _derive(self, key: str) -> None:
+        """Keys that follow another: a preset's data keys, the epochs of a staged run."""
+        if key == "data.preset":
+            chosen = AUGMENTATION_PRESETS[self.data.preset]
+            base = DataConfig()
+            for name in {n for preset in AUGMENTATION_PRESETS.values() for n in preset}:
+                if f"data.{name}" not in self._explicit:
+                    setattr(self.data, name, chosen.get(name, getattr(base, name)))
+        elif key == "optim.stages" and "trainer.epochs" not in self._explicit:
+            stages = self.optim.stages
+            self.trainer.epochs = sum(s.epochs for s in stages) or TrainerConfig().epochs
 
     def validate(self, where: str = "config") -> Config:
         """Check every value's range and the rules between keys (before anything is built)."""
@@ -294,6 +381,13 @@ class Config:
         if low > high:
             raise ConfigError(
                 f"{where}: data.train_scale: expected [low, high] with low <= high, got {[low, high]}"
+            )
+        stages = self.optim.stages
+        if stages and self.trainer.epochs != sum(s.epochs for s in stages):
+            raise ConfigError(
+                f"{where}: trainer.epochs={self.trainer.epochs}: with optim.stages the run lasts "
+                f"the stages' epochs ({' + '.join(str(s.epochs) for s in stages)} = "
+                f"{sum(s.epochs for s in stages)}); leave trainer.epochs unset or set it to that"
             )
         if self.trainer.max_steps == 0:
             raise ConfigError(f"{where}: trainer.max_steps: expected -1 (no limit) or >= 1, got 0")
@@ -457,6 +551,8 @@ def _check_type(key: str, value: Any, hint: Any, where: str) -> Any:
         (arg,) = typing.get_args(hint)
         if not isinstance(value, list | tuple):
             raise fail
+        if dataclasses.is_dataclass(arg):  # a list of records (optim.stages)
+            return [_record(f"{key}[{i}]", v, arg, where) for i, v in enumerate(value)]
         return [_check_type(key, v, arg, where) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
@@ -490,3 +586,26 @@ def _check_type(key: str, value: Any, hint: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         raise ConfigError(f"{where}: {key}: is a group of keys, set its fields as {key}.<name>")
     raise fail
+
+
+def _record(key: str, value: Any, record_type: type, where: str) -> Any:
+    """A dataclass from a mapping of its fields, each type- and range-checked."""
+    if isinstance(value, record_type):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{where}: {key}: expected a mapping of {_record_keys(record_type)}, got {value!r}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(record_type)}
+    hints = typing.get_type_hints(record_type)
+    values = {}
+    for name, item in value.items():
+        if name not in fields:
+            raise ConfigError(_unknown(f"{key}.{name}", [f"{key}.{n}" for n in fields], where))
+        values[name] = _check_type(f"{key}.{name}", item, hints[name], where)
+        _check_range(f"{key}.{name}", values[name], fields[name], where)
+    return record_type(**values)
+
+
+def _record_keys(record_type: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(record_type))

@@ -22,6 +22,7 @@ FORMAT = "lookcloser.model"
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
+ENSEMBLE_JSON = "ensemble.json"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -67,6 +68,31 @@ def versions() -> dict[str, str]:
 def is_model_dir(path: str | Path) -> bool:
     """Whether `path` holds a complete model (its model.json exists)."""
     return (Path(path) / MODEL_JSON).is_file()
+
+
+def is_ensemble_dir(path: str | Path) -> bool:
+    """Whether `path` holds an ensemble (its ensemble.json exists; see lookcloser.ensemble)."""
+    return (Path(path) / ENSEMBLE_JSON).is_file()
+
+
+def set_default_tta(path: str | Path, spec: str | None) -> dict[str, Any]:
+    """Record a test-time augmentation spec as the default of a model or ensemble directory
+    (`tta` in model.json or ensemble.json; None or "none" removes it); returns the record."""
+    from lookcloser.tta import TTA
+
+    tta = TTA.parse(spec)
+    path = Path(path)
+    if is_ensemble_dir(path):
+        target = path / ENSEMBLE_JSON
+        record = json.loads(target.read_text())
+    else:
+        target = path / MODEL_JSON
+        record = read_model_json(path)
+    record.pop("tta", None)
+    if tta is not None:
+        record["tta"] = tta.spec()
+    atomic_write_text(target, json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def invalidate(path: str | Path) -> None:

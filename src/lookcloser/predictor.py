@@ -14,16 +14,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lookcloser.config import Config
-from lookcloser.data.batch import Batch, collate
+from lookcloser.data.batch import Batch, collate, stack_images
 from lookcloser.data.images import DEFAULT_MAX_PIXELS, list_image_files, load_image
 from lookcloser.data.loading import ImageDataset
 from lookcloser.data.meta import meta_tensors, same_path
 from lookcloser.data.sources import Sample
 from lookcloser.data.transforms import eval_transform
-from lookcloser.errors import BadImageError, BadImagesError, ConfigError
+from lookcloser.errors import BadImageError, BadImagesError, ConfigError, ModelDirError
 from lookcloser.methods import build_method
 from lookcloser.methods.base import Method
-from lookcloser.modeldir import read_model_json, read_weights
+from lookcloser.modeldir import is_ensemble_dir, read_model_json, read_weights
+from lookcloser.tta import TTA, average_probabilities
 
 
 @dataclass
@@ -74,8 +75,29 @@ def _collate_files(items):
     """(positions of good images, their stacked tensors, [(path, reason)] of bad ones)."""
     good = [(i, t) for i, t, _ in items if t is not None]
     bad = [(i, r) for i, t, r in items if t is None]
-    images = torch.stack([t for _, t in good]) if good else torch.empty(0)
+    images = stack_images([t for _, t in good]) if good else torch.empty(0)
     return [i for i, _ in good], images, bad
+
+
+def top_predictions(
+    files: Sequence[str], positions: Sequence[int], probs: Tensor, classes: Sequence[str], k: int
+) -> list[Prediction]:
+    """Prediction (top-k classes) of each image read, from N x C probabilities."""
+    values, indices = probs.topk(min(k, len(classes)), dim=1)
+    return [
+        Prediction(files[n], [classes[j] for j in i], p, i)
+        for n, p, i in zip(positions, values.tolist(), indices.tolist(), strict=True)
+    ]
+
+
+def check_predict_arguments(top_k: int, batch_size: int, on_bad_image: str) -> None:
+    """ConfigError for a bad top_k, batch_size or on_bad_image."""
+    if on_bad_image not in ("error", "skip"):
+        raise ConfigError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
+    if top_k < 1:
+        raise ConfigError(f"top_k: expected an integer >= 1, got {top_k}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size}")
 
 
 @dataclass
@@ -93,7 +115,9 @@ class Explanation:
 
 @dataclass
 class EvalOutput:
-    """Logits and labels of a whole split, in sample order."""
+    """Logits and labels of a whole split, in sample order (with test-time augmentation or
+    for an ensemble, `logits` are log-probabilities: their softmax is the averaged
+    probabilities)."""
 
     logits: Tensor
     labels: Tensor
@@ -125,22 +149,59 @@ class Predictor:
         device: str | torch.device | None = "cpu",
         info: dict[str, Any] | None = None,
         max_pixels: int | None = None,
+        tta: TTA | str | None = None,
     ):
         self.device = resolve_device(device)
         self.method = method.eval().to(self.device)
         self.classes = list(classes)
         self.image_size = image_size
         self.crop_pct = crop_pct
+        self.interpolation = interpolation
         self.transform = eval_transform(image_size, crop_pct, interpolation)
+        self.tta = tta  # test-time augmentation of predict / eval (None: the plain view)
         self.info = info or {}
         recorded = self.info.get("config", {}).get("data", {}).get("max_image_pixels")
         self.max_pixels = max_pixels or recorded or DEFAULT_MAX_PIXELS
         # The metadata the model takes, in its input order (empty: images only).
         self.meta_keys = list(getattr(method, "meta_keys", []))
 
+    @property
+    def tta(self) -> TTA | None:
+        """Test-time augmentation applied by predict, run_samples and eval (None: off)."""
+        return self._tta
+
+    @tta.setter
+    def tta(self, value: TTA | str | None) -> None:
+        self._tta = TTA.parse(value)
+        self._views = (
+            self._tta.views(self.image_size, self.crop_pct, self.interpolation)
+            if self._tta
+            else None
+        )
+
+    @property
+    def item_transform(self):
+        """Image -> model input: a tensor, or with TTA one tensor of views per scale."""
+        return self._views or self.transform
+
     @classmethod
-    def load(cls, model_dir: str | Path, device: str | torch.device | None = "cpu") -> Predictor:
-        """Load a model directory (JSON + safetensors; nothing is unpickled)."""
+    def load(
+        cls,
+        model_dir: str | Path,
+        device: str | torch.device | None = "cpu",
+        tta: TTA | str | None = None,
+    ) -> Predictor:
+        """Load a model directory (JSON + safetensors; nothing is unpickled).
+
+        `tta`: test-time augmentation (a spec such as "flip,five_crop" or a TTA); None uses
+        the model's default (`tta` in model.json, set by `lookcloser tta-default`), "none"
+        turns it off.
+        """
+        if is_ensemble_dir(model_dir):
+            raise ModelDirError(
+                f"{model_dir}: an ensemble directory; load it with lookcloser.api.load "
+                "(or predictor.load_model), which takes both kinds"
+            )
         record = read_model_json(model_dir)
         cfg = Config.from_dict(record["config"], where=f"{model_dir}/model.json")
         name = LEGACY_METHOD_NAMES.get(record["method"], record["method"])
@@ -153,8 +214,6 @@ class Predictor:
         try:
             method.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            from lookcloser.errors import ModelDirError
-
             raise ModelDirError(
                 f"{model_dir}: weights do not fit the recorded model: {err}"
             ) from None
@@ -167,6 +226,7 @@ class Predictor:
             pre.get("interpolation", "bicubic"),
             device,
             record,
+            tta=record.get("tta") if tta is None else tta,
         )
 
     # ---- tensors ------------------------------------------------------------------------------
@@ -187,6 +247,22 @@ class Predictor:
     ) -> Tensor:
         """Softmax class probabilities for a batch of preprocessed images."""
         return self.logits(images, meta, meta_mask).float().softmax(dim=1)
+
+    @torch.inference_mode()
+    def batch_probabilities(
+        self,
+        images: Tensor | list[Tensor],
+        meta: Tensor | None = None,
+        meta_mask: Tensor | None = None,
+    ) -> Tensor:
+        """B x C probabilities of a batch made by `item_transform`: plain images (B x 3 x H x W)
+        or, with TTA, views per scale (B x V x 3 x S x S each), averaged over the views."""
+        if isinstance(images, Tensor):
+            return self.probabilities(images, meta, meta_mask)
+        meta, meta_mask = self._meta_inputs(len(images[0]), meta, meta_mask)
+        views = [v.to(self.device, non_blocking=True) for v in images]
+        flip = self.tta is not None and self.tta.flip
+        return average_probabilities(self.method, views, flip, meta, meta_mask)
 
     def meta_rows(self, metas: Sequence[Mapping[str, Any]]) -> tuple[Tensor, Tensor]:
         """N x K values and mask of metadata dicts, in this model's key order."""
@@ -219,7 +295,7 @@ class Predictor:
 
     # ---- files ---------------------------------------------------------------------------------
     def _loader(self, samples: Sequence[Sample], batch_size: int, num_workers: int) -> DataLoader:
-        dataset = ImageDataset(samples, self.transform, self.max_pixels, self.meta_keys)
+        dataset = ImageDataset(samples, self.item_transform, self.max_pixels, self.meta_keys)
         return DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate
         )
@@ -263,36 +339,72 @@ class Predictor:
         `meta`, for models with metadata: a mapping of image path -> {key: value} or one dict
         per image; keys or images without a value count as missing.
         """
-        if on_bad_image not in ("error", "skip"):
-            raise ConfigError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
-        if top_k < 1:
-            raise ConfigError(f"top_k: expected an integer >= 1, got {top_k}")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size}")
+        check_predict_arguments(top_k, batch_size, on_bad_image)
         files = [str(f) for p in paths for f in list_image_files(p)]
+        positions, probs, skipped = self.file_probabilities(
+            files, batch_size, num_workers, on_bad_image, meta
+        )
+        results = Predictions(top_predictions(files, positions, probs, self.classes, top_k))
+        results.skipped = skipped
+        if skipped and on_bad_image == "error":
+            raise BadImagesError(
+                skipped, len(files), "; pass on_bad_image=skip to predict the others"
+            )
+        return results
+
+    def file_probabilities(
+        self,
+        files: Sequence[str],
+        batch_size: int = 32,
+        num_workers: int = 0,
+        on_bad_image: str = "error",
+        meta: Mapping[str, Mapping] | Sequence[Mapping] | None = None,
+    ) -> tuple[list[int], Tensor, list[tuple[str, str]]]:
+        """Class probabilities of image files: (positions of the files read, their N x C
+        probabilities, [(path, reason)] of the files not read). With `on_bad_image="error"`,
+        prediction stops at the first bad file but reading goes on, to name them all."""
         values, mask = self._file_meta(files, meta)
-        k = min(top_k, len(self.classes))
-        results = Predictions()
         loader = DataLoader(
-            _FileDataset(files, self.transform, self.max_pixels),
+            _FileDataset(files, self.item_transform, self.max_pixels),
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_collate_files,
         )
+        positions: list[int] = []
+        probs: list[Tensor] = []
+        skipped: list[tuple[str, str]] = []
         for indices, images, failures in loader:
-            results.skipped += [(files[i], reason) for i, reason in failures]
-            if results.skipped and on_bad_image == "error":
+            skipped += [(files[i], reason) for i, reason in failures]
+            if (skipped and on_bad_image == "error") or not indices:
                 continue  # no more predictions, but keep reading to name every bad file
-            if not indices:
-                continue
-            probs, idx = self.probabilities(images, values[indices], mask[indices]).topk(k, dim=1)
-            for n, p, i in zip(indices, probs.tolist(), idx.tolist(), strict=True):
-                results.append(Prediction(files[n], [self.classes[j] for j in i], p, i))
-        if results.skipped and on_bad_image == "error":
-            raise BadImagesError(
-                results.skipped, len(files), "; pass on_bad_image=skip to predict the others"
-            )
-        return results
+            probs.append(self.batch_probabilities(images, values[indices], mask[indices]).cpu())
+            positions += indices
+        empty = torch.empty(0, len(self.classes))
+        return positions, torch.cat(probs) if probs else empty, skipped
+
+    def predict_images(
+        self,
+        images: Sequence[Image.Image],
+        top_k: int = 5,
+        names: Sequence[str] | None = None,
+        meta: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[Prediction]:
+        """Top-k predictions for images in memory (PIL), with this predictor's TTA; `names`
+        label them in the results, `meta` holds one metadata dict per image."""
+        check_predict_arguments(top_k, 1, "error")
+        names = list(names) if names is not None else [f"image-{i}" for i in range(len(images))]
+        if not images:
+            return []
+        probs = self.image_probabilities(images, meta)
+        return top_predictions(names, range(len(images)), probs, self.classes, top_k)
+
+    def image_probabilities(
+        self, images: Sequence[Image.Image], meta: Sequence[Mapping[str, Any]] | None = None
+    ) -> Tensor:
+        """N x C class probabilities of images in memory (PIL), with this predictor's TTA."""
+        values, mask = self.meta_rows(list(meta) if meta is not None else [{}] * len(images))
+        inputs = stack_images([self.item_transform(image.convert("RGB")) for image in images])
+        return self.batch_probabilities(inputs, values, mask).cpu()
 
     def run_samples(
         self,
@@ -311,12 +423,16 @@ class Predictor:
     def run_batches(
         self, batches: Iterable[Batch], progress: bool = True, description: str = "evaluate"
     ) -> EvalOutput:
-        """Logits for Batches preprocessed with `self.transform` (labels from their targets)."""
+        """Logits for Batches made with `self.item_transform` (labels from their targets)."""
         from lookcloser.progress import track
 
         logits, labels = [], []
         for batch in track(batches, description, enabled=progress):
-            logits.append(self.logits(batch.images, batch.meta, batch.meta_mask).float().cpu())
+            if isinstance(batch.images, Tensor):
+                out = self.logits(batch.images, batch.meta, batch.meta_mask)
+            else:  # test-time views: the log of the averaged probabilities
+                out = self.batch_probabilities(batch.images, batch.meta, batch.meta_mask).log()
+            logits.append(out.float().cpu())
             labels.append(batch.targets)
         if not logits:
             empty = torch.empty(0, len(self.classes))
@@ -365,6 +481,18 @@ class Predictor:
             {name: _picture(view[0]) for name, view in views.items()},
             map_name,
         )
+
+
+def load_model(
+    path: str | Path, device: str | torch.device | None = "cpu", tta: TTA | str | None = None
+):
+    """A Predictor for a model directory, or an EnsemblePredictor (the same interface) for an
+    ensemble directory. `tta`: as for Predictor.load (None: the directory's default)."""
+    if is_ensemble_dir(path):
+        from lookcloser.ensemble import EnsemblePredictor
+
+        return EnsemblePredictor.load(path, device, tta)
+    return Predictor.load(path, device, tta)
 
 
 def _picture(image: Tensor) -> Image.Image:

@@ -117,6 +117,7 @@ def test_help_on_every_command():
         ["predict"],
         ["explain"],
         ["export"],
+        ["serve"],
         ["data"],
         ["data", "synth"],
         ["data", "check"],

@@ -11,6 +11,11 @@ it on the ViT fails with a ConfigError naming the reason.
 The attention plug-ins (model.attention=se|sk|cbam, model.stn=true) go through the same
 contract on the baseline (`PLUGINS`): they must train, save, reload, export and explain with
 any method, so the baseline stands for all.
+
+Class heads and metadata fusion are the method's own code paths (each method calls its heads
+and its loss), so every method also passes the contract with an ArcFace head, and with
+metadata fused into sub-centre ArcFace heads (`HEAD_VARIANTS`, on the CNN); with metadata the
+contract also checks that the model's logits depend on it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from lookcloser.errors import ConfigError
 from lookcloser.export.onnx import export_onnx, max_abs_difference
 from lookcloser.methods import _import_builtin_methods, build_method
 from lookcloser.methods.base import METHODS
+from lookcloser.models.fusion import MetaFusion
 from lookcloser.predictor import Predictor
 
 SIZE, CLASSES = 64, ["a", "b", "c"]
@@ -55,6 +61,15 @@ CONTRACT_OPTIONS = {
 # with a ConfigError matching this text.
 CNN_ONLY = {
     "dcn": "must be a CNN",  # its fine network classifies patches smaller than the input
+}
+HEAD_VARIANTS = {
+    "arcface": ["model.head=arcface"],
+    "fusion": [
+        "model.head=subcenter_arcface",
+        "model.fusion=gate",
+        "model.meta_hidden=16",
+        "data.meta_keys=[latitude, longitude, day_of_year, elevation]",
+    ],
 }
 PLUGINS = {
     "se": ["model.attention=se"],
@@ -99,6 +114,13 @@ def test_method_contract(name, backbone, tmp_path):
     check_contract(name, cfg, tmp_path)
 
 
+@pytest.mark.parametrize("variant", HEAD_VARIANTS)
+@pytest.mark.parametrize("name", BUILTIN)
+def test_method_contract_with_margin_heads_and_fusion(name, variant, tmp_path):
+    torch.manual_seed(0)
+    check_contract(name, _config(name, "resnet18", *HEAD_VARIANTS[variant]), tmp_path)
+
+
 @pytest.mark.parametrize("plugin", PLUGINS)
 def test_baseline_with_each_attention_plugin(plugin, tmp_path):
     torch.manual_seed(0)
@@ -121,11 +143,18 @@ def check_contract(name: str, cfg: Config, tmp_path) -> set[str]:
     method = build_method(cfg, len(CLASSES))
     images = torch.rand(4, 3, SIZE, SIZE)
     targets = torch.tensor([0, 1, 2, 0])
+    meta = ()
+    if cfg.data.meta_keys:  # values for every key, some masked
+        mask = torch.rand(4, len(cfg.data.meta_keys)) > 0.3
+        meta = (torch.where(mask, torch.rand(mask.shape) * 90, 0.0), mask)
+        for fusion in [m for m in method.modules() if isinstance(m, MetaFusion)]:
+            # Fusion starts as the identity (zero last layer); make the metadata count.
+            torch.nn.init.normal_(fusion.mlp[-1].weight)
 
     # Training: finite losses, and every trainable parameter is reached by the loss (a zero
     # gradient counts: timm zero-initialises ResNets' last BN in each block).
     method.train()
-    losses = method.training_losses(Batch(images, targets))
+    losses = method.training_losses(Batch(images, targets, *meta))
     assert "loss" in losses and all(torch.isfinite(v).all() for v in losses.values()), losses
     losses["loss"].backward()
     unreached = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
@@ -135,15 +164,18 @@ def check_contract(name: str, cfg: Config, tmp_path) -> set[str]:
     method.eval()
     inference = method.for_inference().eval()
     with torch.no_grad():
-        logits = method(images)
+        logits = method(images, *meta)
         assert logits.shape == (4, len(CLASSES))
-        torch.testing.assert_close(inference(images), logits)
+        torch.testing.assert_close(inference(images, *meta), logits)
+        if meta:  # declared metadata is never silently ignored
+            other = (meta[0].flip(0), meta[1].flip(0))
+            assert not torch.allclose(method(images, *other), logits)
 
     # A model directory round trip gives the same logits.
     _save(tmp_path, inference, TrainingData(CLASSES), cfg, {}, "bicubic")
     predictor = Predictor.load(tmp_path)
     assert predictor.info["method"] == name
-    torch.testing.assert_close(predictor.logits(images), logits)
+    torch.testing.assert_close(predictor.logits(images, *meta), logits)
 
     # ONNX export matches PyTorch.
     onnx_path = export_onnx(predictor, tmp_path / "model.onnx")

@@ -8,7 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lookcloser.evaluation import compute_metrics, most_confused, summary, write_confusion
+from lookcloser.evaluation import (
+    CONFIDENCE_KEY,
+    compute_metrics,
+    confidence_threshold,
+    most_confused,
+    summary,
+    write_confusion,
+)
 
 
 def _logits_for(predicted: list[int], n: int, confidence: float = 20.0) -> torch.Tensor:
@@ -134,3 +141,20 @@ def test_confusion_png_says_what_numbers_and_colour_show(tmp_path, monkeypatch):
     assert "share of the true class" in figure["bar_label"]
     assert sorted(figure["cells"]) == ["1", "1", "2", "3", "4"]  # counts, not shares
     assert plt.get_fignums() == open_before
+
+
+def test_confidence_threshold_keeps_the_most_images_at_the_accuracy():
+    """The threshold is the lowest top-1 probability whose predictions at or above it are
+    right at least 90 % of the time; 1.0 when none are, and it is in every split's metrics."""
+    # Class 0 predicted with top-1 probability 0.9, 0.85, ..., 0.5; wrong at 0.7 and 0.55.
+    confidence = torch.tensor([0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5])
+    probs = torch.stack([confidence, (1 - confidence) / 2, (1 - confidence) / 2], dim=1)
+    labels = torch.tensor([0, 0, 0, 0, 1, 0, 0, 1, 0])
+    # At >= 0.75: 4 of 4 right; >= 0.7: 4 of 5 (0.8); >= 0.6: 6 of 7 (0.857); >= 0.5: 7 of 9.
+    assert confidence_threshold(probs, labels, 0.9) == pytest.approx(0.75)
+    assert confidence_threshold(probs, labels, 0.8) == pytest.approx(0.6)
+    assert confidence_threshold(probs, labels, 0.75) == pytest.approx(0.5)
+    assert confidence_threshold(probs, torch.ones(9, dtype=torch.long), 0.9) == 1.0
+    assert confidence_threshold(probs[:0], labels[:0]) == 0.0
+    metrics = compute_metrics(probs.log(), labels, ["a", "b", "c"])
+    assert metrics[CONFIDENCE_KEY] == pytest.approx(0.75)

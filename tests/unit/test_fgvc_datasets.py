@@ -20,7 +20,8 @@ from PIL import Image
 from lookcloser.config import DataConfig
 from lookcloser.data import download as dl
 from lookcloser.data.info import dataset_info, format_info
-from lookcloser.data.sources import SOURCES, DatasetSplits, Sample, build_source
+from lookcloser.data.meta import meta_tensors
+from lookcloser.data.sources import SOURCES, DatasetSplits, Sample, build_source, numeric_meta_keys
 from lookcloser.errors import DataError
 
 
@@ -396,6 +397,11 @@ def check_inat(splits: DatasetSplits) -> None:
     assert meta["latitude"] == 44.5 and meta["longitude"] == -71.25
     assert meta["date"].startswith("2010-07-11")
     assert splits.annotations == ["supercategory", "taxonomy", "location", "date"]
+    # What metadata fusion declares: the location and the day of the year (from the date).
+    offered = numeric_meta_keys(splits.train)
+    assert {"latitude", "longitude", "day_of_year"} <= set(offered)
+    values, _ = meta_tensors([meta], ["latitude", "longitude", "day_of_year"])
+    assert values.tolist() == [[44.5, -71.25, 192.0]]  # 11 July
 
 
 CASES = {

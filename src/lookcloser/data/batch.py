@@ -19,7 +19,7 @@ class Batch:
     (`data.unlabelled`) drawn next to this batch, or None.
     """
 
-    images: Tensor  # B x 3 x H x W, RGB in [0, 1]
+    images: Tensor  # B x 3 x H x W, RGB in [0, 1] (evaluation with TTA: data.batch.stack_images)
     targets: Tensor  # B class indices, or B x C class probabilities under mixup / cutmix
     meta: Tensor | None = None  # B x K float32
     meta_mask: Tensor | None = None  # B x K bool, True where the value is present
@@ -44,12 +44,20 @@ class Batch:
         )
 
 
+def stack_images(images: Sequence[Tensor | list[Tensor]]) -> Tensor | list[Tensor]:
+    """Stack images (3 x H x W each) into B x 3 x H x W; test-time views (a list per image,
+    one V x 3 x S x S tensor per scale) into one B x V x 3 x S x S tensor per scale."""
+    if isinstance(images[0], Tensor):
+        return torch.stack(list(images))
+    return [torch.stack(list(scale)) for scale in zip(*images, strict=True)]
+
+
 def collate(items: Sequence[tuple[Tensor, int, Tensor, Tensor]]) -> Batch:
     """Stack (image, label, meta values, meta mask) items into a Batch (meta None when K = 0)."""
     images, labels, values, masks = zip(*items, strict=True)
     has_meta = values[0].numel() > 0
     return Batch(
-        torch.stack(images),
+        stack_images(images),
         torch.tensor(labels, dtype=torch.long),
         torch.stack(values) if has_meta else None,
         torch.stack(masks) if has_meta else None,

@@ -81,7 +81,8 @@ class ImageDataset(Dataset):
 class EpochSampler(Sampler):
     """Seeded shuffling (or weighted drawing) per epoch, split across DDP ranks, resumable.
 
-    Yields (index, seed) pairs. Every rank draws the same permutation and takes its own
+    Yields (index, seed) pairs. `weights` (drawing with replacement) may be a function of the
+    epoch, for runs whose sampler changes between stages. Every rank draws the same permutation and takes its own
     slice, padded to equal length so all ranks step together. With `length`, each rank yields
     exactly that many items per epoch, drawn from successive permutations (a stream sized to
     another loader's epoch, such as the unlabelled images beside the labelled batches).
@@ -92,7 +93,7 @@ class EpochSampler(Sampler):
         num_samples: int,
         seed: int,
         shuffle: bool = True,
-        weights: torch.Tensor | None = None,
+        weights: torch.Tensor | Callable[[int], torch.Tensor | None] | None = None,
         rank: int = 0,
         world_size: int = 1,
         length: int | None = None,
@@ -118,8 +119,9 @@ class EpochSampler(Sampler):
 
     def _draw(self, cycle: int, count: int) -> list[int]:
         gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 - cycle))
-        if self.weights is not None:
-            return torch.multinomial(self.weights, count, replacement=True, generator=gen).tolist()
+        weights = self.weights(self.epoch) if callable(self.weights) else self.weights
+        if weights is not None:
+            return torch.multinomial(weights, count, replacement=True, generator=gen).tolist()
         if self.shuffle:
             return torch.randperm(self.num_samples, generator=gen).tolist()
         return list(range(self.num_samples))

@@ -4,11 +4,16 @@ A model names its metadata in `data.meta_keys`; every path (training, evaluation
 explain, ONNX) turns a sample's metadata dict into the same two rows: values (float32, 0 where
 missing) and a mask (True where present), in the declared key order. A value missing on one
 sample is masked for that sample only.
+
+One key is derived: `day_of_year` (1-366) is read from a sample's `date` (ISO 8601 text,
+`2021-06-15` or iNat's `2021-06-15 17:07:00+00:00`) when the sample has no `day_of_year` of
+its own, so CSV date columns, iNat's JSON and `--meta` files can declare it directly.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import math
 import os
@@ -101,6 +106,44 @@ def meta_number(value: Any, key: str, where: str) -> float | None:
     return float(value)
 
 
+DATE_KEY = "date"
+DAY_OF_YEAR_KEY = "day_of_year"
+
+
+def day_of_year(value: Any, where: str) -> float | None:
+    """The day of the year (1 = 1 January) of an ISO 8601 date, None when missing; DataError
+    for text that is not a date."""
+    if _missing(value):
+        return None
+    if isinstance(value, datetime.date):  # datetimes are dates too
+        return float(value.timetuple().tm_yday)
+    try:
+        parsed = datetime.datetime.fromisoformat(str(value).strip())
+    except ValueError:
+        raise DataError(
+            f"{where}: meta {DATE_KEY!r}: expected an ISO date (YYYY-MM-DD, optionally with a "
+            f"time) to derive {DAY_OF_YEAR_KEY!r}, got {value!r}"
+        ) from None
+    return float(parsed.timetuple().tm_yday)
+
+
+def meta_value(meta: Mapping[str, Any], key: str, where: str) -> float | None:
+    """Sample `meta`'s value of `key` as a float (None when missing), deriving `day_of_year`
+    from `date` when the sample has no own value."""
+    number = meta_number(meta.get(key), key, where)
+    if number is None and key == DAY_OF_YEAR_KEY:
+        return day_of_year(meta.get(DATE_KEY), where)
+    return number
+
+
+def derived_keys(meta: Mapping[str, Any]) -> list[str]:
+    """Keys a sample offers beyond its own numbers: `day_of_year` when its `date` parses."""
+    try:
+        return [DAY_OF_YEAR_KEY] if day_of_year(meta.get(DATE_KEY), "") is not None else []
+    except DataError:
+        return []
+
+
 def meta_tensors(
     metas: Sequence[Mapping[str, Any]], keys: Sequence[str], names: Sequence[str] | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -115,7 +158,7 @@ def meta_tensors(
     for row, meta in enumerate(metas):
         where = names[row] if names is not None else f"sample {row}"
         for key in keys:
-            number = meta_number(meta.get(key), key, where)
+            number = meta_value(meta, key, where)
             values.append(0.0 if number is None else number)
             present.append(number is not None)
     return (
@@ -129,9 +172,14 @@ def check_meta_present(keys: Sequence[str], found: Sequence[str], where: str) ->
     absent = [k for k in keys if k not in found]
     if absent:
         available = ", ".join(k for k in found if not is_identifier(k)) or "none"
+        hint = (
+            f" (a date enters as {DAY_OF_YEAR_KEY!r}, derived from it)"
+            if DATE_KEY in absent
+            else ""
+        )
         raise ConfigError(
             f"data.meta_keys: {', '.join(repr(k) for k in absent)} in no training sample of "
-            f"{where}; numeric keys found: {available}"
+            f"{where}; numeric keys found: {available}{hint}"
         )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lookcloser.config import DataConfig
+from lookcloser.data.meta import derived_keys
 from lookcloser.errors import DataError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -53,10 +54,14 @@ class DatasetSplits:
 
 def numeric_meta_keys(samples: list[Sample]) -> list[str]:
     """Meta keys that can be declared in `data.meta_keys`: a single number in at least one
-    sample, and a number or missing (absent, empty, NaN) in every other."""
+    sample, and a number or missing (absent, empty, NaN) in every other; plus `day_of_year`
+    where samples carry a `date` (see data.meta)."""
     kinds: dict[str, bool] = {}  # key -> seen with a number (False: missing only so far)
     refused: set[str] = set()
     for sample in samples:
+        for key in derived_keys(sample.meta):
+            if key not in refused:
+                kinds[key] = True
         for key, value in sample.meta.items():
             if key in refused:
                 continue

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from timm.data import create_transform
+from torch import Tensor
 
 from lookcloser.config import DataConfig
 
 IDENTITY_NORM = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+# timm's RandomErasing modes for the fills it has.
+TIMM_ERASING_MODES = {"zero": "const", "noise": "pixel"}
 
 
 def train_transform(cfg: DataConfig, interpolation: str = "bicubic") -> Callable:
     """Optional rotation, random-resized crop, flip, colour jitter, AutoAugment, erasing."""
+    timm_erasing = cfg.erasing_fill in TIMM_ERASING_MODES
     transform = create_transform(
         input_size=cfg.image_size,
         is_training=True,
@@ -26,14 +32,46 @@ def train_transform(cfg: DataConfig, interpolation: str = "bicubic") -> Callable
         color_jitter=cfg.color_jitter or None,
         auto_augment=cfg.auto_augment,
         interpolation=interpolation,
-        re_prob=cfg.random_erasing,
+        re_prob=cfg.random_erasing if timm_erasing else 0.0,
+        re_mode=TIMM_ERASING_MODES.get(cfg.erasing_fill, "const"),
         **IDENTITY_NORM,
     )
+    steps = list(transform.transforms)
     if cfg.rotation > 0:
         # timm has no rotation option; the FGVC recipes (DCL's among them) rotate first.
-        rotate = T.RandomRotation(cfg.rotation, interpolation=T.InterpolationMode.BILINEAR)
-        transform = T.Compose([rotate, *transform.transforms])
-    return transform
+        steps.insert(0, T.RandomRotation(cfg.rotation, interpolation=T.InterpolationMode.BILINEAR))
+    if cfg.random_erasing > 0 and not timm_erasing:
+        steps.append(MeanErasing(cfg.random_erasing))
+    return T.Compose(steps)
+
+
+class MeanErasing(torch.nn.Module):
+    """Random erasing whose box is filled with the image's own per-channel mean.
+
+    Written here because neither library has this fill: timm's RandomErasing fills with zeros
+    or noise, torchvision's with a fixed value or noise. The box and its probability follow
+    timm's defaults (area 2 % to 1/3 of the image, aspect ratio 0.3 to 3.3); the draws use
+    torch's RNG, which the data path seeds per image.
+    """
+
+    def __init__(
+        self,
+        p: float,
+        scale: tuple[float, float] = (0.02, 1 / 3),
+        ratio: tuple[float, float] = (0.3, 1 / 0.3),
+    ):
+        super().__init__()
+        self.p, self.scale, self.ratio = p, scale, ratio
+
+    def forward(self, image: Tensor) -> Tensor:
+        """The image (C x H x W), with one box set to its mean with probability p."""
+        if torch.rand(1).item() >= self.p:
+            return image
+        mean = image.mean(dim=(-2, -1)).tolist()
+        top, left, h, w, value = T.RandomErasing.get_params(image, self.scale, self.ratio, mean)
+        if value is image:  # no box fitted in ten tries: torchvision leaves the image as is
+            return image
+        return TF.erase(image, top, left, h, w, value)
 
 
 def eval_transform(image_size: int, crop_pct: float, interpolation: str = "bicubic") -> Callable:

@@ -22,6 +22,7 @@ from lookcloser.data.loading import EpochSampler, ImageDataset, drops_last, samp
 from lookcloser.data.prepare import TrainingData
 from lookcloser.data.shards import ShardDataset, ShardIndex
 from lookcloser.data.sources import Sample
+from lookcloser.errors import ConfigError
 
 
 def build_datamodule(
@@ -39,6 +40,11 @@ def build_datamodule(
         "unlabelled_batch_size": d.unlabelled_batch_size or d.batch_size,
     }
     if data.index is not None:
+        if any(s.sampler not in (None, "uniform") for s in cfg.optim.stages):
+            raise ConfigError(
+                "optim.stages: a stage's sampler needs in-memory samples; streamed shards "
+                "(data.source=shards) are drawn in shard order"
+            )
         return ShardDataModule(
             data.index,
             train_transform,
@@ -47,14 +53,33 @@ def build_datamodule(
             on_bad_image=d.on_bad_image,
             **common,
         )
-    weights = None
-    if d.sampler != "uniform":
-        from lookcloser.data.samplers import sample_weights
-
-        weights = sample_weights([s.label for s in data.train], d.sampler)
+    weights = _sampling_weights(cfg, [s.label for s in data.train])
     return FGVCDataModule(
         data.train, data.val, train_transform, eval_transform, weights=weights, **common
     )
+
+
+def _sampling_weights(
+    cfg: Config, labels: list[int]
+) -> torch.Tensor | Callable[[int], torch.Tensor | None] | None:
+    """The training sampler's weights: None (uniform), one tensor, or per epoch when
+    `optim.stages` change the sampler (e.g. class-balanced in the second stage)."""
+    from lookcloser.data.samplers import sample_weights
+
+    modes, start = [], 0  # (first epoch, sampler) of each stage
+    for stage in cfg.optim.stages:
+        modes.append((start, stage.sampler or cfg.data.sampler))
+        start += stage.epochs
+    modes = modes or [(0, cfg.data.sampler)]
+    weights = {m: None if m == "uniform" else sample_weights(labels, m) for _, m in modes}
+    if len(weights) == 1:
+        return next(iter(weights.values()))
+
+    def for_epoch(epoch: int) -> torch.Tensor | None:
+        mode = next(m for first, m in reversed(modes) if epoch >= first)
+        return weights[mode]
+
+    return for_epoch
 
 
 class _Batches(L.LightningDataModule):
@@ -149,7 +174,7 @@ class FGVCDataModule(_Batches):
         num_workers: int,
         seed: int,
         max_pixels: int,
-        weights: torch.Tensor | None = None,
+        weights: torch.Tensor | Callable[[int], torch.Tensor | None] | None = None,
         meta_keys: Sequence[str] = (),
         unlabelled: Sequence[Sample] = (),
         unlabelled_batch_size: int | None = None,

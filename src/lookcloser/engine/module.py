@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from timm.data import Mixup
@@ -13,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lookcloser.config import OptimConfig
 from lookcloser.data.batch import Batch
 from lookcloser.data.loading import sample_seed
+from lookcloser.engine.finetune import Freezer, StagedScheduler, resolve_stages, stage_at
 from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method
 from lookcloser.models.backbones import Backbone
@@ -30,6 +33,7 @@ class FGVCSystem(L.LightningModule):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         ema_decay: float | None = None,
+        freeze_norm: bool = False,
     ):
         super().__init__()
         if getattr(method, "inference_only", False):
@@ -58,12 +62,17 @@ class FGVCSystem(L.LightningModule):
             self.ema = ModelEmaV3(method, decay=ema_decay)
         self.val_top1 = MulticlassAccuracy(num_classes=method.num_classes, average="micro")
         self.batches_done = 0
+        # optim.stages (one stage of `epochs` if none): what each span of epochs freezes.
+        self.stages = resolve_stages(optim, epochs, freeze_norm)
+        self.freezer = Freezer(method)
+        self._stage_epoch: int | None = None  # the epoch whose stage was last entered
 
     # ---- training ---------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Per-step seeding: dropout and a method's random views depend on the step alone,
         # so a resumed run repeats exactly what an uninterrupted one does.
         torch.manual_seed(sample_seed(self.seed + self.global_rank, self.global_step, -2))
+        self._enter_stage()
 
     def training_step(self, batch: Batch, batch_idx: int):
         if self.mixup is not None and len(batch) % 2 == 0:
@@ -84,16 +93,38 @@ class FGVCSystem(L.LightningModule):
         self.batches_done = batch_idx + 1
         return losses["loss"]
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.freezer.drop_gradients()
+
+    def train(self, mode: bool = True) -> FGVCSystem:
+        super().train(mode)
+        if mode and hasattr(self, "freezer"):
+            self.freezer.keep_modes()  # frozen norm layers keep their statistics
+        return self
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
             self.ema.update(self.method, step=self.global_step)
 
     def on_train_epoch_start(self) -> None:
         self.batches_done = 0
+        self._enter_stage()
         # Lightning calls set_epoch on samplers only; streamed (iterable) data needs it too.
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
+
+    def _enter_stage(self) -> None:
+        """Freeze what this epoch's stage freezes, once per epoch. The stage follows from the
+        epoch alone, so a run resumed mid-epoch (when Lightning skips on_train_epoch_start)
+        is put in the same state by its first batch."""
+        if self._stage_epoch == self.current_epoch:
+            return
+        self._stage_epoch = self.current_epoch
+        stage = self.stages[stage_at(self.stages, self.current_epoch)]
+        self.freezer.apply(stage.freeze_norm, stage.freeze_backbone)
+        if len(self.stages) > 1:  # the stage's own schedule from its first step
+            self._step_schedule()
 
     # ---- validation -------------------------------------------------------------------------
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -131,24 +162,31 @@ class FGVCSystem(L.LightningModule):
             weight_decay=cfg.weight_decay,
             momentum=cfg.momentum,
         )
-        if cfg.scheduler == "none":
+        if cfg.scheduler == "none" and len(self.stages) == 1:
             # Without a timm scheduler nothing applies the groups' lr_scale, so apply it once here.
             for group in optimizer.param_groups:
                 group["lr"] *= group.get("lr_scale", 1.0)
             return optimizer
-        scheduler, _ = create_scheduler_v2(
-            optimizer,
-            sched="cosine" if cfg.scheduler == "cosine" else "step",
-            num_epochs=self.epochs,
-            decay_epochs=cfg.step_epochs,
-            decay_rate=cfg.step_gamma,
-            min_lr=cfg.min_lr,
-            warmup_epochs=cfg.warmup_epochs,
-            warmup_lr=cfg.lr * 0.01,
-            step_on_epochs=False,
-            # Lightning knows the optimizer steps per epoch (devices, drop_last, accumulation).
-            updates_per_epoch=max(1, self.trainer.estimated_stepping_batches // self.epochs),
-        )
+        # Lightning knows the optimizer steps per epoch (devices, drop_last, accumulation).
+        updates_per_epoch = max(1, self.trainer.estimated_stepping_batches // self.epochs)
+
+        def make(optimizer, stage):
+            constant = cfg.scheduler == "none"  # stages without a schedule: their own lr each
+            scheduler, _ = create_scheduler_v2(
+                optimizer,
+                sched="cosine" if cfg.scheduler == "cosine" else "step",
+                num_epochs=stage.epochs,
+                decay_epochs=cfg.step_epochs,
+                decay_rate=1.0 if constant else cfg.step_gamma,
+                min_lr=cfg.min_lr,
+                warmup_epochs=stage.warmup_epochs,
+                warmup_lr=stage.lr * 0.01,
+                step_on_epochs=False,
+                updates_per_epoch=updates_per_epoch,
+            )
+            return scheduler
+
+        scheduler = StagedScheduler(optimizer, self.stages, make)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -156,7 +194,16 @@ class FGVCSystem(L.LightningModule):
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         # timm schedulers step on update counts (and honour per-group lr_scale).
-        scheduler.step_update(num_updates=self.global_step)
+        self._step_schedule(scheduler)
+
+    def _step_schedule(self, scheduler: StagedScheduler | None = None) -> None:
+        scheduler = scheduler or self.lr_schedulers()
+        if len(self.stages) == 1:
+            scheduler.step_update(self.global_step)
+            return
+        trainer = self.trainer
+        steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        scheduler.step_update(self.global_step, self.current_epoch, steps_per_epoch)
 
 
 def parameter_groups(method: Method, cfg: OptimConfig) -> list[dict]:

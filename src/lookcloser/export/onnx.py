@@ -40,30 +40,53 @@ def input_names(predictor) -> list[str]:
     return ["images", "meta", "meta_mask"] if predictor.meta_keys else ["images"]
 
 
-def export_onnx(predictor, out: str | Path, opset: int = 18) -> Path:
+def export_onnx(predictor, out: str | Path, opset: int = 18, dynamo: bool = False) -> Path:
     """Write the Predictor's graph to an ONNX file.
 
     Inputs: `images` (N x 3 x S x S, RGB in [0, 1]) and, for a model with metadata, `meta`
     (N x K float32, 0 where missing) and `meta_mask` (N x K bool, True where present) in the
     order of model.json's `meta_keys`. Output: `logits` (N x classes).
+
+    `dynamo=True` traces with torch.export, which knows every size but the batch: "same"
+    padding (TF-ported EfficientNets) becomes constant instead of a Shape -> Pad subgraph,
+    which ONNX Runtime runs faster and quantizes far better.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = _Logits(predictor.method).eval().cpu()
     names = input_names(predictor)
     tmp = out.with_name(f".{out.name}.tmp")
+    inputs = example_inputs(predictor, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            example_inputs(predictor, 2),
-            str(tmp),
-            input_names=names,
-            output_names=["logits"],
-            dynamic_axes={name: {0: "batch"} for name in [*names, "logits"]},
-            opset_version=opset,
-            dynamo=False,
-        )
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.onnx.export(
+                model,
+                inputs,
+                input_names=names,
+                output_names=["logits"],
+                # images, then the *meta varargs as one tuple (torch.export's structure)
+                dynamic_shapes=(
+                    {0: batch},
+                    *([tuple({0: batch} for _ in inputs[1:])] if len(inputs) > 1 else []),
+                ),
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
+            program.save(str(tmp))
+        else:
+            torch.onnx.export(
+                model,
+                inputs,
+                str(tmp),
+                input_names=names,
+                output_names=["logits"],
+                dynamic_axes={name: {0: "batch"} for name in [*names, "logits"]},
+                opset_version=opset,
+                dynamo=False,
+            )
     tmp.replace(out)
     predictor.method.to(predictor.device)
     return out

@@ -24,6 +24,7 @@ def build_method(cfg: Config, num_classes: int, pretrained: bool | None = None) 
     from lookcloser.config import method_options
     from lookcloser.methods.base import method_class
     from lookcloser.models.backbones import BackboneFactory
+    from lookcloser.models.heads import HeadSpec
 
     cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
     options = method_options(cfg, cls.Options)
@@ -31,7 +32,7 @@ def build_method(cfg: Config, num_classes: int, pretrained: bool | None = None) 
         BackboneFactory(cfg.model, pretrained),
         num_classes,
         options,
-        head=cfg.model.head,
+        head=HeadSpec.from_config(cfg.model),
         meta_keys=cfg.data.meta_keys,
     )
     method.image_size = cfg.data.image_size

@@ -7,8 +7,12 @@ eval, explain, export, serve) calls `forward` and `attention`. Extra training-ti
 
 Metadata (`data.meta_keys`) reaches a method as two tensors next to the images: `meta`
 (B x K float32, 0 where missing) and `meta_mask` (B x K bool, True where present), in the
-order of `self.meta_keys`. Only methods with `accepts_meta = True` may be trained with
-metadata; the others receive None and ignore it.
+order of `self.meta_keys`. A method may be trained with metadata when it uses it itself
+(`accepts_meta = True`) or when `model.fusion` joins it to every class head: then every head
+from `make_head` takes it, and methods call their heads through `apply_head`.
+
+Class-head logits are trained through `class_loss`, which applies the head type's margin
+(ArcFace) before the cross-entropy, so a margin head works with every method.
 
 Methods register with `@register_method`. Methods defined outside the package are found
 through `method.module=<importable module>` (imported before the name is resolved) or the
@@ -24,12 +28,13 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.models.backbones import Backbone, BackboneFactory
-from lookcloser.models.heads import build_head
+from lookcloser.models.heads import HeadSpec
 
 ENTRY_POINT_GROUP = "lookcloser.methods"
 
@@ -49,7 +54,8 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     training_only: ClassVar[tuple[str, ...]] = ()
-    # Whether forward / forward_head use `meta` (a model trained with data.meta_keys needs it).
+    # Whether forward / forward_head use `meta` themselves (a model trained with
+    # data.meta_keys needs it, unless model.fusion feeds it to the class heads).
     accepts_meta: ClassVar[bool] = False
 
     def __init__(
@@ -57,19 +63,17 @@ class Method(nn.Module):
         backbone: Backbone,
         num_classes: int,
         options: Any = None,
-        head: str = "linear",
+        head: str | HeadSpec = "linear",
         meta_keys: Sequence[str] = (),
     ):
         super().__init__()
-        if meta_keys and not self.accepts_meta:
-            raise ConfigError(
-                f"data.meta_keys: method {self.name!r} does not use metadata; leave "
-                "data.meta_keys empty or choose a method that takes it"
-            )
+        spec = head if isinstance(head, HeadSpec) else HeadSpec(head)
+        check_meta_use(self.name, self.accepts_meta, spec, meta_keys)
         self.backbone = backbone
         self.num_classes = num_classes
         self.options = options if options is not None else self.Options()
-        self.head_type = head
+        self.head_spec = spec
+        self.head_type = spec.name
         self.meta_keys = list(meta_keys)
         self.inference_only = False  # True on for_inference() copies
         # data.image_size, set by build_method: the size of the images the classifier sees.
@@ -89,15 +93,34 @@ class Method(nn.Module):
         make_backbone: BackboneFactory,
         num_classes: int,
         options: Any,
-        head: str = "linear",
+        head: str | HeadSpec = "linear",
         meta_keys: Sequence[str] = (),
     ) -> Method:
         """The method on backbones from `make_backbone`; override to build several or edit them."""
         return cls(make_backbone(), num_classes, options, head=head, meta_keys=meta_keys)
 
     def make_head(self, in_features: int) -> nn.Module:
-        """A class head of the configured type (`model.head`): embeddings -> class logits."""
-        return build_head(self.head_type, in_features, self.num_classes)
+        """A class head of the configured type (`model.head`): embeddings -> class logits,
+        with the metadata fused in front of it when `model.fusion` is set. Call it through
+        `apply_head` and train its logits with `class_loss`."""
+        return self.head_spec.build(in_features, self.num_classes, self.meta_keys)
+
+    @staticmethod
+    def apply_head(
+        head: nn.Module, x: Tensor, meta: Tensor | None = None, meta_mask: Tensor | None = None
+    ) -> Tensor:
+        """Logits of a head from `make_head` on embeddings `x`, passing the metadata to a head
+        that fuses it (`meta` None: the image-only path)."""
+        if getattr(head, "takes_meta", False):
+            return head(x, meta, meta_mask)
+        return head(x)
+
+    def class_loss(self, logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """Cross-entropy of a class head's logits (from `make_head`), after the head type's
+        training margin (ArcFace: the target class's angle grows by model.head_margin).
+        `targets`: class indices, or class probabilities under mixup / cutmix."""
+        logits = self.head_spec.training_logits(logits, targets)
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
     # ---- inference path -----------------------------------------------------------------
     def forward_features(self, images: Tensor) -> Tensor:
@@ -229,6 +252,17 @@ class Method(nn.Module):
             model._modules.pop(name, None)
         model.inference_only = True
         return model
+
+
+def check_meta_use(name: str, accepts_meta: bool, spec: HeadSpec, meta_keys: Sequence[str]) -> None:
+    """ConfigError unless the declared metadata has a user (the method, or model.fusion) and
+    the head options and fusion fit (a model never silently ignores its metadata)."""
+    spec.check(meta_keys)
+    if meta_keys and not accepts_meta and spec.fusion == "none":
+        raise ConfigError(
+            f"data.meta_keys: method {name!r} does not use metadata itself; set model.fusion="
+            "add|concat|gate to join it to the class heads, or leave data.meta_keys empty"
+        )
 
 
 MethodType = type[Method]

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lookcloser.config import ranged
 from lookcloser.data.batch import Batch
 from lookcloser.methods.base import Method, register_method
 from lookcloser.models.backbones import Backbone
+from lookcloser.models.heads import HeadSpec
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Baseline(Method):
         backbone: Backbone,
         num_classes: int,
         options: BaselineOptions | None = None,
-        head: str = "linear",
+        head: str | HeadSpec = "linear",
         meta_keys: Sequence[str] = (),
     ):
         super().__init__(backbone, num_classes, options, head=head, meta_keys=meta_keys)
@@ -44,12 +44,12 @@ class Baseline(Method):
 
     def forward_head(self, features: Tensor, meta=None, meta_mask=None) -> Tensor:
         """Logits from the pooled feature map."""
-        return self.head(self.backbone.pool(features))
+        return self.apply_head(self.head, self.backbone.pool(features), meta, meta_mask)
 
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """Label-smoothed cross-entropy on the images as given."""
         logits = self(batch.images, batch.meta, batch.meta_mask)
-        loss = F.cross_entropy(logits, batch.targets, label_smoothing=self.options.label_smoothing)
+        loss = self.class_loss(logits, batch.targets, self.options.label_smoothing)
         return {"loss": loss}
 
     def new_modules(self) -> list[nn.Module]:

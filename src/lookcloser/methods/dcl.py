@@ -37,6 +37,7 @@ from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method, register_method
 from lookcloser.models.backbones import Backbone
+from lookcloser.models.heads import HeadSpec
 from lookcloser.models.modes import eval_mode
 
 AlignmentKind = Literal["coords", "index"]
@@ -238,7 +239,7 @@ class DCL(Method):
         backbone: Backbone,
         num_classes: int,
         options: DCLOptions | None = None,
-        head: str = "linear",
+        head: str | HeadSpec = "linear",
         meta_keys: Sequence[str] = (),
     ):
         super().__init__(backbone, num_classes, options, head=head, meta_keys=meta_keys)
@@ -253,7 +254,7 @@ class DCL(Method):
 
     def forward_head(self, features: Tensor, meta=None, meta_mask=None) -> Tensor:
         """Logits from the pooled feature map (the baseline's head)."""
-        return self.head(self.backbone.pool(features))
+        return self.apply_head(self.head, self.backbone.pool(features), meta, meta_mask)
 
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """'loss' = alpha cls + beta adv + gamma loc; 'cls', 'adv', 'loc' unweighted."""
@@ -270,7 +271,14 @@ class DCL(Method):
         pooled = self.backbone.pool(features)
 
         cls_targets = torch.cat([targets, targets[origin]])
-        cls = F.cross_entropy(self.head(pooled), cls_targets, label_smoothing=opts.label_smoothing)
+        meta, meta_mask = batch.meta, batch.meta_mask
+        if meta is not None:  # a destroyed image keeps its original's metadata
+            meta, meta_mask = (
+                torch.cat([meta, meta[origin]]),
+                torch.cat([meta_mask, meta_mask[origin]]),
+            )
+        logits = self.apply_head(self.head, pooled, meta, meta_mask)
+        cls = self.class_loss(logits, cls_targets, opts.label_smoothing)
         adv = F.cross_entropy(self.adversary(pooled), self._domain_targets(targets, origin))
 
         grid = self.backbone.spatial_map(features)

@@ -40,6 +40,7 @@ from lookcloser.methods.base import Method, register_method
 from lookcloser.methods.ramstrans import draw_boxes
 from lookcloser.methods.tasn import AttentionNet
 from lookcloser.models.backbones import Backbone, BackboneFactory
+from lookcloser.models.heads import HeadSpec, has_input_gradient, input_gradient
 from lookcloser.models.modes import eval_mode
 from lookcloser.models.plugins import is_token_model
 
@@ -108,20 +109,23 @@ def top_cells(saliency: Tensor, k: int) -> Tensor:
 
 
 # ---- top layers and saliency -----------------------------------------------------------------------
-def entropy_saliency(vectors: Tensor, top: nn.Linear, head: nn.Linear) -> tuple[Tensor, Tensor]:
+def entropy_saliency(vectors: Tensor, top: nn.Linear, head: nn.Module) -> tuple[Tensor, Tensor]:
     """Per cell, ||dH/dc_ij||, and the logits of g on `vectors` (B x N x D).
 
     g(c) = head(mean_ij relu(top(c_ij))); H is the entropy of softmax(g(c)). With p the class
-    probabilities, dH/dz = -p (log p + H); back through the head's weights, the mean over the
-    N cells, the ReLU's mask and the top layer's weights gives dH/dc_ij in closed form.
+    probabilities, dH/dz = -p (log p + H); back through the head (its closed-form input
+    gradient: the weights of a linear head, see models.heads.input_gradient), the mean over
+    the N cells, the ReLU's mask and the top layer's weights gives dH/dc_ij in closed form.
+    The head runs without metadata: the saliency picks image cells from the image alone.
     """
     pre = top(vectors)
-    logits = head(F.relu(pre).mean(1))
+    pooled = F.relu(pre).mean(1)
+    logits = head(pooled)
     log_p = torch.log_softmax(logits.float(), dim=-1)
     p = log_p.exp()
     entropy = -(p * log_p).sum(-1, keepdim=True)
     d_logits = -p * (log_p + entropy)  # B x K
-    d_pooled = d_logits @ head.weight.float()  # B x T
+    d_pooled = input_gradient(head, pooled.float(), d_logits)  # B x T
     d_hidden = d_pooled[:, None] * (pre > 0).float() / vectors.shape[1]  # B x N x T
     d_vectors = d_hidden @ top.weight.float()  # B x N x D
     return d_vectors.norm(dim=-1).to(vectors.dtype), logits
@@ -187,7 +191,7 @@ class DCN(Method):
         backbone: Backbone,
         num_classes: int,
         options: DCNOptions | None = None,
-        head: str = "linear",
+        head: str | HeadSpec = "linear",
         meta_keys: Sequence[str] = (),
         coarse_backbone: Backbone | None = None,
     ):
@@ -211,10 +215,11 @@ class DCN(Method):
         self.adapter = nn.Linear(self.coarse_net.channels, width)
         self.top = nn.Linear(width, opts.top_channels)
         self.head = self.make_head(opts.top_channels)
-        if not isinstance(self.head, nn.Linear):
+        if not has_input_gradient(getattr(self.head, "classifier", self.head)):
             raise ConfigError(
-                f"method dcn: the entropy-gradient saliency is written for a linear class head; "
-                f"model.head={head} is not one"
+                f"method dcn: the entropy-gradient saliency needs the class head's input "
+                f"gradient in closed form (models.heads.input_gradient); model.head="
+                f"{self.head_type} has none"
             )
 
     @classmethod
@@ -223,7 +228,7 @@ class DCN(Method):
         make_backbone: BackboneFactory,
         num_classes: int,
         options: DCNOptions,
-        head: str = "linear",
+        head: str | HeadSpec = "linear",
         meta_keys: Sequence[str] = (),
     ) -> DCN:
         """The fine network from `model.*`; the coarse one from `method.coarse_backbone`
@@ -290,9 +295,11 @@ class DCN(Method):
         refined = replace_cells(coarse, index, fine)
         return Glimpses(coarse, saliency, index, fine, refined, grid, coarse_logits)
 
-    def classify(self, vectors: Tensor) -> Tensor:
-        """g: logits of B x N x D cell vectors."""
-        return self.head(F.relu(self.top(vectors)).mean(1))
+    def classify(
+        self, vectors: Tensor, meta: Tensor | None = None, meta_mask: Tensor | None = None
+    ) -> Tensor:
+        """g: logits of B x N x D cell vectors (and the metadata, with model.fusion)."""
+        return self.apply_head(self.head, F.relu(self.top(vectors)).mean(1), meta, meta_mask)
 
     # ---- inference path ---------------------------------------------------------------------------
     def forward_features(self, images: Tensor) -> Tensor:
@@ -303,24 +310,24 @@ class DCN(Method):
 
     def forward_head(self, features: Tensor, meta=None, meta_mask=None) -> Tensor:
         """g on the refined map."""
-        return self.classify(features.flatten(2).transpose(1, 2))
+        return self.classify(features.flatten(2).transpose(1, 2), meta, meta_mask)
 
     # ---- training ---------------------------------------------------------------------------------
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """'loss' = CE(refined) + hint_weight x hint + coarse_weight x CE(coarse)."""
         opts: DCNOptions = self.options
         looked = self.glimpse(batch.images)
-        smooth = opts.label_smoothing
-        refined = F.cross_entropy(
-            self.classify(looked.refined), batch.targets, label_smoothing=smooth
+        smooth, meta, meta_mask = opts.label_smoothing, batch.meta, batch.meta_mask
+        refined = self.class_loss(
+            self.classify(looked.refined, meta, meta_mask), batch.targets, smooth
         )
         # The hint trains the coarse path only: the fine vectors are its fixed targets.
         hint = F.mse_loss(gather_cells(looked.coarse, looked.index), looked.fine.detach())
         loss = refined + opts.hint_weight * hint
         parts = {"refined": refined, "hint": hint}
         if opts.coarse_weight > 0:
-            coarse = F.cross_entropy(
-                self.classify(looked.coarse), batch.targets, label_smoothing=smooth
+            coarse = self.class_loss(
+                self.classify(looked.coarse, meta, meta_mask), batch.targets, smooth
             )
             loss = loss + opts.coarse_weight * coarse
             parts["coarse"] = coarse

@@ -49,6 +49,7 @@ from lookcloser.explain.cam import normalize_maps
 from lookcloser.methods.base import Method, register_method
 from lookcloser.methods.ramstrans import compose_boxes, draw_boxes, paste
 from lookcloser.models.backbones import Backbone, BackboneFactory
+from lookcloser.models.heads import HeadSpec
 from lookcloser.models.modes import eval_mode
 
 PredictFrom = Literal["fusion", "sum", "last"]
@@ -253,7 +254,7 @@ class RACNN(Method):
         backbone: Backbone,
         num_classes: int,
         options: RACNNOptions | None = None,
-        head: str = "linear",
+        head: str | HeadSpec = "linear",
         meta_keys: Sequence[str] = (),
         zoom_backbones: Sequence[Backbone] = (),
     ):
@@ -284,7 +285,7 @@ class RACNN(Method):
         make_backbone: BackboneFactory,
         num_classes: int,
         options: RACNNOptions,
-        head: str = "linear",
+        head: str | HeadSpec = "linear",
         meta_keys: Sequence[str] = (),
     ) -> RACNN:
         """One network per scale from `model.*` (own weights each, as the paper)."""
@@ -338,9 +339,16 @@ class RACNN(Method):
                 p.requires_grad_(True)
 
     # ---- the recurrent pass -----------------------------------------------------------------------
-    def look_closer(self, images: Tensor, phase: Phase | None = None) -> Looks:
+    def look_closer(
+        self,
+        images: Tensor,
+        phase: Phase | None = None,
+        meta: Tensor | None = None,
+        meta_mask: Tensor | None = None,
+    ) -> Looks:
         """Every scale in turn; between scales, the square (APN's, or during the APN
-        pretraining the highest-response one) cut out and zoomed to the input size.
+        pretraining the highest-response one) cut out and zoomed to the input size. Metadata,
+        with model.fusion, joins every scale's head.
 
         `phase=None` (inference) and `classify` detach the crops: no gradient to the APNs;
         `propose` keeps them attached so the ranking loss reaches the APNs.
@@ -357,7 +365,7 @@ class RACNN(Method):
             looks.images.append(current)
             looks.maps.append(fmap)
             looks.pooled.append(pooled)
-            looks.logits.append(head(pooled))
+            looks.logits.append(self.apply_head(head, pooled, meta, meta_mask))
             if s == len(nets) - 1:
                 break
             apn = self.apns[s]
@@ -377,14 +385,17 @@ class RACNN(Method):
             current = zoomed if phase == "propose" else zoomed.detach()
         return looks
 
-    def combine(self, looks: Looks) -> Tensor:
+    def combine(
+        self, looks: Looks, meta: Tensor | None = None, meta_mask: Tensor | None = None
+    ) -> Tensor:
         """The prediction: fusion of the normalised scale features, summed logits, or last."""
         opts: RACNNOptions = self.options
         if opts.predict_from == "last":
             return looks.logits[-1]
         if opts.predict_from == "sum":
             return torch.stack(looks.logits).sum(0)
-        return self.fusion(torch.cat([F.normalize(p, dim=-1) for p in looks.pooled], dim=-1))
+        joined = torch.cat([F.normalize(p, dim=-1) for p in looks.pooled], dim=-1)
+        return self.apply_head(self.fusion, joined, meta, meta_mask)
 
     # ---- inference path ---------------------------------------------------------------------------
     def forward_features(self, images: Tensor) -> Tensor:
@@ -393,21 +404,21 @@ class RACNN(Method):
 
     def forward_head(self, features: Tensor, meta=None, meta_mask=None) -> Tensor:
         """The first scale's logits from its feature map."""
-        return self.heads[0](self.backbone.pool(features))
+        return self.apply_head(self.heads[0], self.backbone.pool(features), meta, meta_mask)
 
     def forward(self, images: Tensor, meta=None, meta_mask=None) -> Tensor:
         """The prediction from every scale, squares from the APNs."""
-        return self.combine(self.look_closer(images))
+        return self.combine(self.look_closer(images, None, meta, meta_mask), meta, meta_mask)
 
     # ---- training ---------------------------------------------------------------------------------
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """The losses of this step's phase (see `phase`); logs which phase ran."""
         opts: RACNNOptions = self.options
         phase = self.phase()
-        targets = batch.targets
+        targets, meta, meta_mask = batch.targets, batch.meta, batch.meta_mask
         if phase == "propose":
             with self._classifiers_fixed():
-                looks = self.look_closer(batch.images, phase)
+                looks = self.look_closer(batch.images, phase, meta, meta_mask)
             probs = [true_class_probability(lg, targets) for lg in looks.logits]
             parts = {
                 f"rank{s + 1}{s + 2}": ranking_loss(probs[s], probs[s + 1], opts.margin)
@@ -415,17 +426,16 @@ class RACNN(Method):
             }
             loss = torch.stack(list(parts.values())).sum()
         else:
-            looks = self.look_closer(batch.images, phase)
+            looks = self.look_closer(batch.images, phase, meta, meta_mask)
             smooth = opts.label_smoothing
             parts = {
-                f"scale{s + 1}": F.cross_entropy(lg, targets, label_smoothing=smooth)
+                f"scale{s + 1}": self.class_loss(lg, targets, smooth)
                 for s, lg in enumerate(looks.logits)
             }
             # The fusion layer learns on the scales' features without changing them.
-            fused = self.fusion(
-                torch.cat([F.normalize(p.detach(), dim=-1) for p in looks.pooled], dim=-1)
-            )
-            parts["fusion"] = F.cross_entropy(fused, targets, label_smoothing=smooth)
+            joined = torch.cat([F.normalize(p.detach(), dim=-1) for p in looks.pooled], dim=-1)
+            fused = self.apply_head(self.fusion, joined, meta, meta_mask)
+            parts["fusion"] = self.class_loss(fused, targets, smooth)
             loss = torch.stack(list(parts.values())).sum()
             if phase == "pretrain":
                 size = tuple(batch.images.shape[-2:])

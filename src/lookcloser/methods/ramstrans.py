@@ -36,6 +36,7 @@ from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method, register_method
 from lookcloser.models.backbones import Backbone
+from lookcloser.models.heads import HeadSpec
 from lookcloser.models.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -352,7 +353,7 @@ class RAMSTrans(Method):
         backbone: Backbone,
         num_classes: int,
         options: RAMSTransOptions | None = None,
-        head: str = "linear",
+        head: str | HeadSpec = "linear",
         meta_keys: Sequence[str] = (),
     ):
         super().__init__(backbone, num_classes, options, head=head, meta_keys=meta_keys)
@@ -425,7 +426,13 @@ class RAMSTrans(Method):
         return opts.third_alpha if scale == 1 and opts.third_alpha > 0 else opts.alpha
 
     # ---- one look ---------------------------------------------------------------------------------
-    def _look(self, images: Tensor, with_importance: bool) -> tuple[Tensor, Tensor | None]:
+    def _look(
+        self,
+        images: Tensor,
+        with_importance: bool,
+        meta: Tensor | None = None,
+        meta_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """Logits of one scale and, if asked, its B x h x w patch importance (no gradient).
 
         Rollout reads the attention of this same forward: one pass per scale, with the
@@ -439,9 +446,9 @@ class RAMSTrans(Method):
             importance = rollout_importance(
                 accumulator.rollout, self.prefix_tokens, grid, self.options.rollout_query
             )
-            return self.forward_head(features), importance
+            return self.forward_head(features, meta, meta_mask), importance
         features = self.backbone.forward_features(images)
-        logits = self.forward_head(features)
+        logits = self.forward_head(features, meta, meta_mask)
         if not with_importance:
             return logits, None
         with torch.no_grad():
@@ -449,16 +456,25 @@ class RAMSTrans(Method):
             importance = class_activation_map(fmap, self.head, logits.detach().argmax(1))
         return logits, importance
 
-    def look_closer(self, images: Tensor, importance_everywhere: bool = False) -> Looks:
+    def look_closer(
+        self,
+        images: Tensor,
+        importance_everywhere: bool = False,
+        meta: Tensor | None = None,
+        meta_mask: Tensor | None = None,
+    ) -> Looks:
         """The recurrent pass: each scale's logits; between scales DPPM picks a box whose
-        crop, resized to the input size and detached, is the next scale's input."""
+        crop, resized to the input size and detached, is the next scale's input. Metadata,
+        with model.fusion, joins every scale's head (the CAM reads the image-only path)."""
         opts: RAMSTransOptions = self.options
         size = tuple(images.shape[-2:])
         looks = Looks([], [], [], [])
         current = images
         for scale in range(opts.scales):
             last = scale == opts.scales - 1
-            logits, importance = self._look(current, importance_everywhere or not last)
+            logits, importance = self._look(
+                current, importance_everywhere or not last, meta, meta_mask
+            )
             looks.images.append(current)
             looks.logits.append(logits)
             looks.importance.append(importance)
@@ -486,21 +502,19 @@ class RAMSTrans(Method):
 
     def forward_head(self, features: Tensor, meta=None, meta_mask=None) -> Tensor:
         """One scale's logits from its feature map."""
-        return self.head(self.backbone.pool(features))
+        return self.apply_head(self.head, self.backbone.pool(features), meta, meta_mask)
 
     def forward(self, images: Tensor, meta=None, meta_mask=None) -> Tensor:
         """The multi-scale prediction: every scale, boxes chosen as in training."""
-        return self.combine(self.look_closer(images).logits)
+        return self.combine(self.look_closer(images, meta=meta, meta_mask=meta_mask).logits)
 
     # ---- training ---------------------------------------------------------------------------------
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """'loss' = CE of scale 1 + zoom_loss_weight x CE of each zoomed scale."""
         opts: RAMSTransOptions = self.options
-        looks = self.look_closer(batch.images)
+        looks = self.look_closer(batch.images, meta=batch.meta, meta_mask=batch.meta_mask)
         parts = {
-            f"scale{i + 1}": F.cross_entropy(
-                logits, batch.targets, label_smoothing=opts.label_smoothing
-            )
+            f"scale{i + 1}": self.class_loss(logits, batch.targets, opts.label_smoothing)
             for i, logits in enumerate(looks.logits)
         }
         zoomed = [parts[f"scale{i + 1}"] for i in range(1, opts.scales)]
@@ -512,9 +526,9 @@ class RAMSTrans(Method):
         return [self.head]
 
     # ---- explain ----------------------------------------------------------------------------------
-    def _explained(self, images: Tensor) -> Looks:
+    def _explained(self, images: Tensor, meta=None, meta_mask=None) -> Looks:
         with eval_mode(self), torch.no_grad():
-            return self.look_closer(images, importance_everywhere=True)
+            return self.look_closer(images, True, meta, meta_mask)
 
     @staticmethod
     def _regions(looks: Looks, size: tuple[int, int]) -> list[Tensor]:
@@ -543,7 +557,7 @@ class RAMSTrans(Method):
         the boxes (the predicted class's, for cam), whatever `target` is."""
         self.check_part(part)
         size = tuple(images.shape[-2:])
-        looks = self._explained(images)
+        looks = self._explained(images, meta, meta_mask)
         regions = self._regions(looks, size)
         return {
             f"{self.importance_kind}-scale{i + 1}": paste(importance, region, size).clamp(0, 1)

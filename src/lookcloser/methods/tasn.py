@@ -34,6 +34,7 @@ from lookcloser.errors import ConfigError
 from lookcloser.explain.cam import normalize_maps
 from lookcloser.methods.base import Method, register_method
 from lookcloser.models.backbones import Backbone, BackboneFactory
+from lookcloser.models.heads import HeadSpec
 from lookcloser.models.modes import eval_mode
 from lookcloser.models.plugins import prune_attention_blocks
 
@@ -300,7 +301,7 @@ class TASN(Method):
         backbone: Backbone,
         num_classes: int,
         options: TASNOptions | None = None,
-        head: str = "linear",
+        head: str | HeadSpec = "linear",
         meta_keys: Sequence[str] = (),
         attention_backbone: Backbone | None = None,
     ):
@@ -328,7 +329,7 @@ class TASN(Method):
         make_backbone: BackboneFactory,
         num_classes: int,
         options: TASNOptions,
-        head: str = "linear",
+        head: str | HeadSpec = "linear",
         meta_keys: Sequence[str] = (),
     ) -> TASN:
         """The part/master network from `model.*`, the attention network from `method.*`."""
@@ -388,7 +389,7 @@ class TASN(Method):
 
     def forward_head(self, features: Tensor, meta=None, meta_mask=None) -> Tensor:
         """Logits from the pooled master feature map."""
-        return self.head(self.backbone.pool(features))
+        return self.apply_head(self.head, self.backbone.pool(features), meta, meta_mask)
 
     # ---- training ---------------------------------------------------------------------------------
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:
@@ -405,11 +406,13 @@ class TASN(Method):
             self.backbone.forward_features(sampled)
         ).chunk(2)
         part_head = self.head if self.part_head is None else self.part_head
-        part_logits, master_logits = part_head(part_pooled), self.head(master_pooled)
+        meta, meta_mask = batch.meta, batch.meta_mask
+        part_logits = self.apply_head(part_head, part_pooled, meta, meta_mask)
+        master_logits = self.apply_head(self.head, master_pooled, meta, meta_mask)
 
         smooth = opts.label_smoothing
-        master = F.cross_entropy(master_logits, targets, label_smoothing=smooth)
-        part = F.cross_entropy(part_logits, targets, label_smoothing=smooth)
+        master = self.class_loss(master_logits, targets, smooth)
+        part = self.class_loss(part_logits, targets, smooth)
         # The part-net teaches; its soft targets carry no gradient (knowledge distillation).
         distill = soft_target_cross_entropy(master_logits, part_logits.detach(), opts.temperature)
         attention = F.cross_entropy(

@@ -1,0 +1,476 @@
+"""Ensembles: model directories whose class probabilities are averaged with fitted weights.
+
+An ensemble directory holds `ensemble.json` and a copy of each member's model directory
+(model.json + model.safetensors) under `members/`, so it stands alone. The weights are found
+on the members' validation split (never the test split) by scipy's differential evolution,
+seeded: the objective is the number of correct top-1 answers, ties broken by the log-loss.
+`EnsemblePredictor` has the Predictor's interface (predict, predict_images, run_samples,
+explain per member), so every command that takes a model directory takes an ensemble too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from lookcloser.data.images import list_image_files
+from lookcloser.data.sources import Sample
+from lookcloser.errors import BadImagesError, ConfigError, ModelDirError
+from lookcloser.modeldir import (
+    ENSEMBLE_JSON,
+    MODEL_JSON,
+    atomic_write_text,
+    is_ensemble_dir,
+    versions,
+)
+from lookcloser.predictor import (
+    EvalOutput,
+    Explanation,
+    Prediction,
+    Predictions,
+    Predictor,
+    check_predict_arguments,
+    top_predictions,
+)
+from lookcloser.tta import TTA
+
+FORMAT = "lookcloser.ensemble"
+FORMAT_VERSION = 1
+MEMBERS = "members"
+
+
+class EnsemblePredictor:
+    """Member Predictors whose probabilities are averaged with weights (summing to 1).
+
+    The same interface as `Predictor` for what works on image files or PIL images; the tensor
+    level (`preprocess`, `probabilities`) needs members with the same preprocessing.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Predictor],
+        weights: Sequence[float],
+        names: Sequence[str] | None = None,
+        info: dict[str, Any] | None = None,
+    ):
+        if not members:
+            raise ConfigError("ensemble: no members")
+        if len(weights) != len(members):
+            raise ConfigError(f"ensemble: {len(weights)} weights for {len(members)} members")
+        w = np.asarray(weights, dtype=np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ConfigError(f"ensemble: weights must be >= 0 and not all 0, got {list(weights)}")
+        for member in members[1:]:
+            if member.classes != members[0].classes:
+                raise ConfigError("ensemble: the members' classes differ (names or order)")
+        self.members = list(members)
+        self.weights = (w / w.sum()).tolist()
+        self.names = (
+            list(names) if names is not None else [f"member-{i}" for i in range(len(members))]
+        )
+        self.classes = list(members[0].classes)
+        self.device = members[0].device
+        # The metadata any member takes (each member reads its own keys from the same dicts).
+        self.meta_keys = list(dict.fromkeys(k for m in members for k in m.meta_keys))
+        self.info = {**(info or {}), "config": members[0].info.get("config", {})}
+
+    # ---- loading ------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = "cpu",
+        tta: TTA | str | None = None,
+    ) -> EnsemblePredictor:
+        """Load an ensemble directory; `tta` as for Predictor.load (None: ensemble.json's)."""
+        record = read_ensemble_json(path)
+        spec = record.get("tta") if tta is None else tta
+        members = [
+            Predictor.load(Path(path) / m["path"], device, tta=spec or "none")
+            for m in record["members"]
+        ]
+        return cls(members, record["weights"], [m["name"] for m in record["members"]], record)
+
+    # ---- settings shared with the members -----------------------------------------------------
+    @property
+    def tta(self) -> TTA | None:
+        """Test-time augmentation of every member (None: off)."""
+        return self.members[0].tta
+
+    @tta.setter
+    def tta(self, value: TTA | str | None) -> None:
+        for member in self.members:
+            member.tta = value
+
+    @property
+    def max_pixels(self) -> int:
+        """Decompression-bomb limit of the members' image reading."""
+        return self.members[0].max_pixels
+
+    @max_pixels.setter
+    def max_pixels(self, value: int) -> None:
+        for member in self.members:
+            member.max_pixels = value
+
+    def _same_preprocessing(self, what: str) -> Predictor:
+        first = self.members[0]
+        for member in self.members[1:]:
+            if (member.image_size, member.crop_pct, member.interpolation) != (
+                first.image_size,
+                first.crop_pct,
+                first.interpolation,
+            ):
+                raise ConfigError(
+                    f"ensemble {what}: the members preprocess images differently; use "
+                    "predict, predict_images or run_samples, which preprocess per member"
+                )
+        return first
+
+    @property
+    def image_size(self) -> int:
+        """The members' input size (ConfigError if they differ)."""
+        return self._same_preprocessing("image_size").image_size
+
+    # ---- combining ----------------------------------------------------------------------------
+    def combine(self, probabilities: Sequence[Tensor]) -> Tensor:
+        """The weighted mean of the members' N x C probabilities."""
+        total = sum(w * p.float() for w, p in zip(self.weights, probabilities, strict=True))
+        return total
+
+    def combine_outputs(self, outputs: Sequence[EvalOutput]) -> EvalOutput:
+        """One EvalOutput from the members' (same samples): logits = log of the mixture."""
+        probs = self.combine([o.logits.float().softmax(dim=1) for o in outputs])
+        first = outputs[0]
+        return EvalOutput(probs.clamp_min(1e-12).log(), first.labels, list(first.paths))
+
+    # ---- the Predictor interface --------------------------------------------------------------
+    def preprocess(self, image: Image.Image | str | Path) -> Tensor:
+        """One image as the members' input (they must preprocess alike)."""
+        return self._same_preprocessing("preprocess").preprocess(image)
+
+    def probabilities(
+        self, images: Tensor, meta: Tensor | None = None, meta_mask: Tensor | None = None
+    ) -> Tensor:
+        """Mixture probabilities of preprocessed images (members must preprocess alike;
+        metadata in `meta_keys` order)."""
+        self._same_preprocessing("probabilities")
+        return self.combine(
+            [m.probabilities(images, *self._member_meta(m, meta, meta_mask)) for m in self.members]
+        )
+
+    def logits(
+        self, images: Tensor, meta: Tensor | None = None, meta_mask: Tensor | None = None
+    ) -> Tensor:
+        """Log of the mixture probabilities (its softmax gives them back)."""
+        return self.probabilities(images, meta, meta_mask).clamp_min(1e-12).log()
+
+    def _member_meta(self, member: Predictor, meta, meta_mask):
+        if meta is None or not member.meta_keys:
+            return None, None
+        columns = [self.meta_keys.index(k) for k in member.meta_keys]
+        return meta[:, columns], None if meta_mask is None else meta_mask[:, columns]
+
+    def meta_rows(self, metas: Sequence[Mapping[str, Any]]) -> tuple[Tensor, Tensor]:
+        """N x K values and mask of metadata dicts, in `meta_keys` order."""
+        from lookcloser.data.meta import meta_tensors
+
+        return meta_tensors(metas, self.meta_keys)
+
+    def predict(
+        self,
+        paths: Iterable[str | Path],
+        top_k: int = 5,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        on_bad_image: str = "error",
+        meta: Mapping[str, Mapping] | Sequence[Mapping] | None = None,
+    ) -> Predictions:
+        """Top-k predictions of the mixture for image files and folders (as Predictor.predict)."""
+        check_predict_arguments(top_k, batch_size, on_bad_image)
+        files = [str(f) for p in paths for f in list_image_files(p)]
+        positions, probs, skipped = self.file_probabilities(
+            files, batch_size, num_workers, on_bad_image, meta
+        )
+        results = Predictions(top_predictions(files, positions, probs, self.classes, top_k))
+        results.skipped = skipped
+        if skipped and on_bad_image == "error":
+            raise BadImagesError(
+                skipped, len(files), "; pass on_bad_image=skip to predict the others"
+            )
+        return results
+
+    def file_probabilities(
+        self,
+        files: Sequence[str],
+        batch_size: int = 32,
+        num_workers: int = 0,
+        on_bad_image: str = "error",
+        meta: Mapping[str, Mapping] | Sequence[Mapping] | None = None,
+    ) -> tuple[list[int], Tensor, list[tuple[str, str]]]:
+        """(positions read, N x C mixture probabilities, [(path, reason)] not read)."""
+        results = [
+            m.file_probabilities(files, batch_size, num_workers, on_bad_image, meta)
+            for m in self.members
+        ]
+        positions, _, skipped = results[0]
+        return positions, self.combine([probs for _, probs, _ in results]), skipped
+
+    def predict_images(
+        self,
+        images: Sequence[Image.Image],
+        top_k: int = 5,
+        names: Sequence[str] | None = None,
+        meta: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[Prediction]:
+        """Top-k predictions of the mixture for PIL images (as Predictor.predict_images)."""
+        check_predict_arguments(top_k, 1, "error")
+        names = list(names) if names is not None else [f"image-{i}" for i in range(len(images))]
+        if not images:
+            return []
+        probs = self.image_probabilities(images, meta)
+        return top_predictions(names, range(len(images)), probs, self.classes, top_k)
+
+    def image_probabilities(
+        self, images: Sequence[Image.Image], meta: Sequence[Mapping[str, Any]] | None = None
+    ) -> Tensor:
+        """N x C mixture probabilities of PIL images."""
+        return self.combine([m.image_probabilities(images, meta) for m in self.members])
+
+    def run_samples(
+        self,
+        samples: Sequence[Sample],
+        batch_size: int = 32,
+        num_workers: int = 0,
+        progress: bool = True,
+        description: str = "evaluate",
+    ) -> EvalOutput:
+        """Mixture log-probabilities of labelled samples (each member preprocesses its own)."""
+        return self.combine_outputs(
+            [
+                m.run_samples(samples, batch_size, num_workers, progress, f"{description} ({n})")
+                for m, n in zip(self.members, self.names, strict=True)
+            ]
+        )
+
+    def explain(
+        self,
+        image: str | Path | Image.Image,
+        target: int | str | None = None,
+        map_name: str | None = None,
+        meta: Mapping[str, Any] | None = None,
+        part: int | None = None,
+    ) -> list[tuple[str, Explanation]]:
+        """Each member's explanation (name, Explanation) of one class: `target`, else the
+        ensemble's prediction, so the maps are comparable."""
+        if target is None:
+            picture = image if isinstance(image, Image.Image) else None
+            if picture is None:
+                from lookcloser.data.images import load_image
+
+                picture = load_image(image, self.max_pixels)
+            probs = self.image_probabilities([picture], [meta or {}])
+            target = int(probs[0].argmax())
+        return [
+            (name, member.explain(image, target, map_name, meta, part))
+            for name, member in zip(self.names, self.members, strict=True)
+        ]
+
+
+# ---- the directory --------------------------------------------------------------------------------
+def read_ensemble_json(path: str | Path) -> dict[str, Any]:
+    """The parsed ensemble.json of an ensemble directory, checked for format and members."""
+    path = Path(path)
+    file = path / ENSEMBLE_JSON
+    if not file.is_file():
+        raise ModelDirError(f"{path}: no {ENSEMBLE_JSON}; not an ensemble directory")
+    try:
+        record = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelDirError(f"{file}: not valid JSON ({err})") from None
+    if record.get("format") != FORMAT:
+        raise ModelDirError(f"{file}: format is {record.get('format')!r}, expected {FORMAT!r}")
+    if record.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelDirError(
+            f"{file}: format_version {record['format_version']} is newer than this lookcloser "
+            f"reads ({FORMAT_VERSION}); upgrade lookcloser"
+        )
+    for key in ("members", "weights"):
+        if key not in record:
+            raise ModelDirError(f"{file}: missing field {key!r}")
+    for member in record["members"]:
+        if not (path / member["path"] / MODEL_JSON).is_file():
+            raise ModelDirError(f"{file}: member {member['path']!r} has no {MODEL_JSON}")
+    return record
+
+
+def write_ensemble_dir(
+    out: str | Path,
+    member_dirs: Sequence[str | Path],
+    fit: EnsembleFit,
+    info: dict[str, Any],
+    use: str = "fitted",
+) -> Path:
+    """Copy the members' model files under `out/members/` and write ensemble.json (last);
+    `use` says which weights predict: the fitted ones or equal ones (both are recorded)."""
+    if use not in ("fitted", "equal"):
+        raise ConfigError(f"ensemble weights: expected 'fitted' or 'equal', got {use!r}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out}: exists and is not an empty folder")
+    if any(is_ensemble_dir(d) for d in member_dirs):
+        raise ConfigError("ensemble members must be model directories, not ensembles")
+    out.mkdir(parents=True, exist_ok=True)
+    members = []
+    for i, source in enumerate(member_dirs):
+        source = Path(source)
+        name = f"{i}-{source.resolve().name}"
+        target = out / MEMBERS / name
+        target.mkdir(parents=True)
+        record = json.loads((source / MODEL_JSON).read_text())
+        shutil.copy2(source / record["weights"]["file"], target / record["weights"]["file"])
+        shutil.copy2(source / MODEL_JSON, target / MODEL_JSON)  # last: the copy is complete
+        members.append(
+            {
+                "name": name,
+                "path": f"{MEMBERS}/{name}",
+                "source": str(source.resolve()),
+                "validation": fit.member_scores[i],
+            }
+        )
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "members": members,
+        "weights": fit.weights if use == "fitted" else [1 / len(members)] * len(members),
+        "uses": use,
+        "fitted_weights": fit.weights,
+        "equal_weights": [1 / len(members)] * len(members),
+        **info,
+        "validation": {
+            **info.get("validation", {}),
+            "images": fit.images,
+            "fitted": fit.fitted_score,
+            "equal": fit.equal_score,
+        },
+        "fit": fit.search,
+        "versions": versions(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(out / ENSEMBLE_JSON, json.dumps(record, indent=2) + "\n")
+    return out
+
+
+# ---- fitting the weights ------------------------------------------------------------------------
+@dataclass
+class EnsembleFit:
+    """Fitted weights (summing to 1) and the scores they and equal weights get."""
+
+    weights: list[float]
+    fitted_score: dict[str, float]
+    equal_score: dict[str, float]
+    member_scores: list[dict[str, float]]
+    images: int
+    search: dict[str, Any]
+
+    @property
+    def equal_weights(self) -> list[float]:
+        """1 / M for each of the M members."""
+        return [1 / len(self.weights)] * len(self.weights)
+
+
+def score(weights: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1 and log-loss of the mixture with `weights` (M) of `probs` (M x N x C)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1 / len(w))
+    mix = np.tensordot(w, probs, axes=1)
+    correct = int((mix.argmax(axis=1) == labels).sum())
+    true = np.clip(mix[np.arange(len(labels)), labels], 1e-12, None)
+    return {
+        "top1": correct / len(labels),
+        "correct": correct,
+        "log_loss": float(-np.log(true).mean()),
+    }
+
+
+def objective(weights: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> float:
+    """To minimise: minus the correct answers, plus the log-loss squashed into [0, 1), which
+    orders weights with the same top-1 and never outweighs one more correct answer."""
+    s = score(weights, probs, labels)
+    return -s["correct"] + s["log_loss"] / (1 + s["log_loss"])
+
+
+def fit_weights(
+    probs: Sequence[Tensor] | np.ndarray,
+    labels: Tensor | np.ndarray,
+    seed: int = 0,
+    maxiter: int = 200,
+    popsize: int = 15,
+) -> EnsembleFit:
+    """Member weights maximising validation top-1 (log-loss breaking ties), by
+    scipy.optimize.differential_evolution, seeded.
+
+    The first population holds equal weights and each member alone, and differential
+    evolution keeps its best member, so the result is never worse (by the objective) than
+    equal weights or the best single member on the data it was fitted on.
+    """
+    from scipy.optimize import differential_evolution
+
+    p = np.stack([np.asarray(x, dtype=np.float64) for x in probs])
+    y = np.asarray(labels, dtype=np.int64)
+    if p.ndim != 3 or p.shape[1] != len(y):
+        raise ConfigError(
+            f"ensemble fit: expected M x N x C probabilities for N labels, got {p.shape}"
+        )
+    if len(y) == 0:
+        raise ConfigError("ensemble fit: no validation images")
+    m = p.shape[0]
+    equal = np.full(m, 1.0 / m)
+    member_scores = [score(np.eye(m)[i], p, y) for i in range(m)]
+    if m == 1:
+        fitted, search = equal, {"optimizer": "none (one member)"}
+    else:
+        rng = np.random.default_rng(seed)
+        size = max(5, popsize * m)
+        population = rng.uniform(0, 1, size=(size, m))
+        population[0] = 1.0  # equal weights
+        population[1 : 1 + m] = np.eye(m)  # each member alone
+        result = differential_evolution(
+            objective,
+            bounds=[(0.0, 1.0)] * m,
+            args=(p, y),
+            seed=seed,
+            maxiter=maxiter,
+            init=population,
+            polish=False,  # the objective is piecewise constant: no gradient to polish with
+            tol=0,
+            updating="immediate",
+        )
+        fitted = result.x / result.x.sum() if result.x.sum() > 0 else equal
+        if objective(equal, p, y) <= objective(fitted, p, y):
+            fitted = equal  # no better than equal weights: keep the simpler answer
+        search = {
+            "optimizer": "scipy.optimize.differential_evolution",
+            "objective": "correct top-1 answers; log-loss breaks ties",
+            "seed": seed,
+            "maxiter": maxiter,
+            "population": size,
+            "evaluations": int(result.nfev),
+        }
+    return EnsembleFit(
+        weights=[float(w) for w in fitted],
+        fitted_score=score(fitted, p, y),
+        equal_score=score(equal, p, y),
+        member_scores=member_scores,
+        images=len(y),
+        search=search,
+    )
