@@ -68,12 +68,12 @@ def run_cluster_pretrain(cfg: Config, progress: bool = True, callbacks: list | N
             f"trainer.resume=last: {run_dir} holds no cluster_pretrain run to resume "
             "(start without trainer.resume)"
         )
-    if not resume and not cfg.overwrite and (semi_dir(run_dir) / PIPELINE_FILE).is_file():
-        if not is_model_dir(run_dir):
-            raise ConfigError(
-                f"out: {run_dir} holds an unfinished cluster_pretrain run; resume it with "
-                "trainer.resume=last, or pass overwrite=true to start again"
-            )
+    unfinished = (semi_dir(run_dir) / PIPELINE_FILE).is_file() and not is_model_dir(run_dir)
+    if not resume and not cfg.overwrite and unfinished:
+        raise ConfigError(
+            f"out: {run_dir} holds an unfinished cluster_pretrain run; resume it with "
+            "trainer.resume=last, or pass overwrite=true to start again"
+        )
     plan = None if resume else RunDir.plan(run_dir, resume=None, overwrite=cfg.overwrite)
     data = prepare_data(cfg.data)
     if data.index is not None:
@@ -129,8 +129,14 @@ def _run_rounds(cfg: Config, run_dir: Path, data, progress: bool, callbacks) -> 
 
         say(f"round {r}: cluster")
         clusters_csv = _cluster(
-            cfg, run_dir, f"round{r}-cluster", folder, candidates, embeddings,
-            k_min=2 if previous is None else len(data.classes), progress=progress,
+            cfg,
+            run_dir,
+            f"round{r}-cluster",
+            folder,
+            candidates,
+            embeddings,
+            k_min=2 if previous is None else len(data.classes),
+            progress=progress,
         )
         if clusters_csv is None:
             say(f"round {r}: fewer than two clusters kept; no further rounds")
@@ -139,7 +145,11 @@ def _run_rounds(cfg: Config, run_dir: Path, data, progress: bool, callbacks) -> 
         say(f"round {r}: pretrain on cluster ids")
         start = None if previous is None else _backbone_file(previous, folder / "start.safetensors")
         pretrain = _sub_run(
-            cfg, folder / "pretrain", progress, callbacks, start,
+            cfg,
+            folder / "pretrain",
+            progress,
+            callbacks,
+            start,
             data={"source": "csv", "root": str(clusters_csv), "meta_keys": []},
             epochs=semi.pretrain_epochs or cfg.trainer.epochs,
         )
@@ -201,8 +211,16 @@ def _select(cfg: Config, run_dir: Path, name: str, model, data, progress: bool) 
         return [s for s in data.unlabelled if s.path in kept]
     transform, _ = _transform(cfg, model)
     record, rows, kept = filter_stage(
-        name, model, cfg, data.train, data.val, data.unlabelled, data.classes, transform,
-        progress, _device(cfg),
+        name,
+        model,
+        cfg,
+        data.train,
+        data.val,
+        data.unlabelled,
+        data.classes,
+        transform,
+        progress,
+        _device(cfg),
     )
     _write_stage(run_dir, record, rows)
     return [s for s, k in zip(data.unlabelled, kept.tolist(), strict=True) if k]
@@ -223,11 +241,21 @@ def _embeddings(
 
     def compute() -> torch.Tensor:
         return run_model(
-            model, samples, transform, cfg.data.batch_size, cfg.data.num_workers,
-            cfg.data.max_image_pixels, progress, "embed", _device(cfg), logits=False,
+            model,
+            samples,
+            transform,
+            cfg.data.batch_size,
+            cfg.data.num_workers,
+            cfg.data.max_image_pixels,
+            progress,
+            "embed",
+            _device(cfg),
+            logits=False,
         ).embeddings
 
-    return cached_embeddings(folder / "embeddings.safetensors", key, compute, _Say(progress)).numpy()
+    return cached_embeddings(
+        folder / "embeddings.safetensors", key, compute, _Say(progress)
+    ).numpy()
 
 
 def _cluster(
@@ -249,7 +277,12 @@ def _cluster(
     if name in done and out.is_file():
         return out
     result = cluster(
-        embeddings, semi.clusters, k_min, semi.min_cluster_size, semi.cluster_keep, cfg.seed,
+        embeddings,
+        semi.clusters,
+        k_min,
+        semi.min_cluster_size,
+        semi.cluster_keep,
+        cfg.seed,
         progress=progress,
     )
     reasons = result.reasons(semi.min_cluster_size)
