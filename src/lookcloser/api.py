@@ -27,6 +27,7 @@ __all__ = [
     "predict",
     "explain",
     "export",
+    "ood_report",
     "Predictor",
     "Config",
 ]
@@ -478,3 +479,11 @@ def export(
     out = Path(out) if out else Path(model_dir) / "model.onnx"
     export_onnx(predictor, out)
     return out, max_abs_difference(predictor, out)
+
+
+def ood_report(run_dir: str | Path, per_row: int = 6, groups: int = 8) -> list[dict[str, Any]]:
+    """What each semi-supervised stage of a run kept and why; writes a picture per stage
+    (RUN_DIR/semi/report-<stage>.png) and returns each stage's summary."""
+    from lookcloser.semi.report import ood_report as report
+
+    return report(run_dir, per_row=per_row, groups=groups)

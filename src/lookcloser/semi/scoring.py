@@ -174,7 +174,12 @@ def filter_stage(
                 for kind in SCORES
             },
         }
-        correct = [r["predicted"] == r["true_class"] for r in rows if r["kept"] == "True"]
+        # How often the pseudo-label is right on the kept images that are in-class.
+        correct = [
+            r["predicted"] == r["true_class"]
+            for r in rows
+            if r["kept"] == "True" and r["in_class"] == "True"
+        ]
         record["pseudo_label_accuracy"] = round(sum(correct) / len(correct), 4) if correct else None
     return record, rows, kept
 
