@@ -47,7 +47,10 @@ def _blobs(sizes, spreads, dim=32, seed=0):
     """Gaussian groups around random unit directions (labels = group index)."""
     rng = np.random.default_rng(seed)
     centres = np.linalg.qr(rng.normal(size=(dim, dim)))[0][: len(sizes)]  # orthonormal
-    points = [c + rng.normal(scale=s, size=(n, dim)) for c, n, s in zip(centres, sizes, spreads)]
+    points = [
+        c + rng.normal(scale=s, size=(n, dim))
+        for c, n, s in zip(centres, sizes, spreads, strict=True)
+    ]
     labels = np.concatenate([np.full(n, i) for i, n in enumerate(sizes)])
     return np.concatenate(points), labels
 
@@ -124,7 +127,9 @@ def test_ood_filter_precision_and_recall_on_a_known_mix():
 
 def test_prototype_score_ignores_classes_never_seen():
     prototypes = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # class 1 has no images yet
-    scores = ood_scores("prototype", torch.zeros(2, 2), torch.tensor([[0.0, 1.0], [1, 0]]), prototypes)
+    scores = ood_scores(
+        "prototype", torch.zeros(2, 2), torch.tensor([[0.0, 1.0], [1, 0]]), prototypes
+    )
     assert scores.tolist() == pytest.approx([0.0, 1.0])
 
 
@@ -292,7 +297,9 @@ def test_fixmatch_stream_delivers_a_weak_and_a_strong_view(tmp_path):
     paths = []
     for i in range(6):
         path = tmp_path / f"{i}.png"
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+        Image.fromarray(
+            np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        ).save(path)
         paths.append(str(path))
     data = DataConfig(image_size=32, hflip=0.0)
     weak = train_transform(data)
