@@ -111,10 +111,11 @@ def cluster(
     if n < 3:
         raise ValueError(f"clustering needs at least 3 images, got {n}")
     silhouettes: dict[int, float] = {}
+    k_min = max(2, min(k_min, n - 1))
     if k is None:
         k_max = max(k_min, min(MAX_K, n // max(1, min_size)))
-        silhouettes = choose_k(x, max(2, k_min), k_max, seed, progress)
-        k = max(silhouettes, key=silhouettes.get) if silhouettes else max(2, k_min)
+        silhouettes = choose_k(x, k_min, k_max, seed, progress)
+        k = max(silhouettes, key=silhouettes.get) if silhouettes else k_min
     k = min(k, n - 1)
     model = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x)
     labels = model.labels_

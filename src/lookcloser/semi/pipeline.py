@@ -9,9 +9,10 @@ Round r (1 .. semi.rounds), under RUN_DIR/semi/round<r>/:
 2. **embed**: the candidates' pooled embeddings from the round's model (round 1: the
    configured backbone, e.g. ImageNet weights; later: the previous fine-tuned model), cached
    in `embeddings.safetensors` under a key of model, transform and paths (embeddings.py).
-3. **cluster**: k-means with k chosen by silhouette (at least the number of labelled classes
-   after round 1: finer than the classes), clusters kept by size and compactness
-   (clustering.py); the kept images and their cluster ids go to `clusters.csv`.
+3. **cluster**: k-means with k chosen by silhouette, at least the number of labelled classes
+   (the unlabelled images hold those classes and others), and twice that from round 2 on
+   (finer than the classes), clusters kept by size and compactness (clustering.py); the
+   kept images and their cluster ids go to `clusters.csv`.
 4. **pretrain**: a sub-run `pretrain/` trains the configured method on the cluster ids as
    labels (`data.source=csv`), starting from the round's model's backbone.
 5. **fine-tune**: a sub-run `finetune/` trains on the labelled set from the pretrained
@@ -135,7 +136,7 @@ def _run_rounds(cfg: Config, run_dir: Path, data, progress: bool, callbacks) -> 
             folder,
             candidates,
             embeddings,
-            k_min=2 if previous is None else len(data.classes),
+            k_min=len(data.classes) * (1 if previous is None else 2),
             progress=progress,
         )
         if clusters_csv is None:
