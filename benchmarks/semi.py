@@ -181,6 +181,9 @@ def run(spec: str, strategy: str, seed: int, args) -> dict:
         for stage in json.loads(stages.read_text()):
             if "quality" in stage:
                 record[f"{stage['name']}_filter"] = stage["quality"]["filter"]
+                record[f"{stage['name']}_scores"] = {
+                    name: q for name, q in stage["quality"].items() if name != "filter"
+                }
                 record[f"{stage['name']}_pseudo_label_accuracy"] = stage.get(
                     "pseudo_label_accuracy"
                 )
@@ -268,6 +271,28 @@ def table(records: list[dict]) -> str:
     )
 
 
+def score_table(records: list[dict]) -> str:
+    """Precision / recall of each score kind alone at its val-chosen threshold (the final
+    models of the online strategies and the selection stages), mean over runs."""
+    found: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        for key in (k for k in r if k.endswith("_scores")):
+            for name, q in r[key].items():
+                found.setdefault((r["set"], name), []).append(q)
+    rows = [
+        [
+            spec,
+            name,
+            str(len(qs)),
+            f"{statistics.mean(q['precision'] for q in qs):.2f}",
+            f"{statistics.mean(q['recall'] for q in qs):.2f}",
+            f"{statistics.mean(q['kept'] for q in qs):.0f} of {qs[0]['total']}",
+        ]
+        for (spec, name), qs in sorted(found.items())
+    ]
+    return markdown_table(["set", "filter", "models", "precision", "recall", "kept (mean)"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sets", nargs="+", default=["synthetic"])
@@ -333,6 +358,11 @@ def main() -> None:
             "(CPU time is this process's, so the cost ratios do not depend on the load).",
             "",
             table(records),
+            "",
+            "Each out-of-class score alone, at the threshold that keeps 95 % of the val images "
+            "(semi.val_keep), on the trained models' pass over the unlabelled images:",
+            "",
+            score_table(records),
         ]
     )
     print(text)
