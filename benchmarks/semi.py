@@ -357,6 +357,20 @@ def main() -> None:
             f"Command: `{command}`. Machine: {machine()}, run under `nice` beside other jobs "
             "(CPU time is this process's, so the cost ratios do not depend on the load).",
             "",
+            "Every run: Lite0 (ImageNet weights), baseline method, AdamW lr 2e-3 (heads x10), "
+            "cosine schedule, half an epoch of warm-up, "
+            f"{args.epochs} epochs at {args.size} px, batch {args.batch_size}; online "
+            f"strategies draw {3 * args.batch_size} unlabelled images per step and use the "
+            "defaults (confidence 0.95, energy score, threshold keeping 95 % of val); "
+            f"cluster_pretrain: one round, {args.pretrain_epochs} pretraining epochs on the "
+            "kept clusters, then the same fine-tuning as labelled-only. `synthetic`: 4 classes, "
+            "10 train + 5 val labelled images per class, 80 test images, 400 unlabelled images "
+            "of which 80 % are out-of-class part combinations. "
+            f"`<real>:<ood>`: {args.shots} train + {args.shots} val labels per class, "
+            f"{args.in_class_per_class} more train images per class and every train image of "
+            "<ood> as unlabelled images, the real set's test split; `all-labels`: every "
+            "training label (val carved, 10 %).",
+            "",
             table(records),
             "",
             "Each out-of-class score alone, at the threshold that keeps 95 % of the val images "
