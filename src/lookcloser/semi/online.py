@@ -11,7 +11,8 @@ the same path.
   `semi.threshold`) and, unless `semi.ood_score=none`, its out-of-class score reaches the
   threshold chosen on the val split at the last validation (`scores.val_threshold`). Until the
   first validation there is no threshold, so an OOD-filtered objective adds nothing in the
-  first epoch: the model learns the labelled classes before it labels anything.
+  first epoch (and skips the teacher pass): the model learns the labelled classes before it
+  labels anything.
 * The **student** is the model being trained, in train mode: `pseudo_label` trains it on the
   weak view (the one the teacher saw), `fixmatch` on the strong view (RandAugment + erasing),
   with the teacher's class as target. The loss is the cross-entropy summed over kept images
@@ -96,6 +97,13 @@ class UnlabelledObjective(nn.Module):
                 "semi.strategy=fixmatch needs the unlabelled stream's strong view "
                 "(the datamodule delivers it when semi.strategy=fixmatch)"
             )
+        waiting = self.cfg.ood_score != "none" and torch.isnan(self.threshold)
+        if waiting and not self.uses_prototypes:
+            # No threshold before the first validation, so nothing can be kept: the teacher
+            # does not run (its confidence is not counted either).
+            nothing = torch.zeros(len(weak), dtype=torch.bool, device=weak.device)
+            self._count(nothing, nothing, nothing, nothing.long())
+            return {"unlabelled": weak.new_zeros(()), "kept": weak.new_zeros(())}
         n_labelled = len(batch)
         with torch.no_grad(), eval_mode(teacher):
             # Labelled images go through the teacher too when they feed the class prototypes.
