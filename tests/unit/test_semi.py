@@ -303,7 +303,7 @@ def test_fixmatch_stream_delivers_a_weak_and_a_strong_view(tmp_path):
         paths.append(str(path))
     data = DataConfig(image_size=32, hflip=0.0)
     weak = train_transform(data)
-    views = TwoViews(weak, strong_transform(data, "rand-m9-mstd0.5-inc1", 1.0))
+    views = TwoViews(weak, strong_transform(data, SemiConfig().strong_augment, 1.0))
     module = FGVCDataModule(
         [Sample(p, i % 2) for i, p in enumerate(paths[:4])],
         [],
