@@ -361,3 +361,10 @@ def test_embeddings_are_cached_under_their_key(tmp_path):
     assert json.loads(path.with_suffix(".json").read_text())["key"] == key
     cached_embeddings(path, cache_key(model="other", paths=["a"]), compute, log=lambda _: None)
     assert len(calls) == 2
+
+
+def test_ood_report_of_a_run_without_semi_records_says_what_is_missing(tmp_path):
+    from lookcloser import api
+
+    with pytest.raises(DataError, match="semi.strategy=pseudo_label"):
+        api.ood_report(tmp_path)
