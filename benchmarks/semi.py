@@ -349,7 +349,10 @@ def main() -> None:
                     records.append(record)
                     with results.open("a") as f:
                         f.write(json.dumps(record) + "\n")
-    command = "python benchmarks/semi.py " + " ".join(sys.argv[1:])
+    # The command that trains these runs (--table-only rewrites the table of the same runs).
+    command = "python benchmarks/semi.py " + " ".join(
+        a for a in sys.argv[1:] if a != "--table-only"
+    )
     text = "\n".join(
         [
             "## Semi-supervised strategies with mostly out-of-class unlabelled images",
