@@ -81,7 +81,7 @@ def test_online_strategy_trains_and_records_what_it_kept(
         out = tmp_path / "fixmatch"
         api.train(None, _settings(synthetic_root, unlabelled, out, strategy), progress=False)
     training, final = read_stages(out)
-    assert training["strategy"] == strategy and training["ood_score"] == "energy"
+    assert training["strategy"] == strategy and training["ood_score"] == "prototype"
     epochs = training["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1]
     # No threshold before the first validation: the first epoch keeps nothing.
