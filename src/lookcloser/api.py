@@ -32,6 +32,7 @@ __all__ = [
     "compare",
     "fit_ensemble",
     "set_tta_default",
+    "ood_report",
     "Predictor",
     "Config",
 ]
@@ -96,8 +97,10 @@ def check_config(cfg: Config) -> Config:
     from lookcloser.data.meta import check_meta_keys
     from lookcloser.methods.base import check_meta_use, method_class
     from lookcloser.models.heads import HeadSpec
+    from lookcloser.semi import check_semi
 
     cfg.validate()
+    check_semi(cfg)
     cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
     method_options(cfg, cls.Options)
     keys = check_meta_keys(cfg.data.meta_keys)
@@ -122,6 +125,11 @@ def train(
     from lookcloser.rundir import RunDir
 
     cfg = check_config(as_config(config, overrides))
+    if cfg.semi.strategy == "cluster_pretrain":
+        # Stages (embed, cluster, pretrain, fine-tune) in sub-runs, each a train() of its own.
+        from lookcloser.semi.pipeline import run_cluster_pretrain
+
+        return run_cluster_pretrain(cfg, progress=progress, callbacks=callbacks)
     rank_zero = _global_rank() == 0
     run_dir = _run_dir(cfg, rank_zero)
     # DDP children re-run the command; only rank 0 owns the directory.
@@ -157,6 +165,7 @@ def _train(
     from lookcloser.engine.module import FGVCSystem
     from lookcloser.engine.trainer import build_trainer
     from lookcloser.methods import build_method
+    from lookcloser.semi import build_objective, check_validation, unlabelled_transform
 
     ckpt_path = _resume_path(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -164,6 +173,7 @@ def _train(
     # Shards: classes and counts from the index; bad images are handled while decoding
     # (data.on_bad_image), as no up-front pass over millions of files is made.
     data = prepare_data(cfg.data)
+    check_validation(cfg, data.count("val"))
     method = build_method(cfg, len(data.classes))
     interpolation = method.backbone.data_config.get("interpolation", "bicubic")
     # A method may take larger images than data.image_size and sample its views from them.
@@ -173,6 +183,7 @@ def _train(
         data,
         train_transform(replace(cfg.data, image_size=input_size), interpolation),
         eval_transform(input_size, cfg.data.crop_pct, interpolation),
+        unlabelled_transform(cfg, input_size, interpolation),
     )
     trainer = build_trainer(
         cfg,
@@ -199,6 +210,7 @@ def _train(
         cutmix=cfg.data.cutmix,
         ema_decay=cfg.trainer.ema_decay,
         freeze_norm=cfg.model.freeze_norm,
+        semi=build_objective(cfg, method),
     )
     if plan is not None:
         plan.claim(cfg.to_yaml(), data.skipped)
@@ -227,6 +239,19 @@ def _train(
         max_pixels=cfg.data.max_image_pixels,
     )
     metrics = _evaluate_and_write(predictor, cfg, data, run_dir, progress)
+    if system.semi is not None:
+        from lookcloser.semi import write_online_records
+
+        write_online_records(
+            run_dir,
+            system.semi,
+            inference,
+            cfg,
+            data,
+            predictor.transform,
+            progress,
+            predictor.device,
+        )
     training = {
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
@@ -748,3 +773,11 @@ def fit_ensemble(
     }
     chosen = fit.weights if weights == "fitted" else fit.equal_weights
     return EnsembleResult(path, chosen, validation)
+
+
+def ood_report(run_dir: str | Path, per_row: int = 6, groups: int = 8) -> list[dict[str, Any]]:
+    """What each semi-supervised stage of a run kept and why; writes a picture per stage
+    (RUN_DIR/semi/report-<stage>.png) and returns each stage's summary."""
+    from lookcloser.semi.report import ood_report as report
+
+    return report(run_dir, per_row=per_row, groups=groups)

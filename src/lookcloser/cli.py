@@ -281,7 +281,31 @@ def cmd_data_synth(args) -> int:
     root = generate(
         args.out_dir, args.classes, args.per_class, args.test_per_class, args.size, args.seed
     )
+    if args.unlabelled:
+        from lookcloser.data.synthetic import UNLABELLED_DIR, generate_unlabelled
+
+        folder = generate_unlabelled(
+            root / UNLABELLED_DIR,
+            args.classes,
+            args.unlabelled,
+            args.in_class,
+            args.size,
+            args.seed,
+        )
+        print(f"unlabelled: {folder} (ground truth in {folder}/unlabelled.json)", file=sys.stderr)
     print(root)
+    return 0
+
+
+def cmd_data_ood_report(args) -> int:
+    from lookcloser import api
+    from lookcloser.semi.report import summary_lines
+
+    summaries = api.ood_report(args.run_dir, per_row=args.per_row, groups=args.groups)
+    if args.format == "json":
+        print(json.dumps(summaries, indent=2))
+    else:
+        print("\n".join(summary_lines(summaries)))
     return 0
 
 
@@ -667,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser(
         "data",
-        help="Dataset tools: download, info, pack, synth, check.",
+        help="Dataset tools: download, info, pack, synth, check, ood-report.",
         description="Dataset tools.",
     )
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -686,6 +710,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, default=20)
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--unlabelled",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write N unlabelled images to OUT_DIR/unlabelled (ground truth in its "
+        "unlabelled.json)",
+    )
+    p.add_argument(
+        "--in-class",
+        type=float,
+        default=0.2,
+        metavar="SHARE",
+        help="share of the unlabelled images from the labelled classes; the rest are part "
+        "combinations no labelled class has (default: %(default)s)",
+    )
+
+    p = data_command(
+        "ood-report",
+        "What each semi-supervised stage of a run kept and why: counts, precision and recall "
+        "where the truth is known, and a picture per stage (score histogram, thumbnails).",
+        cmd_data_ood_report,
+    )
+    p.add_argument("run_dir", help="a run trained with semi.strategy=...")
+    p.add_argument("--per-row", type=int, default=6, help="thumbnails per row")
+    p.add_argument("--groups", type=int, default=8, help="classes or clusters shown per stage")
+    p.add_argument("--format", choices=["text", "json"], default="text")
 
     p = data_command(
         "check", "Report unreadable, corrupt, duplicate and odd-mode images.", cmd_data_check

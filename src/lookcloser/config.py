@@ -261,6 +261,37 @@ class TrainerConfig:
 
 
 @dataclass
+class SemiConfig:
+    """Semi-supervised learning from `data.unlabelled` images, most of them out-of-class."""
+
+    # none | pseudo_label | fixmatch (online, beside every labelled batch) | cluster_pretrain
+    # (stages: embed, cluster, pretrain on cluster ids, fine-tune; see lookcloser.semi).
+    strategy: Literal["none", "pseudo_label", "fixmatch", "cluster_pretrain"] = "none"
+    # Weight of the unlabelled loss against the method's own.
+    weight: float = ranged(1.0, 0)
+    # Confidence filter: the teacher's largest class probability must reach this.
+    threshold: float = ranged(0.95, 0, 1)
+    # Out-of-class filter: the score, and its threshold chosen on the labelled val split as
+    # the value that keeps this share of val images (all in-class). none = confidence only.
+    # Defaults from docs/benchmarks.md (semi): on flowers12 with butterflies10 as the
+    # out-of-class images, the prototype score at the val median was the only precise filter.
+    ood_score: Literal["none", "max_softmax", "energy", "prototype"] = "prototype"
+    val_keep: float = ranged(0.5, 0, 1, low_open=True)
+    # FixMatch's strong view: a timm auto-augment policy, then random erasing (Cutout).
+    # Not `-inc1`: with Pillow 13 its posterize gets 0 bits (an error) whenever the sampled
+    # magnitude reaches 10, which m9 with mstd0.5 does about once in 40 draws.
+    strong_augment: str = "rand-m9-mstd0.5"
+    strong_erasing: float = ranged(0.5, **FRACTION)
+    # cluster_pretrain: rounds, k-means clusters (null: chosen by silhouette), which clusters
+    # are kept, and the epochs of each pretraining stage (null: trainer.epochs).
+    rounds: int = ranged(1, 1, 10)
+    clusters: int | None = ranged(None, 2)
+    min_cluster_size: int = ranged(5, 1)
+    cluster_keep: float = ranged(0.8, 0, 1, low_open=True)
+    pretrain_epochs: int | None = ranged(None, 1)
+
+
+@dataclass
 class Config:
     """The whole run: data, model, method, optim, trainer, seed and output directory."""
 
@@ -269,6 +300,7 @@ class Config:
     method: dict[str, Any] = field(default_factory=lambda: {"name": "baseline"})
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
     seed: int = ranged(0, 0)
     out: str | None = None
     overwrite: bool = False

@@ -60,12 +60,12 @@ HELP: dict[str, str] = {
     "model.drop_rate": "dropout before the classifier",
     "model.drop_path_rate": "stochastic depth rate",
     "model.kwargs": "extra timm.create_model arguments, e.g. model.kwargs.img_size=448",
-    "model.head": "class head type: linear, cosine, arcface, subcenter_arcface (registry: "
-    "models/heads.py)",
+    "model.head": "class head type: linear, cosine, arcface, subcenter_arcface, prototype "
+    "(registry: models/heads.py)",
     "model.head_scale": "cosine heads: logits = scale x cosine (null = 30)",
     "model.head_margin": "arcface heads: additive angular margin in radians on the target "
     "class, training only (null = 0.3)",
-    "model.head_subcenters": "subcenter_arcface: centres per class (null = 3)",
+    "model.head_subcenters": "subcenter_arcface and prototype: centres per class (null = 3)",
     "model.fusion": "metadata fusion before every class head: none, add, concat or gate "
     "(needs data.meta_keys; latitude/longitude and day_of_year get their own encodings)",
     "model.meta_hidden": "metadata fusion: width of the embedding MLP",
@@ -112,6 +112,21 @@ HELP: dict[str, str] = {
     "trainer.cpu_threads": "torch CPU threads: auto follows the cores other processes leave free (fixed when deterministic)",
     "trainer.max_steps": "stop after this many optimizer steps (-1 = by epochs)",
     "trainer.ema_decay": "keep an exponential moving average of the weights (timm ModelEmaV3)",
+    "semi.strategy": "semi-supervised learning from data.unlabelled: none, pseudo_label, "
+    "fixmatch (online) or cluster_pretrain (stages in sub-runs)",
+    "semi.weight": "weight of the unlabelled loss",
+    "semi.threshold": "confidence filter: the teacher's largest class probability must reach this",
+    "semi.ood_score": "out-of-class filter: none, max_softmax, energy or prototype (cosine to "
+    "the nearest class mean); its threshold is chosen on the val split",
+    "semi.val_keep": "the OOD threshold keeps this share of the val images (all in-class)",
+    "semi.strong_augment": "fixmatch: timm auto-augment policy of the strong view",
+    "semi.strong_erasing": "fixmatch: random-erasing probability of the strong view",
+    "semi.rounds": "cluster_pretrain: rounds of (select, embed, cluster, pretrain, fine-tune)",
+    "semi.clusters": "cluster_pretrain: k of k-means (null: chosen by silhouette)",
+    "semi.min_cluster_size": "cluster_pretrain: clusters with fewer images are dropped",
+    "semi.cluster_keep": "cluster_pretrain: share of the large-enough clusters kept, most compact first",
+    "semi.pretrain_epochs": "cluster_pretrain: epochs of each pretraining on cluster ids "
+    "(null: trainer.epochs)",
     "seed": "random seed of the run",
     "out": "run directory (default runs/<time>-<method>-<backbone>)",
     "overwrite": "replace an earlier run in out (kept until the new run's first checkpoint)",

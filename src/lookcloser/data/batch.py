@@ -16,7 +16,8 @@ class Batch:
     `meta` holds the model's declared metadata (`data.meta_keys`, in that order) with 0 where
     a sample lacks a value, and `meta_mask` says which values are present; both are None for
     image-only models. `unlabelled` holds the images of the unlabelled stream
-    (`data.unlabelled`) drawn next to this batch, or None.
+    (`data.unlabelled`) drawn next to this batch, or None; `unlabelled_strong` the same images
+    under strong augmentation when the stream delivers two views (`semi.strategy=fixmatch`).
     """
 
     images: Tensor  # B x 3 x H x W, RGB in [0, 1] (evaluation with TTA: data.batch.stack_images)
@@ -24,6 +25,7 @@ class Batch:
     meta: Tensor | None = None  # B x K float32
     meta_mask: Tensor | None = None  # B x K bool, True where the value is present
     unlabelled: Tensor | None = None  # U x 3 x H x W
+    unlabelled_strong: Tensor | None = None  # U x 3 x H x W: the same images, strongly augmented
 
     def __len__(self) -> int:
         return self.images.shape[0]

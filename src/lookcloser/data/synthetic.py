@@ -397,6 +397,9 @@ def _clear_previous(out: Path) -> None:
     for split in SPLITS:
         if (out / split).exists():
             shutil.rmtree(out / split)
+    # An unlabelled set beside the tree was made for its classes: it goes with them.
+    if (out / UNLABELLED_DIR).exists():
+        shutil.rmtree(out / UNLABELLED_DIR)
 
 
 _MARK_NAME = "|".join(MARKS)
@@ -411,6 +414,8 @@ def _is_synthetic_entry(entry: Path) -> bool:
     """
     if entry.name in (META_FILE, META_FILE + ".tmp"):
         return entry.is_file()
+    if entry.name == UNLABELLED_DIR:
+        return _is_unlabelled_set(entry)
     if entry.name not in SPLITS or not entry.is_dir() or entry.is_symlink():
         return False
     for class_dir in entry.iterdir():
@@ -422,6 +427,126 @@ def _is_synthetic_entry(entry: Path) -> bool:
             if f.is_symlink() or not f.is_file() or not _IMAGE_FILE.fullmatch(f.name):
                 return False
     return True
+
+
+# ---- unlabelled sets ----------------------------------------------------------------------------
+UNLABELLED_DIR = "unlabelled"  # where `data synth --unlabelled N` puts the set, beside train/
+UNLABELLED_META = "unlabelled.json"  # parameters and the ground truth of every image
+_UNLABELLED_FILE = re.compile(r"\d{5,}\.png")
+_UNLABELLED_SPLIT = 2  # generator stream of unlabelled images (train is 0, test 1)
+
+
+def generate_unlabelled(
+    out_dir: str | Path,
+    classes: int = 8,
+    count: int = 400,
+    in_class: float = 0.2,
+    size: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Write `count` unlabelled images as out_dir/NNNNN.png, a share `in_class` of them drawn
+    from the first `classes` classes and the rest out-of-class (reused when complete).
+
+    Out-of-class images are part combinations no labelled class has (classes `classes` to
+    MAX_CLASSES - 1 of the same order): the same fish, other marks, so they are as close to
+    the labelled classes as real near-duplicates of a species are. Which images are in-class
+    is a seeded choice of exactly round(count * in_class). The ground truth of every image
+    (in_class, class name or none, its parts) is written to unlabelled.json, so a filter can
+    be scored exactly; no file name or folder gives it away.
+    """
+    _check_classes(classes)
+    if classes == MAX_CLASSES and in_class < 1:
+        raise DataError(
+            f"synthetic unlabelled set: all {MAX_CLASSES} part combinations are labelled "
+            "classes, so there are none left to be out-of-class; use fewer classes"
+        )
+    if count < 1:
+        raise DataError(f"synthetic unlabelled set: expected at least 1 image, got {count}")
+    if not 0 <= in_class <= 1:
+        raise DataError(
+            f"synthetic unlabelled set: in-class share must be in [0, 1], got {in_class}"
+        )
+    if size < MIN_SIZE:
+        raise DataError(f"data.synthetic.size: expected at least {MIN_SIZE} pixels, got {size}")
+    out = Path(out_dir).expanduser()
+    params = {
+        "version": GENERATOR_VERSION,
+        "classes": int(classes),
+        "count": int(count),
+        "in_class": float(in_class),
+        "size": int(size),
+        "seed": int(seed),
+    }
+    previous = _read_json(out / UNLABELLED_META)
+    if previous is not None and previous.get("params") == params:
+        return out
+    if out.exists():
+        if not _is_unlabelled_set(out):
+            raise DataError(
+                f"synthetic unlabelled folder {out} holds files that are not an unlabelled set; "
+                "choose an empty or new folder"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    choice = np.random.default_rng((seed, _UNLABELLED_SPLIT + 1))
+    n_in = round(count * in_class)
+    is_in = np.zeros(count, dtype=bool)
+    is_in[choice.permutation(count)[:n_in]] = True
+    labelled = class_names(classes)
+    truth, jobs = {}, []
+    for j in range(count):
+        index = int(choice.integers(classes) if is_in[j] else choice.integers(classes, MAX_CLASSES))
+        name = f"{j:05d}.png"
+        truth[name] = {
+            "in_class": bool(is_in[j]),
+            "class": labelled[index] if is_in[j] else None,
+            "parts": "-".join(class_parts(index)),
+        }
+        jobs.append((out / name, index, (seed, _UNLABELLED_SPLIT, index, j)))
+
+    def write(job: tuple[Path, int, tuple[int, int, int, int]]) -> None:
+        path, index, key = job
+        render(index, np.random.default_rng(key), size, MAX_CLASSES).save(path, compress_level=1)
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(write, jobs))
+    tmp = out / (UNLABELLED_META + ".tmp")
+    tmp.write_text(json.dumps({"params": params, "images": truth}, indent=1) + "\n")
+    os.replace(tmp, out / UNLABELLED_META)
+    return out
+
+
+def unlabelled_truth(folder: str | Path) -> dict[str, dict] | None:
+    """Ground truth of an unlabelled set (`unlabelled.json` beside its images) by image path,
+    in `data.meta.same_path` form; None if the folder has none."""
+    from lookcloser.data.meta import same_path
+
+    folder = Path(folder).expanduser()
+    record = _read_json(folder / UNLABELLED_META)
+    if record is None:
+        return None
+    return {same_path(folder / name): value for name, value in record["images"].items()}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_unlabelled_set(folder: Path) -> bool:
+    """Whether a folder holds only what `generate_unlabelled` writes."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    names = (UNLABELLED_META, UNLABELLED_META + ".tmp")
+    return all(
+        f.is_file()
+        and not f.is_symlink()
+        and (f.name in names or _UNLABELLED_FILE.fullmatch(f.name))
+        for f in folder.iterdir()
+    )
 
 
 def cache_dir() -> Path:

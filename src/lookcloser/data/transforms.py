@@ -7,6 +7,7 @@ Tensors stay in [0, 1]: each backbone normalizes inside the model, so every cons
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torchvision.transforms as T
@@ -82,4 +83,30 @@ def eval_transform(image_size: int, crop_pct: float, interpolation: str = "bicub
         crop_pct=crop_pct,
         interpolation=interpolation,
         **IDENTITY_NORM,
+    )
+
+
+class TwoViews:
+    """Two augmentations of one image, stacked (2 x 3 x H x W): a weak and a strong view.
+
+    The unlabelled stream of `semi.strategy=fixmatch` uses it; the datamodule splits the
+    stack into `Batch.unlabelled` and `Batch.unlabelled_strong`. Both views come from the
+    image's own seed (drawn one after the other), so they are reproducible.
+    """
+
+    def __init__(self, weak: Callable, strong: Callable):
+        self.weak = weak
+        self.strong = strong
+
+    def __call__(self, image):
+        return torch.stack([self.weak(image), self.strong(image)])
+
+
+def strong_transform(
+    cfg: DataConfig, auto_augment: str, erasing: float, interpolation: str = "bicubic"
+) -> Callable:
+    """The training transform with a timm auto-augment policy (e.g. RandAugment) and random
+    erasing on top: FixMatch's strong view."""
+    return train_transform(
+        replace(cfg, auto_augment=auto_augment, random_erasing=erasing), interpolation
     )

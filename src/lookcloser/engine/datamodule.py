@@ -26,9 +26,17 @@ from lookcloser.errors import ConfigError
 
 
 def build_datamodule(
-    cfg: Config, data: TrainingData, train_transform: Callable, eval_transform: Callable
+    cfg: Config,
+    data: TrainingData,
+    train_transform: Callable,
+    eval_transform: Callable,
+    unlabelled_transform: Callable | None = None,
 ) -> L.LightningDataModule:
-    """The datamodule for prepared data: streamed shards or in-memory samples."""
+    """The datamodule for prepared data: streamed shards or in-memory samples.
+
+    The unlabelled stream uses `unlabelled_transform` (e.g. two views for FixMatch), else
+    the training transform.
+    """
     d = cfg.data
     common = {
         "batch_size": d.batch_size,
@@ -38,6 +46,7 @@ def build_datamodule(
         "meta_keys": d.meta_keys,
         "unlabelled": data.unlabelled,
         "unlabelled_batch_size": d.unlabelled_batch_size or d.batch_size,
+        "unlabelled_transform": unlabelled_transform,
     }
     if data.index is not None:
         if any(s.sampler not in (None, "uniform") for s in cfg.optim.stages):
@@ -151,7 +160,12 @@ class _Batches(L.LightningDataModule):
     def on_before_batch_transfer(self, batch, dataloader_idx: int) -> Batch:
         """One Batch: the labelled batch with the unlabelled images drawn beside it."""
         if isinstance(batch, dict):
-            return batch["labelled"].replace(unlabelled=batch["unlabelled"].images)
+            images = batch["unlabelled"].images
+            if images.ndim == 5:  # U x 2 x 3 x H x W: a weak and a strong view (TwoViews)
+                return batch["labelled"].replace(
+                    unlabelled=images[:, 0], unlabelled_strong=images[:, 1]
+                )
+            return batch["labelled"].replace(unlabelled=images)
         return batch
 
 
@@ -178,12 +192,13 @@ class FGVCDataModule(_Batches):
         meta_keys: Sequence[str] = (),
         unlabelled: Sequence[Sample] = (),
         unlabelled_batch_size: int | None = None,
+        unlabelled_transform: Callable | None = None,
     ):
         super().__init__(
             batch_size,
             num_workers,
             seed,
-            _unlabelled_set(unlabelled, train_transform, max_pixels),
+            _unlabelled_set(unlabelled, unlabelled_transform or train_transform, max_pixels),
             unlabelled_batch_size or batch_size,
         )
         self.train_set = ImageDataset(train, train_transform, max_pixels, meta_keys)
@@ -241,12 +256,13 @@ class ShardDataModule(_Batches):
         meta_keys: Sequence[str] = (),
         unlabelled: Sequence[Sample] = (),
         unlabelled_batch_size: int | None = None,
+        unlabelled_transform: Callable | None = None,
     ):
         super().__init__(
             batch_size,
             num_workers,
             seed,
-            _unlabelled_set(unlabelled, train_transform, max_pixels),
+            _unlabelled_set(unlabelled, unlabelled_transform or train_transform, max_pixels),
             unlabelled_batch_size or batch_size,
         )
         common = {

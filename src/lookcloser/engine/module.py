@@ -34,6 +34,7 @@ class FGVCSystem(L.LightningModule):
         cutmix: float = 0.0,
         ema_decay: float | None = None,
         freeze_norm: bool = False,
+        semi: nn.Module | None = None,
     ):
         super().__init__()
         if getattr(method, "inference_only", False):
@@ -66,6 +67,14 @@ class FGVCSystem(L.LightningModule):
         self.stages = resolve_stages(optim, epochs, freeze_norm)
         self.freezer = Freezer(method)
         self._stage_epoch: int | None = None  # the epoch whose stage was last entered
+        # An unlabelled objective (semi.strategy=pseudo_label|fixmatch, lookcloser.semi.online)
+        # added to any method's loss; its bookkeeping travels in the checkpoints.
+        self.semi = semi
+
+    @property
+    def teacher(self) -> Method:
+        """The model validation measures: the EMA model if kept, else the trained one."""
+        return self.ema.module if self.ema is not None else self.method
 
     # ---- training ---------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -80,6 +89,14 @@ class FGVCSystem(L.LightningModule):
             images, targets = self.mixup(batch.images, batch.targets)
             batch = batch.replace(images=images, targets=targets)
         losses = self.method.training_losses(batch)
+        if self.semi is not None:
+            extra = self.semi.losses(self.method, self.teacher, batch)
+            losses = {
+                **losses,
+                "loss": losses["loss"] + extra["unlabelled"],
+                "semi_loss": extra["unlabelled"],
+                "semi_kept": extra["kept"],
+            }
         for name, value in losses.items():
             # Step values every log_every_n_steps, and epoch means (so short runs log too).
             self.log(
@@ -106,6 +123,10 @@ class FGVCSystem(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.method, step=self.global_step)
 
+    def on_train_epoch_end(self) -> None:
+        if self.semi is not None:
+            self.semi.end_epoch(self.current_epoch)
+
     def on_train_epoch_start(self) -> None:
         self.batches_done = 0
         self._enter_stage()
@@ -129,10 +150,20 @@ class FGVCSystem(L.LightningModule):
     # ---- validation -------------------------------------------------------------------------
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # The val split only (the datamodule never holds the test split).
-        model = self.ema.module if self.ema is not None else self.method
+        model = self.teacher
         logits = model(batch.images, batch.meta, batch.meta_mask)
         self.val_top1.update(logits, batch.targets)
         self.log("val/top1", self.val_top1, prog_bar=True, on_epoch=True, batch_size=len(batch))
+        if self.semi is not None:
+            self.semi.observe_validation(model, batch.images, logits)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.semi is not None:
+            self.semi.start_validation()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.semi is not None:
+            self.semi.end_validation()
 
     # ---- checkpoints: where in the epoch we are, for resuming mid-epoch ---------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
