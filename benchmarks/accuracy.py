@@ -122,6 +122,33 @@ METHODS = {
         "method.apn_steps=5",
     ],
 }
+# RAMS-Trans on a ViT against the same ViT single-scale (configs/synthetic/ramstrans-vit.yaml):
+# a 6-block ViT-Tiny from scratch (no ViT weights offline), 8 x 8 patches at 128 px; run with
+# --epochs 40 as the recipe.
+VIT = [
+    "model.backbone=vit_tiny_patch16_224",
+    "model.pretrained=false",
+    "model.kwargs.img_size=128",
+    "model.kwargs.depth=6",
+    "optim.lr=0.001",
+    "optim.weight_decay=0.05",
+    "optim.head_lr_scale=1.0",
+    "optim.warmup_epochs=2",
+    "trainer.gradient_clip_val=1.0",
+]
+METHODS |= {
+    "vit": [*METHODS["baseline"], *VIT],
+    "ramstrans-vit": [
+        *VIT,
+        "method.name=ramstrans",
+        "method.label_smoothing=0.1",
+        "method.importance=rollout",
+        "method.rollout_query=cls",
+        "method.alpha=1.3",
+        "method.scales=2",
+        "method.predict_from=sum",
+    ],
+}
 # Margin heads and metadata fusion (issue 12) on the baseline; `fusion` needs a set with
 # metadata (synthetic-meta).
 METHODS |= {
