@@ -77,13 +77,28 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=12)
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model.* overrides for both models, e.g. model.kwargs.img_size=128 (put the "
+        "method's options before this flag)",
+    )
+    parser.add_argument("--section", help="docs/benchmarks.md section (default: cost-METHOD)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
     images = torch.rand(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, args.classes, (args.batch,))
-    base = build("baseline", args.backbone, args.size, args.classes, ["method.label_smoothing=0.0"])
-    other = build(args.method, args.backbone, args.size, args.classes, args.options)
+    base = build(
+        "baseline",
+        args.backbone,
+        args.size,
+        args.classes,
+        ["method.label_smoothing=0.0", *args.model],
+    )
+    other = build(args.method, args.backbone, args.size, args.classes, [*args.model, *args.options])
 
     def stepper(method, x=images, y=labels):
         method.train()
@@ -161,7 +176,7 @@ def main() -> None:
     )
     print(text)
     if not args.no_write:
-        write_section(f"cost-{args.method}", text)
+        write_section(args.section or f"cost-{args.method}", text)
 
 
 if __name__ == "__main__":
