@@ -149,6 +149,33 @@ METHODS |= {
         "method.predict_from=sum",
     ],
 }
+# The same comparison on the Lite0 hybrid ViT (models/hybrid.py; the recipe
+# configs/synthetic/ramstrans-hybrid-lite0.yaml): ImageNet-pretrained Lite0 to stride 16 as
+# the patch embedding, then the same 6 ViT-Tiny blocks (new, at head_lr_scale x lr).
+HYBRID = [
+    "model.backbone=vit_tiny_lite0_s16",
+    "model.pretrained=true",
+    "model.kwargs.img_size=128",
+    "model.kwargs.depth=6",
+    "optim.lr=0.0005",
+    "optim.weight_decay=0.05",
+    "optim.head_lr_scale=2.0",
+    "optim.warmup_epochs=1",
+    "trainer.gradient_clip_val=1.0",
+]
+METHODS |= {
+    "hybrid": [*METHODS["baseline"], *HYBRID],
+    "ramstrans-hybrid": [
+        *HYBRID,
+        "method.name=ramstrans",
+        "method.label_smoothing=0.1",
+        "method.importance=rollout",
+        "method.rollout_query=cls",
+        "method.alpha=1.3",
+        "method.scales=2",
+        "method.predict_from=sum",
+    ],
+}
 # Margin heads and metadata fusion (issue 12) on the baseline; `fusion` needs a set with
 # metadata (synthetic-meta).
 METHODS |= {

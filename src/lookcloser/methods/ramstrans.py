@@ -407,11 +407,14 @@ class RAMSTrans(Method):
         model.set_input_size(img_size=(size, size))
 
     def _cell_size(self, image_hw: tuple[int, int], grid: tuple[int, int]) -> tuple[float, float]:
-        """Pixels per grid cell: the ViT's patch size, or the CNN's stride when it explains
-        the grid (ceil(H / stride) cells), else H / h."""
+        """Pixels per grid cell: the ViT's patch size (a hybrid ViT's CNN stride times its
+        patch size), or the CNN's stride when it explains the grid (ceil(H / stride) cells),
+        else H / h."""
         model = self.backbone.model
         if self.importance_kind == "rollout":
-            patch = model.patch_embed.patch_size
+            embed = model.patch_embed
+            patch = embed.feat_ratio(as_scalar=False) if hasattr(embed, "feat_ratio") else None
+            patch = patch or embed.patch_size
             return float(patch[0]), float(patch[1])
         info = getattr(model, "feature_info", None)
         stride = info[-1].get("reduction") if isinstance(info, list) and info else None

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lookcloser.errors import ConfigError, WeightsError
+from lookcloser.models import hybrid  # registers the Lite0 hybrid ViTs with timm
 from lookcloser.models.modes import eval_mode
 from lookcloser.models.plugins import (
     PLUGIN_PREFIX,
@@ -242,7 +243,7 @@ def create_timm_model(
         return model
     try:
         model = _create(name, True, kwargs)
-    except ConfigError:
+    except (ConfigError, WeightsError):
         raise
     except Exception as err:
         raise WeightsError(
@@ -320,6 +321,9 @@ class Backbone(nn.Module):
         self.model = create_timm_model(
             name, pretrained, weights, key_map, edit, self.new_prefixes, **extra
         )
+        if pretrained and weights is None and hybrid.is_hybrid(name):
+            # Only the Lite0 stem of a hybrid ViT has ImageNet weights: the rest trains as new.
+            self.new_prefixes += hybrid.transformer_prefixes(self.model)
         # The spatial transformer warps the input in front of the network (model.stn).
         self.stn = SpatialTransformer(stn_mode) if stn else None
         self.data_config = timm.data.resolve_model_data_config(self.model)
