@@ -51,6 +51,8 @@ STRATEGIES = {
     ],
     "fixmatch-energy95": ["semi.strategy=fixmatch", "semi.ood_score=energy", "semi.val_keep=0.95"],
     "cluster_pretrain": ["semi.strategy=cluster_pretrain"],
+    # FixMatch on the prototype head, the best labelled-only model, as the teacher.
+    "fixmatch-prototype": ["semi.strategy=fixmatch", "model.head=prototype"],
     "all-labels": [],  # real sets: every training label (the ceiling)
 }
 USES_UNLABELLED = {
@@ -59,6 +61,7 @@ USES_UNLABELLED = {
     "cluster_pretrain",
     "pseudo_label-energy95",
     "fixmatch-energy95",
+    "fixmatch-prototype",
 }
 COMMON = [
     "model.backbone=tf_efficientnet_lite0",
