@@ -156,6 +156,10 @@ METHODS |= {
     "fusion": [*METHODS["baseline"], "model.fusion=add", META_KEYS],
     "arcface-fusion": [*METHODS["baseline"], "model.head=arcface", "model.fusion=add", META_KEYS],
 }
+# Object-crop fusion (issue 12) on the baseline: the image and the crop of its own attention
+# box (CAM of the image branch's class, cells above the mean) through the same Lite0, pooled
+# features concatenated before the head. The synthetic objects sit anywhere in clutter.
+METHODS["cropfusion"] = [*METHODS["baseline"], "model.crop_fusion=concat"]
 COMMON = [
     "model.backbone=tf_efficientnet_lite0",
     "model.pretrained=true",
