@@ -486,7 +486,10 @@ def predict(
         from lookcloser.data.boxes import read_box_file
 
         boxes = read_box_file(boxes)
-    return load(model_dir, tta=tta).predict(
+    predictor = load(model_dir, tta=tta)
+    if boxes is not None and not getattr(predictor, "crop_fusion", False):
+        raise ConfigError(f"boxes: {model_dir} has no crop fusion (model.crop_fusion=none)")
+    return predictor.predict(
         paths,
         top_k=top_k,
         batch_size=batch_size,
