@@ -100,8 +100,9 @@ def class_activation_map(features: Tensor, head: nn.Module, classes: Tensor) -> 
     average-pooled CNN with a linear head this is exactly CAM, sum_k w_ck f_k(x, y).
     """
     b, c, h, w = features.shape
-    local = features.permute(0, 2, 3, 1)  # B x h x w x C
-    scores = head(local) - head(local.new_zeros(1, c))  # B x h x w x K
+    # One row per location (heads that normalise along dim 1 take rows only, e.g. prototypes).
+    local = features.permute(0, 2, 3, 1).reshape(b * h * w, c)
+    scores = (head(local) - head(local.new_zeros(1, c))).view(b, h, w, -1)  # B x h x w x K
     index = classes.view(b, 1, 1, 1).expand(b, h, w, 1)
     return normalize_by_max(F.relu(scores.gather(-1, index)[..., 0]))
 
