@@ -226,3 +226,14 @@ def test_predictor_boxes_refuse_test_time_augmentation(tmp_path):
     predictor = Predictor(_model(), ["a", "b", "c"], SIZE, tta="flip")
     with pytest.raises(ConfigError, match="boxes with test-time augmentation"):
         predictor.predict([str(path)], boxes={str(path): [0, 0, 10, 10]})
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine", "arcface", "subcenter_arcface", "prototype"])
+def test_attention_crops_work_with_every_class_head(head):
+    model = _model(f"model.head={head}", "model.crop_fusion=add")
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        _, boxes, _ = attention_crops(model, images)
+        assert model(images).shape == (2, 3)
+    assert ((boxes[:, 2:] > boxes[:, :2]) & (boxes >= 0).all(1, keepdim=True)).all()
+    assert (boxes <= SIZE).all()
