@@ -186,6 +186,14 @@ METHODS |= {
     "fusion": [*METHODS["baseline"], "model.fusion=add", META_KEYS],
     "arcface-fusion": [*METHODS["baseline"], "model.head=arcface", "model.fusion=add", META_KEYS],
 }
+# Object-crop fusion (issue 12) on the baseline: the image and the crop of its own attention
+# box (CAM of the image branch's class, cells above the mean) through the same Lite0, pooled
+# features concatenated before the head. The synthetic objects sit anywhere in clutter.
+METHODS["cropfusion"] = [*METHODS["baseline"], "model.crop_fusion=concat"]
+# The same at output stride 16 (twice the CAM cells: 4 x 4 at 64 px instead of 2 x 2), with
+# its baseline at the same stride.
+METHODS["baseline-os16"] = [*METHODS["baseline"], "model.kwargs.output_stride=16"]
+METHODS["cropfusion-os16"] = [*METHODS["cropfusion"], "model.kwargs.output_stride=16"]
 COMMON = [
     "model.backbone=tf_efficientnet_lite0",
     "model.pretrained=true",

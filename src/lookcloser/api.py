@@ -94,8 +94,9 @@ def check_config(cfg: Config) -> Config:
     """Every range, the method's options and the declared metadata, checked before any data
     or model is touched."""
     from lookcloser.config import method_options
+    from lookcloser.data.boxes import check_box_config
     from lookcloser.data.meta import check_meta_keys
-    from lookcloser.methods.base import check_meta_use, method_class
+    from lookcloser.methods.base import check_crop_use, check_meta_use, method_class
     from lookcloser.models.heads import HeadSpec
     from lookcloser.semi import check_semi
 
@@ -105,6 +106,8 @@ def check_config(cfg: Config) -> Config:
     method_options(cfg, cls.Options)
     keys = check_meta_keys(cfg.data.meta_keys)
     check_meta_use(cls.name, cls.accepts_meta, HeadSpec.from_config(cfg.model), keys)
+    check_crop_use(cls.name, cls.supports_crop_fusion, HeadSpec.from_config(cfg.model))
+    check_box_config(cfg)
     return cfg
 
 
@@ -297,8 +300,15 @@ def _split_outputs(predictor: Predictor, cfg: Config, progress: bool, split: str
     if index is None:
         if not samples:
             return None
+        from lookcloser.engine.datamodule import split_boxes
+
         return predictor.run_samples(
-            samples, cfg.data.batch_size, cfg.data.num_workers, progress, f"evaluate {split}"
+            samples,
+            cfg.data.batch_size,
+            cfg.data.num_workers,
+            progress,
+            f"evaluate {split}",
+            boxes=split_boxes(cfg, samples, split),
         )
     if not index.urls.get(split):
         return None
@@ -461,19 +471,31 @@ def predict(
     on_bad_image: str = "error",
     meta: str | Path | dict | list | None = None,
     tta: str | None = None,
+    boxes: str | Path | dict | None = None,
 ) -> list:
     """Top-k predictions for files and folders (`on_bad_image="skip"`: see `.skipped`).
 
     `meta`: per-image metadata for models that take it: a CSV / JSON file (see
     `data.meta.read_meta_file`), a mapping of path -> dict, or one dict per image.
     `tta`: test-time augmentation, as for `load`.
+    `boxes`: object boxes for crop-fusion models: a JSON box file (`data.boxes`: image path
+    -> [x, y, w, h] in original pixels) or such a mapping; left out, the model's attention
+    chooses the crops (images without a box: see `.without_box`).
     """
-    return load(model_dir, tta=tta).predict(
+    if isinstance(boxes, str | Path):
+        from lookcloser.data.boxes import read_box_file
+
+        boxes = read_box_file(boxes)
+    predictor = load(model_dir, tta=tta)
+    if boxes is not None and not getattr(predictor, "crop_fusion", False):
+        raise ConfigError(f"boxes: {model_dir} has no crop fusion (model.crop_fusion=none)")
+    return predictor.predict(
         paths,
         top_k=top_k,
         batch_size=batch_size,
         on_bad_image=on_bad_image,
         meta=_meta_argument(meta),
+        **({"boxes": boxes} if boxes is not None else {}),
     )
 
 

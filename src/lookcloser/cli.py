@@ -102,15 +102,31 @@ def cmd_predict(args) -> int:
         meta = read_meta_file(args.meta)
         if not predictor.meta_keys:
             print(f"note: {args.model_dir} takes no metadata; --meta is ignored", file=sys.stderr)
+    boxes = {}
+    if args.boxes:
+        from lookcloser.data.boxes import read_box_file
+
+        boxes = {"boxes": read_box_file(args.boxes)}
+        if not getattr(predictor, "crop_fusion", False):
+            print(f"note: {args.model_dir} has no crop fusion; --boxes is ignored", file=sys.stderr)
+            boxes = {}
     predictions = predictor.predict(
         args.paths,
         top_k=args.top_k,
         batch_size=args.batch_size,
         on_bad_image=args.on_bad_image,
         meta=meta,
+        **boxes,
     )
     for path, reason in predictions.skipped:
         print(f"skipped: {path}: {reason}", file=sys.stderr)
+    without_box = getattr(predictions, "without_box", [])
+    if without_box:
+        print(
+            f"note: {len(without_box)} image(s) have no box in {args.boxes}; their crop is the "
+            f"whole image (e.g. {without_box[0]})",
+            file=sys.stderr,
+        )
     if args.format == "json":
         print(json.dumps([p.as_dict() for p in predictions], indent=2))
     elif args.format == "csv":
@@ -512,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--meta", metavar="FILE", help=META_HELP)
+    p.add_argument(
+        "--boxes",
+        metavar="FILE",
+        help="crop-fusion models: a JSON box file (image path -> [x, y, w, h] in pixels of the "
+        "original image; relative paths from the file's folder) giving each image's object "
+        "crop; without it the model's attention chooses the crops",
+    )
     p.add_argument("--tta", metavar="SPEC", help=TTA_HELP)
 
     p = command("explain", "Write an attention heatmap over an image as a PNG.", cmd_explain)

@@ -126,6 +126,11 @@ class DataConfig:
     mixup: float = ranged(0.0, 0)
     cutmix: float = ranged(0.0, 0)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Object boxes for model.crop_fusion (data/boxes.py): the crop of each training image comes
+    # from the model's own attention, the source's annotated boxes (`bbox`) or a JSON box file
+    # (path -> [x, y, w, h]); test_boxes: the same for validation and the test report.
+    boxes: str = "attention"
+    test_boxes: str = "attention"
 
 
 @dataclass
@@ -156,6 +161,11 @@ class ModelConfig:
     meta_hidden: int = ranged(256, 1, 65536)
     # Training: the share of samples whose metadata is masked whole (trains the image-only path).
     meta_dropout: float = ranged(0.1, 0, 1, high_open=True)
+    # Object-crop fusion (models/crops.py): the image and a crop of its object (data.boxes)
+    # through the same backbone, pooled features joined (concat or add) before the class head.
+    crop_fusion: Literal["none", "concat", "add"] = "none"
+    # Attention boxes: the largest connected region of cells above crop_alpha x mean importance.
+    crop_alpha: float = ranged(1.0, 0, 100)
     # Attention plug-ins (models/plugins.py): SE, SK or CBAM blocks after the CNN's stages
     # (feature levels; empty = every level from stride 4 on), starting as the identity.
     attention: Literal["none", "se", "sk", "cbam"] = "none"

@@ -27,6 +27,10 @@ HELP: dict[str, str] = {
     "data.test_fraction": "share held out as test when a source has no test split",
     "data.val_fraction": "share of train carved (stratified) for validation when a source has no val split; 0 = none",
     "data.split_seed": "seed of the carved test and validation splits",
+    "data.boxes": "crop fusion's training boxes: attention (the model's own), dataset (the "
+    "source's bbox annotations) or a JSON box file (image path -> [x, y, w, h] pixels)",
+    "data.test_boxes": "crop fusion's boxes for validation and the test report: attention, "
+    "dataset or a JSON box file",
     "data.meta_keys": "metadata the model takes (e.g. [lat, lon]); identifiers are refused",
     "data.unlabelled": "unlabelled images beside each batch: a folder, or source:root",
     "data.unlabelled_batch_size": "unlabelled images per step (default: data.batch_size)",
@@ -68,6 +72,10 @@ HELP: dict[str, str] = {
     "model.head_subcenters": "subcenter_arcface and prototype: centres per class (null = 3)",
     "model.fusion": "metadata fusion before every class head: none, add, concat or gate "
     "(needs data.meta_keys; latitude/longitude and day_of_year get their own encodings)",
+    "model.crop_fusion": "object-crop fusion: none, concat or add; the image and a crop of its "
+    "object (data.boxes) through the same backbone, pooled features joined before the class head",
+    "model.crop_alpha": "crop fusion's attention boxes: the largest connected region of cells "
+    "whose importance exceeds this many times the mean",
     "model.meta_hidden": "metadata fusion: width of the embedding MLP",
     "model.meta_dropout": "metadata fusion: share of training samples whose metadata is "
     "masked whole",

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from lookcloser.config import Config
 from lookcloser.data.batch import Batch, collate, stack_images
+from lookcloser.data.boxes import crop_to_box, parse_box, report_missing
 from lookcloser.data.images import DEFAULT_MAX_PIXELS, list_image_files, load_image
 from lookcloser.data.loading import ImageDataset
 from lookcloser.data.meta import meta_tensors, same_path
@@ -46,36 +47,51 @@ class Prediction:
 
 
 class Predictions(list):
-    """Predictions in input order; `skipped` holds (path, reason) of images not read."""
+    """Predictions in input order; `skipped` holds (path, reason) of images not read;
+    `without_box` the images a box file (`boxes`) had no box for (their crop was the whole
+    image)."""
 
     def __init__(self, *args):
         super().__init__(*args)
         self.skipped: list[tuple[str, str]] = []
+        self.without_box: list[str] = []
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    """Image files for prediction: (position, tensor, None), or (position, None, reason)."""
+    """Image files for prediction: (position, tensor, None), or (position, None, reason); with
+    `boxes` (one per file, data/boxes.py) the tensor is (image, crop)."""
 
-    def __init__(self, files: Sequence[str], transform, max_pixels: int):
+    def __init__(self, files: Sequence[str], transform, max_pixels: int, boxes=None):
         self.files = files
         self.transform = transform
         self.max_pixels = max_pixels
+        self.boxes = boxes
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         try:
-            return index, self.transform(load_image(self.files[index], self.max_pixels)), None
+            image = load_image(self.files[index], self.max_pixels)
         except BadImageError as err:
             return index, None, err.reason
+        if self.boxes is None:
+            return index, self.transform(image), None
+        crop = crop_to_box(image, self.boxes[index], f"{self.files[index]} (boxes)")
+        return index, (self.transform(image), self.transform(crop)), None
 
 
 def _collate_files(items):
-    """(positions of good images, their stacked tensors, [(path, reason)] of bad ones)."""
+    """(positions of good images, their stacked tensors (or (images, crops)), [(path,
+    reason)] of bad ones)."""
     good = [(i, t) for i, t, _ in items if t is not None]
     bad = [(i, r) for i, t, r in items if t is None]
-    images = stack_images([t for _, t in good]) if good else torch.empty(0)
+    if good and isinstance(good[0][1], tuple):
+        images = tuple(
+            torch.stack(list(parts)) for parts in zip(*(t for _, t in good), strict=True)
+        )
+    else:
+        images = stack_images([t for _, t in good]) if good else torch.empty(0)
     return [i for i, _ in good], images, bad
 
 
@@ -230,23 +246,45 @@ class Predictor:
         )
 
     # ---- tensors ------------------------------------------------------------------------------
+    @property
+    def crop_fusion(self) -> bool:
+        """Whether the model fuses object crops (model.crop_fusion): it then takes `crops` cut
+        from boxes of the data, and makes its own from its attention otherwise."""
+        return getattr(self.method, "crop_fusion", "none") != "none"
+
     @torch.inference_mode()
     def logits(
-        self, images: Tensor, meta: Tensor | None = None, meta_mask: Tensor | None = None
+        self,
+        images: Tensor,
+        meta: Tensor | None = None,
+        meta_mask: Tensor | None = None,
+        crops: Tensor | None = None,
     ) -> Tensor:
         """Logits for a batch of preprocessed images (B x 3 x H x W in [0, 1]).
 
         For a model with metadata, `meta` (B x K) and `meta_mask` (B x K bool) in the order
-        of `meta_keys`; left out, every value counts as missing.
+        of `meta_keys`; left out, every value counts as missing. For a crop-fusion model,
+        `crops` (B x 3 x H x W, preprocessed like the images); left out, the model's attention
+        chooses them.
         """
         meta, meta_mask = self._meta_inputs(len(images), meta, meta_mask)
-        return self.method(images.to(self.device, non_blocking=True), meta, meta_mask)
+        images = images.to(self.device, non_blocking=True)
+        if crops is None:
+            return self.method(images, meta, meta_mask)
+        if not self.crop_fusion:
+            raise ConfigError("crops: this model has no crop fusion (model.crop_fusion=none)")
+        crops = crops.to(self.device, non_blocking=True)
+        return self.method(images, meta, meta_mask, crops=crops)
 
     def probabilities(
-        self, images: Tensor, meta: Tensor | None = None, meta_mask: Tensor | None = None
+        self,
+        images: Tensor,
+        meta: Tensor | None = None,
+        meta_mask: Tensor | None = None,
+        crops: Tensor | None = None,
     ) -> Tensor:
         """Softmax class probabilities for a batch of preprocessed images."""
-        return self.logits(images, meta, meta_mask).float().softmax(dim=1)
+        return self.logits(images, meta, meta_mask, crops).float().softmax(dim=1)
 
     @torch.inference_mode()
     def batch_probabilities(
@@ -254,11 +292,12 @@ class Predictor:
         images: Tensor | list[Tensor],
         meta: Tensor | None = None,
         meta_mask: Tensor | None = None,
+        crops: Tensor | None = None,
     ) -> Tensor:
         """B x C probabilities of a batch made by `item_transform`: plain images (B x 3 x H x W)
         or, with TTA, views per scale (B x V x 3 x S x S each), averaged over the views."""
         if isinstance(images, Tensor):
-            return self.probabilities(images, meta, meta_mask)
+            return self.probabilities(images, meta, meta_mask, crops)
         meta, meta_mask = self._meta_inputs(len(images[0]), meta, meta_mask)
         views = [v.to(self.device, non_blocking=True) for v in images]
         flip = self.tta is not None and self.tta.flip
@@ -294,8 +333,20 @@ class Predictor:
         return self.transform(image.convert("RGB"))
 
     # ---- files ---------------------------------------------------------------------------------
-    def _loader(self, samples: Sequence[Sample], batch_size: int, num_workers: int) -> DataLoader:
-        dataset = ImageDataset(samples, self.item_transform, self.max_pixels, self.meta_keys)
+    def _check_boxes(self, boxes) -> None:
+        if boxes is not None and self.tta is not None:
+            raise ConfigError(
+                "boxes with test-time augmentation: the views of the crops are not made; "
+                "drop the boxes (the model's attention crops each view) or the TTA"
+            )
+
+    def _loader(
+        self, samples: Sequence[Sample], batch_size: int, num_workers: int, boxes=None
+    ) -> DataLoader:
+        self._check_boxes(boxes)
+        dataset = ImageDataset(
+            samples, self.item_transform, self.max_pixels, self.meta_keys, boxes, "boxes"
+        )
         return DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate
         )
@@ -331,6 +382,7 @@ class Predictor:
         num_workers: int = 0,
         on_bad_image: str = "error",
         meta: Mapping[str, Mapping] | Sequence[Mapping] | None = None,
+        boxes: Mapping[str, Sequence[float]] | None = None,
     ) -> Predictions:
         """Top-k predictions for image files and folders (searched recursively), batched.
 
@@ -338,19 +390,41 @@ class Predictor:
         reading them all); `"skip"` predicts the rest and lists the bad ones in `.skipped`.
         `meta`, for models with metadata: a mapping of image path -> {key: value} or one dict
         per image; keys or images without a value count as missing.
+        `boxes`, for crop-fusion models: image path -> [x, y, w, h] in original pixels
+        (`data.boxes.read_box_file` reads a box file); images without one get the whole image
+        as their crop and are listed in `.without_box`. Left out, the model's attention
+        chooses the crops.
         """
         check_predict_arguments(top_k, batch_size, on_bad_image)
         files = [str(f) for p in paths for f in list_image_files(p)]
+        per_file = self._file_boxes(files, boxes)
         positions, probs, skipped = self.file_probabilities(
-            files, batch_size, num_workers, on_bad_image, meta
+            files, batch_size, num_workers, on_bad_image, meta, per_file
         )
         results = Predictions(top_predictions(files, positions, probs, self.classes, top_k))
         results.skipped = skipped
+        if per_file is not None:
+            results.without_box = report_missing(files, per_file, "boxes")
         if skipped and on_bad_image == "error":
             raise BadImagesError(
                 skipped, len(files), "; pass on_bad_image=skip to predict the others"
             )
         return results
+
+    def _file_boxes(self, files: Sequence[str], boxes: Mapping | None) -> list | None:
+        """One box (or None) per file from a path -> box mapping; None without boxes."""
+        if boxes is None:
+            return None
+        if not self.crop_fusion:
+            raise ConfigError("boxes: this model has no crop fusion (model.crop_fusion=none)")
+        by_path = {same_path(k): parse_box(v, f"boxes: entry {k!r}") for k, v in boxes.items()}
+        per_file = [by_path.get(same_path(f)) for f in files]
+        if by_path and files and all(b is None for b in per_file):
+            raise ConfigError(
+                f"boxes: no entry matches the images (e.g. {next(iter(boxes))!r} vs "
+                f"{files[0]!r}); relative paths in a box file are taken from its folder"
+            )
+        return per_file
 
     def file_probabilities(
         self,
@@ -359,13 +433,16 @@ class Predictor:
         num_workers: int = 0,
         on_bad_image: str = "error",
         meta: Mapping[str, Mapping] | Sequence[Mapping] | None = None,
+        boxes: Sequence | None = None,
     ) -> tuple[list[int], Tensor, list[tuple[str, str]]]:
         """Class probabilities of image files: (positions of the files read, their N x C
         probabilities, [(path, reason)] of the files not read). With `on_bad_image="error"`,
-        prediction stops at the first bad file but reading goes on, to name them all."""
+        prediction stops at the first bad file but reading goes on, to name them all.
+        `boxes`: one [x, y, w, h] or None per file, for crop-fusion models."""
         values, mask = self._file_meta(files, meta)
+        self._check_boxes(boxes)
         loader = DataLoader(
-            _FileDataset(files, self.item_transform, self.max_pixels),
+            _FileDataset(files, self.item_transform, self.max_pixels, boxes),
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_collate_files,
@@ -377,7 +454,10 @@ class Predictor:
             skipped += [(files[i], reason) for i, reason in failures]
             if (skipped and on_bad_image == "error") or not indices:
                 continue  # no more predictions, but keep reading to name every bad file
-            probs.append(self.batch_probabilities(images, values[indices], mask[indices]).cpu())
+            images, crops = images if isinstance(images, tuple) else (images, None)
+            probs.append(
+                self.batch_probabilities(images, values[indices], mask[indices], crops).cpu()
+            )
             positions += indices
         empty = torch.empty(0, len(self.classes))
         return positions, torch.cat(probs) if probs else empty, skipped
@@ -413,9 +493,11 @@ class Predictor:
         num_workers: int = 0,
         progress: bool = True,
         description: str = "evaluate",
+        boxes: Sequence | None = None,
     ) -> EvalOutput:
-        """Logits for labelled samples (the inference path that `eval` measures)."""
-        loader = self._loader(samples, batch_size, num_workers)
+        """Logits for labelled samples (the inference path that `eval` measures); `boxes`:
+        one [x, y, w, h] or None per sample, for crop-fusion models (data/boxes.py)."""
+        loader = self._loader(samples, batch_size, num_workers, boxes)
         out = self.run_batches(loader, progress, description)
         out.paths = [s.path for s in samples]
         return out
@@ -429,7 +511,7 @@ class Predictor:
         logits, labels = [], []
         for batch in track(batches, description, enabled=progress):
             if isinstance(batch.images, Tensor):
-                out = self.logits(batch.images, batch.meta, batch.meta_mask)
+                out = self.logits(batch.images, batch.meta, batch.meta_mask, batch.crops)
             else:  # test-time views: the log of the averaged probabilities
                 out = self.batch_probabilities(batch.images, batch.meta, batch.meta_mask).log()
             logits.append(out.float().cpu())

@@ -72,6 +72,12 @@ HEAD_VARIANTS = {
         "data.meta_keys=[latitude, longitude, day_of_year, elevation]",
     ],
 }
+# Object-crop fusion (model.crop_fusion): every method that declares supports_crop_fusion runs
+# the whole contract with it (crops from its own attention, exported in the ONNX graph).
+CROP_FUSION = {
+    "concat": ["model.crop_fusion=concat"],
+    "add": ["model.crop_fusion=add", "model.crop_alpha=1.3"],
+}
 PLUGINS = {
     "se": ["model.attention=se"],
     "sk": ["model.attention=sk"],
@@ -197,6 +203,27 @@ def check_contract(name: str, cfg: Config, tmp_path) -> set[str]:
     for view_name, view in explanation.views.items():
         assert view.mode == "RGB" and min(view.size) > 0, view_name
     return set(maps) | set(explanation.views)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "variant"),
+    [("resnet18", "concat"), ("resnet18", "add"), ("vit_tiny_patch16_224", "concat")],
+)
+@pytest.mark.parametrize(
+    "name", [n for n in BUILTIN if METHODS[n].supports_crop_fusion] or ["baseline"]
+)
+def test_method_contract_with_crop_fusion(name, variant, backbone, tmp_path):
+    """CAM boxes on the CNN, rollout boxes on the ViT (both fusions on the CNN)."""
+    torch.manual_seed(0)
+    cfg = _config(name, backbone, *CROP_FUSION[variant])
+    names = check_contract(name, cfg, tmp_path)
+    assert {"crop box (attention)", "crop"} <= names, names  # explain shows the crop
+
+
+@pytest.mark.parametrize("name", [n for n in BUILTIN if not METHODS[n].supports_crop_fusion])
+def test_methods_without_crop_fusion_refuse_it(name):
+    with pytest.raises(ConfigError, match=f"method {name!r} does not support crop fusion"):
+        build_method(_config(name, "resnet18", "model.crop_fusion=concat"), len(CLASSES))
 
 
 # ---- semi-supervised strategies compose with every method ------------------------------------------

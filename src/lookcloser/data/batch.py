@@ -18,6 +18,8 @@ class Batch:
     image-only models. `unlabelled` holds the images of the unlabelled stream
     (`data.unlabelled`) drawn next to this batch, or None; `unlabelled_strong` the same images
     under strong augmentation when the stream delivers two views (`semi.strategy=fixmatch`).
+    `crops` holds each image's object crop cut from a box of the data (`data.boxes=dataset` or
+    a box file, for `model.crop_fusion`), transformed like the image; None otherwise.
     """
 
     images: Tensor  # B x 3 x H x W, RGB in [0, 1] (evaluation with TTA: data.batch.stack_images)
@@ -26,6 +28,7 @@ class Batch:
     meta_mask: Tensor | None = None  # B x K bool, True where the value is present
     unlabelled: Tensor | None = None  # U x 3 x H x W
     unlabelled_strong: Tensor | None = None  # U x 3 x H x W: the same images, strongly augmented
+    crops: Tensor | None = None  # B x 3 x H x W: object crops from boxes of the data
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -54,13 +57,15 @@ def stack_images(images: Sequence[Tensor | list[Tensor]]) -> Tensor | list[Tenso
     return [torch.stack(list(scale)) for scale in zip(*images, strict=True)]
 
 
-def collate(items: Sequence[tuple[Tensor, int, Tensor, Tensor]]) -> Batch:
-    """Stack (image, label, meta values, meta mask) items into a Batch (meta None when K = 0)."""
-    images, labels, values, masks = zip(*items, strict=True)
+def collate(items: Sequence[tuple[Tensor, ...]]) -> Batch:
+    """Stack (image, label, meta values, meta mask[, crop]) items into a Batch (meta None
+    when K = 0; crops None without a fifth element)."""
+    images, labels, values, masks, *crops = zip(*items, strict=True)
     has_meta = values[0].numel() > 0
     return Batch(
         stack_images(images),
         torch.tensor(labels, dtype=torch.long),
         torch.stack(values) if has_meta else None,
         torch.stack(masks) if has_meta else None,
+        crops=torch.stack(crops[0]) if crops else None,
     )

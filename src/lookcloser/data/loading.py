@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from lookcloser.data.boxes import Box, crop_to_box
 from lookcloser.data.images import load_image
 from lookcloser.data.meta import meta_tensors
 from lookcloser.data.sources import Sample
@@ -32,7 +33,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class ImageDataset(Dataset):
-    """Decodes and transforms samples; items are (image, label, meta values, meta mask).
+    """Decodes and transforms samples; items are (image, label, meta values, meta mask) and,
+    with `boxes` (one `[x, y, w, h]` or None per sample, data/boxes.py), the object crop: the
+    box cut from the original image, through the same transform (whole image for None).
 
     The metadata of `meta_keys` is encoded once here (K values and a K mask per sample, see
     data.meta), so a non-numeric value fails before training rather than in a worker.
@@ -44,11 +47,17 @@ class ImageDataset(Dataset):
         transform: Callable,
         max_pixels: int,
         meta_keys: Sequence[str] = (),
+        boxes: Sequence[Box | None] | None = None,
+        box_source: str = "boxes",
     ):
         self.samples = list(samples)
         self.transform = transform
         self.max_pixels = max_pixels
         self.meta_keys = list(meta_keys)
+        if boxes is not None and len(boxes) != len(self.samples):
+            raise ValueError(f"{len(boxes)} boxes for {len(self.samples)} samples")
+        self.boxes = boxes
+        self.box_source = box_source  # names the boxes' origin in errors
         self.meta, self.meta_mask = meta_tensors(
             [s.meta for s in self.samples], self.meta_keys, [s.path for s in self.samples]
         )
@@ -61,7 +70,7 @@ class ImageDataset(Dataset):
         sample = self.samples[index]
         image = load_image(sample.path, self.max_pixels)
         if seed is None:
-            tensor = self.transform(image)
+            tensor = self._transform(image, index)
         else:
             # Augmentation drawn from this image's own seed (python, numpy and torch RNGs: timm
             # uses all three), leaving the caller's RNG state alone.
@@ -71,11 +80,22 @@ class ImageDataset(Dataset):
                     random.seed(seed)
                     np.random.seed(seed % 2**32)
                     torch.manual_seed(seed)
-                    tensor = self.transform(image)
+                    tensor = self._transform(image, index)
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
-        return tensor, sample.label, self.meta[index], self.meta_mask[index]
+        if self.boxes is None:
+            return tensor, sample.label, self.meta[index], self.meta_mask[index]
+        tensor, crop = tensor
+        return tensor, sample.label, self.meta[index], self.meta_mask[index], crop
+
+    def _transform(self, image, index: int):
+        """The image's tensor, or (image, crop) tensors with boxes (the crop drawn second)."""
+        if self.boxes is None:
+            return self.transform(image)
+        where = f"{self.samples[index].path} ({self.box_source})"
+        crop = crop_to_box(image, self.boxes[index], where)
+        return self.transform(image), self.transform(crop)
 
 
 class EpochSampler(Sampler):

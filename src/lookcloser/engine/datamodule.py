@@ -64,7 +64,27 @@ def build_datamodule(
         )
     weights = _sampling_weights(cfg, [s.label for s in data.train])
     return FGVCDataModule(
-        data.train, data.val, train_transform, eval_transform, weights=weights, **common
+        data.train,
+        data.val,
+        train_transform,
+        eval_transform,
+        weights=weights,
+        boxes=(split_boxes(cfg, data.train, "train"), split_boxes(cfg, data.val, "val")),
+        **common,
+    )
+
+
+def split_boxes(cfg: Config, samples: Sequence[Sample], split: str) -> list | None:
+    """The crop-fusion boxes of a split's samples (data.boxes for train, data.test_boxes for
+    val and test; data/boxes.py), or None when the crops come from the model's attention."""
+    from lookcloser.data.boxes import sample_boxes
+
+    if cfg.model.crop_fusion == "none" or not samples:
+        return None
+    key = "boxes" if split == "train" else "test_boxes"
+    paths = [s.path for s in samples]
+    return sample_boxes(
+        paths, getattr(cfg.data, key), [s.meta for s in samples], f"data.{key}", split
     )
 
 
@@ -193,6 +213,7 @@ class FGVCDataModule(_Batches):
         unlabelled: Sequence[Sample] = (),
         unlabelled_batch_size: int | None = None,
         unlabelled_transform: Callable | None = None,
+        boxes: tuple[list | None, list | None] = (None, None),
     ):
         super().__init__(
             batch_size,
@@ -201,8 +222,13 @@ class FGVCDataModule(_Batches):
             _unlabelled_set(unlabelled, unlabelled_transform or train_transform, max_pixels),
             unlabelled_batch_size or batch_size,
         )
-        self.train_set = ImageDataset(train, train_transform, max_pixels, meta_keys)
-        self.val_set = ImageDataset(val, eval_transform, max_pixels, meta_keys)
+        # boxes: (train, val) crop-fusion boxes per sample, None for attention crops.
+        self.train_set = ImageDataset(
+            train, train_transform, max_pixels, meta_keys, boxes[0], "data.boxes"
+        )
+        self.val_set = ImageDataset(
+            val, eval_transform, max_pixels, meta_keys, boxes[1], "data.test_boxes"
+        )
         self.weights = weights
         self.sampler: EpochSampler | None = None
         self._resume: tuple[int, int] | None = None

@@ -151,7 +151,10 @@ class FGVCSystem(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # The val split only (the datamodule never holds the test split).
         model = self.teacher
-        logits = model(batch.images, batch.meta, batch.meta_mask)
+        if batch.crops is None:
+            logits = model(batch.images, batch.meta, batch.meta_mask)
+        else:  # crop fusion with boxes of the data
+            logits = model(batch.images, batch.meta, batch.meta_mask, crops=batch.crops)
         self.val_top1.update(logits, batch.targets)
         self.log("val/top1", self.val_top1, prog_bar=True, on_epoch=True, batch_size=len(batch))
         if self.semi is not None:

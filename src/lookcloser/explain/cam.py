@@ -34,8 +34,11 @@ def grad_cam(
             target = logits.argmax(dim=1)
         score = logits.gather(1, target.view(-1, 1)).sum()
         (grads,) = torch.autograd.grad(score, features)
+    # With crop fusion the map holds the images' rows, then their crops' (models/crops.py):
+    # the first B rows are the images'.
+    b = images.shape[0]
     spatial = method.backbone.spatial_map
-    fmap, gmap = spatial(features.detach()), spatial(grads)
+    fmap, gmap = spatial(features.detach()[:b]), spatial(grads[:b])
     weights = gmap.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * fmap).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]

@@ -11,6 +11,11 @@ order of `self.meta_keys`. A method may be trained with metadata when it uses it
 (`accepts_meta = True`) or when `model.fusion` joins it to every class head: then every head
 from `make_head` takes it, and methods call their heads through `apply_head`.
 
+Object-crop fusion (`model.crop_fusion`, models/crops.py) is the base class's too: a method
+whose class decision is `head(pool(forward_features(x)))` with one head from `make_head` sets
+`supports_crop_fusion = True` and passes `batch.crops` to its forward in training; every
+other method refuses the option with a ConfigError naming it.
+
 Class-head logits are trained through `class_loss`, which applies the head type's margin
 (ArcFace) before the cross-entropy, so a margin head works with every method.
 
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -57,6 +63,9 @@ class Method(nn.Module):
     # Whether forward / forward_head use `meta` themselves (a model trained with
     # data.meta_keys needs it, unless model.fusion feeds it to the class heads).
     accepts_meta: ClassVar[bool] = False
+    # Whether model.crop_fusion composes with the method: its class decision is one head from
+    # make_head on the pooled base forward_features (see models/crops.py).
+    supports_crop_fusion: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -69,6 +78,9 @@ class Method(nn.Module):
         super().__init__()
         spec = head if isinstance(head, HeadSpec) else HeadSpec(head)
         check_meta_use(self.name, self.accepts_meta, spec, meta_keys)
+        check_crop_use(self.name, self.supports_crop_fusion, spec)
+        self.crop_fusion = spec.crop_fusion  # none | concat | add
+        self.crop_alpha = spec.crop_alpha
         self.backbone = backbone
         self.num_classes = num_classes
         self.options = options if options is not None else self.Options()
@@ -123,9 +135,17 @@ class Method(nn.Module):
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
     # ---- inference path -----------------------------------------------------------------
-    def forward_features(self, images: Tensor) -> Tensor:
-        """The feature map the classifier reads (and Grad-CAM explains)."""
-        return self.backbone.forward_features(images)
+    def forward_features(self, images: Tensor, crops: Tensor | None = None) -> Tensor:
+        """The feature map the classifier reads (and Grad-CAM explains).
+
+        With crop fusion: the images' maps, then their crops' (2B rows); `crops` (B x 3 x H x W,
+        cut from boxes of the data) or, when None, crops from the model's attention.
+        """
+        if self.crop_fusion == "none":
+            return self.backbone.forward_features(images)
+        from lookcloser.models.crops import fused_features
+
+        return fused_features(self, images, crops)
 
     def forward_head(
         self, features: Tensor, meta: Tensor | None = None, meta_mask: Tensor | None = None
@@ -134,10 +154,19 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, images: Tensor, meta: Tensor | None = None, meta_mask: Tensor | None = None
+        self,
+        images: Tensor,
+        meta: Tensor | None = None,
+        meta_mask: Tensor | None = None,
+        crops: Tensor | None = None,
     ) -> Tensor:
-        """Class logits for RGB images in [0, 1] (B x 3 x H x W), with optional metadata."""
-        return self.forward_head(self.forward_features(images), meta, meta_mask)
+        """Class logits for RGB images in [0, 1] (B x 3 x H x W), with optional metadata and,
+        for crop fusion, optional object crops (None: from the model's attention)."""
+        if crops is None:
+            return self.forward_head(self.forward_features(images), meta, meta_mask)
+        if self.crop_fusion == "none":
+            raise ConfigError(f"crops: method {self.name!r} was built without model.crop_fusion")
+        return self.forward_head(self.forward_features(images, crops), meta, meta_mask)
 
     def attention(
         self,
@@ -168,9 +197,18 @@ class Method(nn.Module):
 
     def views(self, images: Tensor, part: int | None = None) -> dict[str, Tensor]:
         """Images the method derives from the input to classify (B x 3 x h x w in [0, 1]),
-        by name; explain shows them beside the map. None for most methods."""
+        by name; explain shows them beside the map. None for most methods; with crop fusion,
+        the attention box on the image and its crop."""
         self.check_part(part)
-        return {}
+        if self.crop_fusion == "none":
+            return {}
+        from lookcloser.models.crops import attention_crops
+        from lookcloser.models.modes import eval_mode
+        from lookcloser.models.zoom import draw_boxes
+
+        with eval_mode(self), torch.no_grad():
+            _, boxes, crops = attention_crops(self, images)
+        return {"crop box (attention)": draw_boxes(images, boxes), "crop": crops}
 
     def part_count(self) -> int:
         """How many part maps `attention_maps(part=K)` can show (0: none)."""
@@ -252,6 +290,16 @@ class Method(nn.Module):
             model._modules.pop(name, None)
         model.inference_only = True
         return model
+
+
+def check_crop_use(name: str, supports: bool, spec: HeadSpec) -> None:
+    """ConfigError when model.crop_fusion is set on a method it does not compose with."""
+    if spec.crop_fusion != "none" and not supports:
+        raise ConfigError(
+            f"model.crop_fusion={spec.crop_fusion}: method {name!r} does not support crop "
+            "fusion (it needs a method whose class decision is one head on pooled backbone "
+            "features, such as baseline); leave model.crop_fusion=none"
+        )
 
 
 def check_meta_use(name: str, accepts_meta: bool, spec: HeadSpec, meta_keys: Sequence[str]) -> None:

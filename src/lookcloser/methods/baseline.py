@@ -30,6 +30,7 @@ class Baseline(Method):
 
     name = "baseline"
     Options = BaselineOptions
+    supports_crop_fusion = True
 
     def __init__(
         self,
@@ -47,8 +48,8 @@ class Baseline(Method):
         return self.apply_head(self.head, self.backbone.pool(features), meta, meta_mask)
 
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:
-        """Label-smoothed cross-entropy on the images as given."""
-        logits = self(batch.images, batch.meta, batch.meta_mask)
+        """Label-smoothed cross-entropy on the images as given (with their crops, if any)."""
+        logits = self(batch.images, batch.meta, batch.meta_mask, crops=batch.crops)
         loss = self.class_loss(logits, batch.targets, self.options.label_smoothing)
         return {"loss": loss}
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -200,7 +200,8 @@ def has_input_gradient(head: nn.Module) -> bool:
 # ---- what model.* says about class heads ----------------------------------------------------------
 @dataclass(frozen=True)
 class HeadSpec:
-    """The class head type, its options and the metadata fusion in front of it.
+    """The class head type, its options and what is fused in front of it (metadata, and
+    the object crop's features with `crop_fusion`).
 
     Options left as None take the head's own defaults; one the head does not take is a
     ConfigError (model.head_margin with model.head=linear, say).
@@ -213,6 +214,8 @@ class HeadSpec:
     fusion: str = "none"  # none | add | concat | gate (models.fusion)
     meta_hidden: int = 256
     meta_dropout: float = 0.1
+    crop_fusion: str = "none"  # none | concat | add (models.crops): image and crop features
+    crop_alpha: float = 1.0  # attention boxes: cells above crop_alpha x the mean importance
 
     @classmethod
     def from_config(cls, model: Any) -> HeadSpec:
@@ -225,6 +228,8 @@ class HeadSpec:
             model.fusion,
             model.meta_hidden,
             model.meta_dropout,
+            model.crop_fusion,
+            model.crop_alpha,
         )
 
     def options(self) -> dict[str, Any]:
@@ -255,7 +260,14 @@ class HeadSpec:
             MetaEncoder(meta_keys)
 
     def build(self, in_features: int, num_classes: int, meta_keys: Sequence[str] = ()) -> nn.Module:
-        """A class head on `in_features` embeddings; with fusion, the metadata joins first."""
+        """A class head on `in_features` embeddings; with crop fusion, the image's and its
+        crop's embeddings are joined first (models.crops), then the metadata (models.fusion)."""
+        if self.crop_fusion != "none":
+            from lookcloser.models.crops import CropFusedHead
+
+            width = 2 * in_features if self.crop_fusion == "concat" else in_features
+            inner = replace(self, crop_fusion="none").build(width, num_classes, meta_keys)
+            return CropFusedHead(self.crop_fusion, inner)
         options = self.options()
         if self.fusion == "none":
             return build_head(self.name, in_features, num_classes, **options)

@@ -52,7 +52,8 @@ def logits_and_embeddings(
     its main backbone; one pass when the method classifies the backbone's feature map."""
     if not embeddings:
         return method(images), None
-    if type(method).forward_features is Method.forward_features:
+    plain = getattr(method, "crop_fusion", "none") == "none"  # crop fusion: 2B feature rows
+    if plain and type(method).forward_features is Method.forward_features:
         features = method.forward_features(images)
         return method.forward_head(features), method.backbone.pool(features)
     return method(images), method.backbone(images)
