@@ -41,7 +41,7 @@ def registries():
 
 # ---- heads ------------------------------------------------------------------------------------
 def test_unknown_head_lists_the_registered_ones():
-    available = "arcface, cosine, linear, subcenter_arcface"
+    available = "arcface, cosine, linear, prototype, subcenter_arcface"
     with pytest.raises(
         ConfigError, match=f"model.head: unknown head 'cos'; available: {available}"
     ):
