@@ -174,6 +174,9 @@ class ModelConfig:
     # A spatial transformer in front of the backbone, starting as the identity.
     stn: bool = False
     stn_mode: Literal["affine", "similarity", "translation_scale"] = "affine"
+    # The STN's learning rate as a multiple of optim.lr (not of the head's): a warp that
+    # leaves the image gets no gradient back, so it must move slowly.
+    stn_lr_scale: float = ranged(0.1, **POSITIVE)
     # Pretrained BatchNorm / LayerNorm / GroupNorm layers frozen: running statistics and affine
     # parameters stay as loaded (norms inside new modules still train).
     freeze_norm: bool = False

@@ -90,6 +90,8 @@ HELP: dict[str, str] = {
     "parameters stay as loaded",
     "model.stn_mode": "the transform the STN learns: affine, similarity (scale, rotation, "
     "shift) or translation_scale",
+    "model.stn_lr_scale": "the STN's learning rate as a multiple of optim.lr (a warp that "
+    "leaves the image gets no gradient back, so it moves slowly)",
     "optim.name": "any timm optimizer name",
     "optim.lr": "base learning rate",
     "optim.weight_decay": "weight decay (not on biases and norms)",

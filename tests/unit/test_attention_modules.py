@@ -211,7 +211,7 @@ def test_stn_warps_what_the_backbone_sees_and_explain_shows_it():
         warped = backbone.warp(images)
         torch.testing.assert_close(backbone(images), plain(warped))
         torch.testing.assert_close(backbone.plugin_views(images)["stn: warped input"], warped)
-    assert len(backbone.new_parameters()) == len(list(backbone.stn.parameters()))
+    assert len(backbone.stn_parameters()) == len(list(backbone.stn.parameters()))
 
 
 # ---- stages, config, learning rates, weight sources ---------------------------------------------
@@ -252,6 +252,7 @@ def test_new_blocks_learn_at_the_head_rate_and_other_networks_stay_plain():
             "model.pretrained=false",
             "model.attention=se",
             "model.stn=true",
+            "model.stn_lr_scale=0.25",
             "method.name=tasn",
             "method.attention_backbone=test_efficientnet",
             "method.attention_channels=8",
@@ -266,6 +267,11 @@ def test_new_blocks_learn_at_the_head_rate_and_other_networks_stay_plain():
     assert {id(p) for p in method.backbone.new_parameters()} <= fast
     conv1 = method.backbone.model.conv1.weight
     assert id(conv1) not in fast
+    # The STN learns at its own (slow) rate, every parameter of it exactly once.
+    slow = [id(p) for g in groups if g.get("lr_scale") == 0.25 for p in g["params"]]
+    assert sorted(slow) == sorted(id(p) for p in method.backbone.stn.parameters())
+    everything = [id(p) for g in groups for p in g["params"]]
+    assert len(everything) == len(set(everything)) == len(list(method.parameters()))
 
 
 def test_blocks_of_pruned_stages_go_with_them():

@@ -299,6 +299,7 @@ class Backbone(nn.Module):
         attention_reduction: int = 16,
         stn: bool = False,
         stn_mode: str = "affine",
+        stn_lr_scale: float = 0.1,
     ):
         super().__init__()
         extra = dict(kwargs or {})
@@ -326,6 +327,7 @@ class Backbone(nn.Module):
             self.new_prefixes += hybrid.transformer_prefixes(self.model)
         # The spatial transformer warps the input in front of the network (model.stn).
         self.stn = SpatialTransformer(stn_mode) if stn else None
+        self.stn_lr_scale = stn_lr_scale
         self.data_config = timm.data.resolve_model_data_config(self.model)
         self.num_features: int = self.model.num_features
         self.register_buffer("mean", torch.tensor(self.data_config["mean"]).view(1, 3, 1, 1))
@@ -431,10 +433,12 @@ class Backbone(nn.Module):
                 handle.remove()
 
     def new_parameters(self) -> list[nn.Parameter]:
-        """Parameters under `new_prefixes` (modules added to the pretrained network) and the
-        spatial transformer's."""
-        new = [p for n, p in self.model.named_parameters() if is_new_key(n, self.new_prefixes)]
-        return new + (list(self.stn.parameters()) if self.stn is not None else [])
+        """Parameters under `new_prefixes` (modules added to the pretrained network)."""
+        return [p for n, p in self.model.named_parameters() if is_new_key(n, self.new_prefixes)]
+
+    def stn_parameters(self) -> list[nn.Parameter]:
+        """The spatial transformer's parameters (new too, but at `stn_lr_scale`)."""
+        return list(self.stn.parameters()) if self.stn is not None else []
 
     # ---- attention plug-ins: what explain shows -------------------------------------------
     def attention_blocks(self) -> list[StageAttention]:
@@ -586,6 +590,7 @@ class BackboneFactory:
             "attention_reduction": cfg.attention_reduction,
             "stn": cfg.stn if configured else False,
             "stn_mode": cfg.stn_mode,
+            "stn_lr_scale": cfg.stn_lr_scale,
         }
         args["kwargs"].update(overrides.pop("kwargs", None) or {})
         args.update(overrides)
