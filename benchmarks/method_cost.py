@@ -85,10 +85,16 @@ def main() -> None:
         help="model.* overrides for both models, e.g. model.kwargs.img_size=128 (put the "
         "method's options before this flag)",
     )
-    parser.add_argument("--section", help="docs/benchmarks.md section (default: cost-METHOD)")
+    parser.add_argument(
+        "--name",
+        help="what the tables call the measured model (default: the method's name); "
+        "for a plug-in on the baseline, e.g. --method baseline model.attention=se --name se",
+    )
+    parser.add_argument("--section", help="docs/benchmarks.md section (default: cost-NAME)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
+    name = args.name or args.method
     images = torch.rand(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, args.classes, (args.batch,))
     base = build(
@@ -139,19 +145,19 @@ def main() -> None:
     rows = [
         [
             where,
-            f"training step, {args.method} / baseline (same originals)",
+            f"training step, {name} / baseline (same originals)",
             f"{train_o:.1f} / {train_b:.1f}",
             f"**{train_b / train_o:.2f}x** the cost",
         ],
         [
             where,
-            f"training step, {args.method} / baseline on the same batch doubled (2B images)",
+            f"training step, {name} / baseline on the same batch doubled (2B images)",
             f"{train_o2:.1f} / {train_b2:.1f} (originals/s)",
             f"**{train_b2 / train_o2:.2f}x** the cost",
         ],
         [
             where,
-            f"inference, saved {args.method} model / baseline",
+            f"inference, saved {name} model / baseline",
             f"{infer_o:.1f} / {infer_b:.1f}",
             f"**{infer_o / infer_b:.3f}**",
         ],
@@ -170,13 +176,13 @@ def main() -> None:
     ]
     command = "python benchmarks/method_cost.py " + " ".join(sys.argv[1:])
     text = (
-        f"## Cost of {args.method} against the baseline\n\n"
+        f"## Cost of {name} against the baseline\n\n"
         f"Command: `{command.strip()}`. Machine: {machine()}. Medians of {args.rounds} interleaved rounds.\n\n"
-        + markdown_table(["setting", "measure", f"{args.method} / baseline", "result"], rows)
+        + markdown_table(["setting", "measure", f"{name} / baseline", "result"], rows)
     )
     print(text)
     if not args.no_write:
-        write_section(args.section or f"cost-{args.method}", text)
+        write_section(args.section or f"cost-{name}", text)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,19 @@ TINY = [
     "trainer.val_every_n_epochs=0",
 ]
 
+# Seconds per run: a tiny random backbone on 32 px images, for flows that test plumbing, not
+# learning. Extend with the flow's own options (later overrides win).
+SCRATCH = [
+    "data.num_workers=0",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.crop_pct=1.0",
+    "model.backbone=test_efficientnet",
+    "model.pretrained=false",
+    "trainer.epochs=2",
+    "trainer.progress=none",
+]
+
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, check: bool = True):
     """Run `python -m lookcloser.cli ARGS` in a fresh process; return the CompletedProcess."""

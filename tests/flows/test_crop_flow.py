@@ -8,21 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+from flowkit import SCRATCH
 
 from lookcloser import api, cli
 from lookcloser.data.synthetic import synthetic_source
 
-FAST = [
-    "data.num_workers=0",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.crop_pct=1.0",
-    "model.backbone=test_efficientnet",
-    "model.pretrained=false",
-    "trainer.epochs=2",
-    "trainer.progress=none",
-    "optim.lr=0.01",
-]
+FAST = [*SCRATCH, "optim.lr=0.01"]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from flowkit import SCRATCH
 from PIL import Image
 from torch import nn
 
@@ -23,17 +24,7 @@ from lookcloser.errors import BadImageError, ConfigError
 from lookcloser.methods.base import register_method
 from lookcloser.methods.baseline import Baseline
 
-# Seconds per run: a tiny random backbone on 32 px images.
-FAST = [
-    "data.num_workers=0",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.crop_pct=1.0",
-    "model.backbone=test_efficientnet",
-    "model.pretrained=false",
-    "trainer.epochs=1",
-    "trainer.progress=none",
-]
+FAST = [*SCRATCH, "trainer.epochs=1"]
 
 
 def _folder(root) -> list[str]:

@@ -11,21 +11,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from flowkit import SCRATCH
 
 from lookcloser import api, cli
 from lookcloser.data.synthetic import synthetic_source
 
 KEYS = ["latitude", "longitude", "day_of_year"]
-FAST = [
-    "data.num_workers=0",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.crop_pct=1.0",
-    "model.backbone=test_efficientnet",
-    "model.pretrained=false",
-    "trainer.epochs=2",
-    "trainer.progress=none",
-]
+FAST = SCRATCH
 
 
 @pytest.fixture(scope="module")

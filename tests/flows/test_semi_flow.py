@@ -8,6 +8,7 @@ import json
 
 import lightning as L
 import pytest
+from flowkit import SCRATCH
 
 from lookcloser import api, cli
 from lookcloser.data.synthetic import generate_unlabelled
@@ -15,15 +16,8 @@ from lookcloser.errors import ConfigError
 from lookcloser.semi.records import read_stages
 
 FAST = [
-    "data.num_workers=0",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.crop_pct=1.0",
+    *SCRATCH,
     "data.val_fraction=0.25",
-    "model.backbone=test_efficientnet",
-    "model.pretrained=false",
-    "trainer.epochs=2",
-    "trainer.progress=none",
     "trainer.deterministic=true",
     "data.unlabelled_batch_size=8",
     "semi.threshold=0.0",  # a random tiny model is never confident; keep the filter's OOD part
