@@ -97,6 +97,16 @@ METHODS = {
         kind: ["method.name=baseline", "method.label_smoothing=0.1", f"model.attention={kind}"]
         for kind in ("se", "sk", "cbam")
     },
+    # The same blocks as published from step 0 (gate gamma = 1, not faded in from 0).
+    **{
+        f"{kind}-gate1": [
+            "method.name=baseline",
+            "method.label_smoothing=0.1",
+            f"model.attention={kind}",
+            "model.attention_gate_init=1.0",
+        ]
+        for kind in ("se", "cbam")
+    },
     "stn": ["method.name=baseline", "method.label_smoothing=0.1", "model.stn=true"],
     # DCN as configs/*/dcn-lite0.yaml: 4 of 16 32-px cells through the fine Lite0, coarse Lite0
     # to stage 3 at half size; about half the fine network's FLOPs (the size must be a

@@ -171,6 +171,9 @@ class ModelConfig:
     attention: Literal["none", "se", "sk", "cbam"] = "none"
     attention_stages: list[int] = field(default_factory=list)
     attention_reduction: int = ranged(16, 1, 1024)
+    # The blocks' gate gamma at step 0: 0 = the identity (the pretrained network unchanged),
+    # 1 = the block as published from the first step.
+    attention_gate_init: float = ranged(0.0, 0, 1)
     # A spatial transformer in front of the backbone, starting as the identity.
     stn: bool = False
     stn_mode: Literal["affine", "similarity", "translation_scale"] = "affine"

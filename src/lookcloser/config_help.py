@@ -84,6 +84,8 @@ HELP: dict[str, str] = {
     "model.attention_stages": "stages (feature levels, as Backbone.intermediates counts them) "
     "that get a block; [] = every level from stride 4 on",
     "model.attention_reduction": "channel reduction r of the blocks' bottleneck (SE paper: 16)",
+    "model.attention_gate_init": "the blocks' gate gamma at step 0 (x + gamma (block(x) - x)): "
+    "0 = identity, 1 = the block as published",
     "model.stn": "a spatial transformer warps the input in front of the backbone (starts as "
     "the identity)",
     "model.freeze_norm": "freeze pretrained BatchNorm / LayerNorm layers: statistics and affine "

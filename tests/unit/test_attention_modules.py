@@ -83,6 +83,27 @@ def test_blocks_leave_the_pretrained_network_unchanged_at_initialisation(kind):
         assert not torch.allclose(active(plugged)(images), plain(images), atol=1e-3)
 
 
+def test_gate_init_one_starts_with_the_published_block():
+    """model.attention_gate_init=1: every block's output is timm's block alone from step 0."""
+    cfg = Config.load(
+        None,
+        [
+            "model.backbone=resnet18",
+            "model.pretrained=false",
+            "model.attention=se",
+            "model.attention_gate_init=1.0",
+        ],
+    )
+    backbone = build_method(cfg, 3).backbone.eval()
+    blocks = backbone.attention_blocks()
+    assert len(blocks) == 4 and all(float(b.gamma) == 1.0 for b in blocks)
+    x = torch.randn(2, blocks[0].channels, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(blocks[0](x), blocks[0].block(x))
+    with pytest.raises(ConfigError, match="model.attention_gate_init"):
+        Config.load(None, ["model.attention_gate_init=2"])
+
+
 def test_stn_at_identity_leaves_the_pretrained_network_unchanged():
     images = torch.rand(2, 3, 64, 64)
     plain = Backbone("tf_efficientnet_lite0", pretrained=True).eval()

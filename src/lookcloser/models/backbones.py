@@ -297,6 +297,7 @@ class Backbone(nn.Module):
         attention: str = "none",
         attention_stages: Sequence[int] = (),
         attention_reduction: int = 16,
+        attention_gate_init: float = 0.0,
         stn: bool = False,
         stn_mode: str = "affine",
         stn_lr_scale: float = 0.1,
@@ -316,7 +317,10 @@ class Backbone(nn.Module):
         if attention != "none":
             # Plug-in blocks go into the bare architecture like any method's edit (after it).
             edit = _compose(
-                edit, _attention_edit(attention, attention_stages, attention_reduction, name)
+                edit,
+                _attention_edit(
+                    attention, attention_stages, attention_reduction, name, attention_gate_init
+                ),
             )
             self.new_prefixes += (PLUGIN_PREFIX,)
         self.model = create_timm_model(
@@ -553,8 +557,10 @@ def _compose(first: ModelEdit | None, second: ModelEdit) -> ModelEdit:
     return both
 
 
-def _attention_edit(kind: str, stages: Sequence[int], reduction: int, name: str) -> ModelEdit:
-    return lambda model: insert_attention(model, kind, list(stages), reduction, name)
+def _attention_edit(
+    kind: str, stages: Sequence[int], reduction: int, name: str, gate: float = 0.0
+) -> ModelEdit:
+    return lambda model: insert_attention(model, kind, list(stages), reduction, name, gate)
 
 
 class BackboneFactory:
@@ -588,6 +594,7 @@ class BackboneFactory:
             "attention": cfg.attention if configured else "none",
             "attention_stages": list(cfg.attention_stages) if configured else [],
             "attention_reduction": cfg.attention_reduction,
+            "attention_gate_init": cfg.attention_gate_init,
             "stn": cfg.stn if configured else False,
             "stn_mode": cfg.stn_mode,
             "stn_lr_scale": cfg.stn_lr_scale,

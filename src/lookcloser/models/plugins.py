@@ -105,16 +105,19 @@ def make_block(kind: str, channels: int, reduction: int) -> nn.Module:
 
 
 class StageAttention(nn.Module):
-    """One plug-in block after a stage: x + gamma * (block(x) - x), gamma starting at 0."""
+    """One plug-in block after a stage: x + gamma * (block(x) - x), gamma starting at `gate`
+    (0: the identity)."""
 
-    def __init__(self, kind: str, channels: int, reduction: int, level: int, module: str):
+    def __init__(
+        self, kind: str, channels: int, reduction: int, level: int, module: str, gate: float = 0.0
+    ):
         super().__init__()
         self.kind = kind
         self.channels = channels
         self.level = level
         self.module_name = module
         self.block = make_block(kind, channels, reduction)
-        self.gamma = nn.Parameter(torch.zeros(1))
+        self.gamma = nn.Parameter(torch.full((1,), float(gate)))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.channels:
@@ -139,7 +142,12 @@ class StageAttention(nn.Module):
 
 
 def insert_attention(
-    model: nn.Module, kind: str, stages: Sequence[int] = (), reduction: int = 16, name: str = ""
+    model: nn.Module,
+    kind: str,
+    stages: Sequence[int] = (),
+    reduction: int = 16,
+    name: str = "",
+    gate: float = 0.0,
 ) -> None:
     """Add a `kind` block after each chosen stage of a timm CNN (a `create_timm_model` edit).
 
@@ -158,7 +166,7 @@ def insert_attention(
     blocks = nn.ModuleDict()
     for level in resolve_stages(levels, stages, name):
         info = levels[level]
-        block = StageAttention(kind, info["num_chs"], reduction, level, info["module"])
+        block = StageAttention(kind, info["num_chs"], reduction, level, info["module"], gate)
         model.get_submodule(info["module"]).register_forward_hook(block.after_stage)
         blocks[str(level)] = block
     if not blocks:
