@@ -257,13 +257,23 @@ def run(
 
 
 def table(records: list[dict]) -> str:
+    """One row per dataset and method; `vs baseline`: the mean difference from the baseline
+    over the seeds both have (same dataset and schedule), when the baseline is shown."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["dataset"], r["method"], r["size"], r["epochs"]), []).append(r)
+
+    def paired_difference(rs: list[dict], base: list[dict] | None) -> str:
+        base_top1 = {r["seed"]: r["top1"] for r in base or []}
+        diffs = [100 * (r["top1"] - base_top1[r["seed"]]) for r in rs if r["seed"] in base_top1]
+        return f"{statistics.mean(diffs):+.1f}" if diffs else ""
+
     rows = []
     for (dataset, method, size, epochs), rs in sorted(groups.items()):
         top1 = [100 * r["top1"] for r in rs]
         spread = f"± {statistics.stdev(top1):.1f}" if len(top1) > 1 else "(one seed)"
+        base = groups.get((dataset, "baseline", size, epochs)) if method != "baseline" else None
+        versus = paired_difference(rs, base)
         rows.append(
             [
                 dataset,
@@ -274,6 +284,7 @@ def table(records: list[dict]) -> str:
                 ", ".join(str(r["seed"]) for r in rs),
                 f"**{statistics.mean(top1):.1f}** {spread}",
                 " / ".join(f"{t:.1f}" for t in top1),
+                versus,
             ]
         )
     return markdown_table(
@@ -286,6 +297,7 @@ def table(records: list[dict]) -> str:
             "seeds",
             "test top-1 % (mean ± sd)",
             "per seed",
+            "vs baseline (same seeds)",
         ],
         rows,
     )
