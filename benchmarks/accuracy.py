@@ -108,6 +108,20 @@ METHODS = {
         for kind in ("se", "cbam")
     },
     "stn": ["method.name=baseline", "method.label_smoothing=0.1", "model.stn=true"],
+    # The STN at the backbone's learning rate (10x the default), affine or a zoom and shift.
+    "stn-lr1": [
+        "method.name=baseline",
+        "method.label_smoothing=0.1",
+        "model.stn=true",
+        "model.stn_lr_scale=1.0",
+    ],
+    "stn-zoom-lr1": [
+        "method.name=baseline",
+        "method.label_smoothing=0.1",
+        "model.stn=true",
+        "model.stn_mode=translation_scale",
+        "model.stn_lr_scale=1.0",
+    ],
     # DCN as configs/*/dcn-lite0.yaml: 4 of 16 32-px cells through the fine Lite0, coarse Lite0
     # to stage 3 at half size; about half the fine network's FLOPs (the size must be a
     # multiple of 32).
