@@ -145,6 +145,17 @@ METHODS = {
         "method.cls_steps=15",
         "method.apn_steps=5",
     ],
+    # The same with the APNs at the backbone's rate, not the heads' x5 (at x5 their squares
+    # saturated: the whole image, or the smallest square in a corner, for every image).
+    "racnn-apn-lr1": [
+        "method.name=racnn",
+        "method.label_smoothing=0.1",
+        "method.scales=2",
+        "method.apn_pretrain_steps=20",
+        "method.cls_steps=15",
+        "method.apn_steps=5",
+        "method.apn_lr_scale=1.0",
+    ],
 }
 # RAMS-Trans on a ViT against the same ViT single-scale (configs/synthetic/ramstrans-vit.yaml):
 # a 6-block ViT-Tiny from scratch (no ViT weights offline), 8 x 8 patches at 128 px; run with

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lookcloser.api import _save
-from lookcloser.config import Config
+from lookcloser.config import Config, OptimConfig
 from lookcloser.data.batch import Batch
 from lookcloser.data.prepare import TrainingData
+from lookcloser.engine.module import parameter_groups
 from lookcloser.errors import ConfigError
 from lookcloser.export.onnx import export_onnx, max_abs_difference
 from lookcloser.methods import build_method
@@ -216,6 +217,22 @@ def test_bad_options_name_the_option():
         tiny("method.min_crop=0.6", "method.response_crop=0.5")
     with pytest.raises(ConfigError, match="method.scales"):
         tiny("method.scales=4")
+    with pytest.raises(ConfigError, match="method.apn_lr_scale"):
+        tiny("method.apn_lr_scale=0")
+
+
+def test_apns_learn_at_their_own_rate_when_asked():
+    def scales_of_apn_parameters(method) -> set:
+        ids = {id(p) for p in method.apns.parameters()}
+        groups = parameter_groups(method, OptimConfig(head_lr_scale=5.0))
+        return {g.get("lr_scale") for g in groups for p in g["params"] if id(p) in ids}
+
+    assert scales_of_apn_parameters(tiny("method.scales=2")) == {5.0}
+    slow = tiny("method.scales=2", "method.apn_lr_scale=0.1")
+    assert scales_of_apn_parameters(slow) == {0.1}
+    heads = {id(p) for p in slow.heads.parameters()}
+    groups = parameter_groups(slow, OptimConfig(head_lr_scale=5.0))
+    assert {g.get("lr_scale") for g in groups for p in g["params"] if id(p) in heads} == {5.0}
 
 
 # ---- the saved model, export, explain ---------------------------------------------------------

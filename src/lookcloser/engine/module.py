@@ -242,7 +242,8 @@ class FGVCSystem(L.LightningModule):
 
 def parameter_groups(method: Method, cfg: OptimConfig) -> list[dict]:
     """Pretrained groups (weight decay, optional layer decay) plus new modules at head_lr_scale
-    and spatial transformers at their backbone's stn_lr_scale.
+    and modules with their own rate: spatial transformers at their backbone's stn_lr_scale,
+    `method.lr_scales()` at theirs.
 
     New are `method.new_modules()` and every backbone's declared `new_prefixes`, wherever
     they sit; each backbone's pretrained rest gets timm's groups, as if the new modules
@@ -251,7 +252,8 @@ def parameter_groups(method: Method, cfg: OptimConfig) -> list[dict]:
     backbones = [m for m in method.modules() if isinstance(m, Backbone)]
     new_ids = {id(p) for m in method.new_modules() for p in m.parameters()}
     new_ids |= {id(p) for b in backbones for p in b.new_parameters()}
-    stn = {id(p): (p, b.stn_lr_scale) for b in backbones for p in b.stn_parameters()}
+    own = {id(p): (p, b.stn_lr_scale) for b in backbones for p in b.stn_parameters()}
+    own |= {id(p): (p, scale) for m, scale in method.lr_scales() for p in m.parameters()}
     groups = []
     for backbone in backbones:
         pretrained = _Pretrained(backbone.model, new_ids)
@@ -261,15 +263,15 @@ def parameter_groups(method: Method, cfg: OptimConfig) -> list[dict]:
             )
         else:
             groups += param_groups_weight_decay(pretrained, cfg.weight_decay)
-    seen = {id(p) for g in groups for p in g["params"]} | stn.keys()
+    seen = {id(p) for g in groups for p in g["params"]} | own.keys()
     rest = [p for p in method.parameters() if id(p) not in seen and p.requires_grad]
     new = [p for p in rest if id(p) in new_ids]
     other = [p for p in rest if id(p) not in new_ids]
-    stn_groups: dict[float, list] = {}
-    for p, scale in stn.values():
+    own_groups: dict[float, list] = {}
+    for p, scale in own.values():
         if p.requires_grad:
-            stn_groups.setdefault(scale, []).append(p)
-    for scale, params in ((cfg.head_lr_scale, new), (1.0, other), *stn_groups.items()):
+            own_groups.setdefault(scale, []).append(p)
+    for scale, params in ((cfg.head_lr_scale, new), (1.0, other), *own_groups.items()):
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         if decay:

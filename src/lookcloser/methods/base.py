@@ -276,6 +276,11 @@ class Method(nn.Module):
         """
         return []
 
+    def lr_scales(self) -> list[tuple[nn.Module, float]]:
+        """Modules that learn at their own multiple of `optim.lr`, whatever else they are
+        (a localisation net whose output saturates or leaves the image at the head's rate)."""
+        return []
+
     def for_inference(self) -> Method:
         """The method to save and serve: a copy without `training_only` parts, sharing weights."""
         if not any(name in self._modules for name in self.training_only):

@@ -194,6 +194,7 @@ class RACNNOptions:
     apn_pretrain_weight: float = ranged(1.0, 0, 1000)
     cls_steps: int = ranged(200, 1)
     apn_steps: int = ranged(100, 1)
+    apn_lr_scale: float | None = None
     predict_from: PredictFrom = "fusion"
     label_smoothing: float = ranged(0.0, 0, 1, high_open=True)
 
@@ -214,12 +215,16 @@ class RACNNOptions:
         "apn_pretrain_weight": "weight of that regression during the APN pretraining",
         "cls_steps": "steps of each classification phase (APNs fixed)",
         "apn_steps": "steps of each proposal phase (ranking loss; classifiers fixed)",
+        "apn_lr_scale": "the APNs' learning rate as a multiple of optim.lr (null: the new "
+        "modules' optim.head_lr_scale)",
         "predict_from": "prediction: fusion (normalised scale features concatenated, one "
         "linear layer: the paper), sum (the scales' summed logits) or last (finest scale)",
         "label_smoothing": "label smoothing of the cross-entropy losses",
     }
 
     def __post_init__(self) -> None:
+        if self.apn_lr_scale is not None and not self.apn_lr_scale > 0:
+            raise ConfigError(f"method.apn_lr_scale: expected > 0 or null, got {self.apn_lr_scale}")
         if self.response_crop < self.min_crop:
             raise ConfigError(
                 f"method.response_crop={self.response_crop:g} is below method.min_crop="
@@ -453,6 +458,11 @@ class RACNN(Method):
     def new_modules(self) -> list[nn.Module]:
         """The heads, the APNs and the fusion layer are new; the scale networks pretrained."""
         return [self.heads, self.apns, self.fusion]
+
+    def lr_scales(self) -> list[tuple[nn.Module, float]]:
+        """The APNs at method.apn_lr_scale x optim.lr, when set."""
+        scale = self.options.apn_lr_scale
+        return [(self.apns, scale)] if scale is not None else []
 
     # ---- explain ----------------------------------------------------------------------------------
     def _explained(self, images: Tensor) -> Looks:
