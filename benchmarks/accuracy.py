@@ -238,6 +238,8 @@ COMMON = [
     f"trainer.cpu_threads={torch.get_num_threads()}",
 ]
 
+DEFAULT_SIZE, DEFAULT_EPOCHS = 128, 5
+
 
 def run(
     dataset: str,
@@ -248,7 +250,12 @@ def run(
     out_root: Path,
     data_root: Path | None,
 ) -> dict:
-    out = out_root / f"{dataset}-{method}-s{seed}"
+    # Another size or schedule gets its own directory (the default's name is what the other
+    # benchmarks read, e.g. tta_ensemble.py's baselines).
+    schedule = (f"-{size}px" if size != DEFAULT_SIZE else "") + (
+        f"-e{epochs}" if epochs != DEFAULT_EPOCHS else ""
+    )
+    out = out_root / f"{dataset}-{method}-s{seed}{schedule}"
     overrides = [
         *COMMON,
         *DATASETS[dataset],
@@ -344,8 +351,8 @@ def main() -> None:
         help="folder holding the real sets (default: $LOOKCLOSER_DATA)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
     parser.add_argument("--section", default="accuracy", help="docs/benchmarks.md section to write")
     parser.add_argument(
