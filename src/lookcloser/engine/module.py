@@ -256,7 +256,7 @@ def parameter_groups(method: Method, cfg: OptimConfig) -> list[dict]:
     own |= {id(p): (p, scale) for m, scale in method.lr_scales() for p in m.parameters()}
     groups = []
     for backbone in backbones:
-        pretrained = _Pretrained(backbone.model, new_ids)
+        pretrained = _Pretrained(backbone.model, new_ids | own.keys())
         if cfg.layer_decay is not None:
             groups += param_groups_layer_decay(
                 pretrained, cfg.weight_decay, layer_decay=cfg.layer_decay

@@ -2,9 +2,10 @@
 (`model.attention`), and a spatial transformer in front of it (`model.stn`).
 
 The blocks are timm's own layers (`SEModule`, `SelectiveKernel`, `CbamModule`). Each sits
-behind a zero-initialised gate, `x + gamma * (block(x) - x)` with gamma = 0 at the start
+behind a gate, `x + gamma * (block(x) - x)` with gamma = 0 at the start by default
 (ReZero-style), so a pretrained network computes exactly what it computed before at step 0
-and the block fades in as gamma learns; gamma = 1 is the block as published. The blocks live
+and the block fades in as gamma learns; gamma = 1 is the block as published
+(`model.attention_gate_init` sets the start). The blocks live
 under one new prefix of the timm model (`attention_blocks.<level>.`), run as forward hooks on
 the stage modules (every forward path of the model, `forward_intermediates` included, goes
 through them), and are declared new so pretrained weights load around them.
