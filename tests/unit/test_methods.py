@@ -273,3 +273,25 @@ def test_method_from_an_entry_point(tmp_path, monkeypatch, registries):
     with pytest.raises(ConfigError, match="available: .*ep-plugged"):
         method_class("nope")
     forget("lc_ep_methods", "ep-plugged")
+
+
+class SlowStem(Baseline):
+    """A baseline whose pretrained stem learns at its own rate (Method.lr_scales)."""
+
+    name = "test-slow-stem"
+
+    def lr_scales(self):
+        return [(self.backbone.model.conv_stem, 0.01)]
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.5])
+def test_a_pretrained_module_at_its_own_rate_is_in_one_group(registries, layer_decay):
+    register_method(SlowStem)
+    overrides = [] if layer_decay is None else [f"optim.layer_decay={layer_decay}"]
+    method = build_method(tiny_cfg("method.name=test-slow-stem"), 3)
+    groups = parameter_groups(method, tiny_cfg(*overrides).optim)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in method.parameters())  # each once
+    scales = scales_by_name(method, tiny_cfg(*overrides).optim)
+    slow = {name for name, scale in scales.items() if scale == 0.01}
+    assert slow == {n for n, _ in method.named_parameters() if ".conv_stem." in n}
