@@ -97,31 +97,7 @@ METHODS = {
         kind: ["method.name=baseline", "method.label_smoothing=0.1", f"model.attention={kind}"]
         for kind in ("se", "sk", "cbam")
     },
-    # The same blocks as published from step 0 (gate gamma = 1, not faded in from 0).
-    **{
-        f"{kind}-gate1": [
-            "method.name=baseline",
-            "method.label_smoothing=0.1",
-            f"model.attention={kind}",
-            "model.attention_gate_init=1.0",
-        ]
-        for kind in ("se", "cbam")
-    },
     "stn": ["method.name=baseline", "method.label_smoothing=0.1", "model.stn=true"],
-    # The STN at the backbone's learning rate (10x the default), affine or a zoom and shift.
-    "stn-lr1": [
-        "method.name=baseline",
-        "method.label_smoothing=0.1",
-        "model.stn=true",
-        "model.stn_lr_scale=1.0",
-    ],
-    "stn-zoom-lr1": [
-        "method.name=baseline",
-        "method.label_smoothing=0.1",
-        "model.stn=true",
-        "model.stn_mode=translation_scale",
-        "model.stn_lr_scale=1.0",
-    ],
     # DCN as configs/*/dcn-lite0.yaml: 4 of 16 32-px cells through the fine Lite0, coarse Lite0
     # to stage 3 at half size; about half the fine network's FLOPs (the size must be a
     # multiple of 32).
@@ -145,18 +121,17 @@ METHODS = {
         "method.cls_steps=15",
         "method.apn_steps=5",
     ],
-    # The same with the APNs at the backbone's rate, not the heads' x5 (at x5 their squares
-    # saturated: the whole image, or the smallest square in a corner, for every image).
-    "racnn-apn-lr1": [
-        "method.name=racnn",
-        "method.label_smoothing=0.1",
-        "method.scales=2",
-        "method.apn_pretrain_steps=20",
-        "method.cls_steps=15",
-        "method.apn_steps=5",
-        "method.apn_lr_scale=1.0",
-    ],
 }
+# The fixes tried on issue 11 (docs/methods.md): the blocks as published from step 0 (gate
+# gamma = 1, not faded in from 0); the STN at the backbone's learning rate (10x the default),
+# affine or a zoom and shift; RA-CNN's APNs at the backbone's rate, not the heads' x5 (at x5
+# their squares saturated: the whole image, or the smallest square in a corner).
+METHODS |= {
+    f"{kind}-gate1": [*METHODS[kind], "model.attention_gate_init=1.0"] for kind in ("se", "cbam")
+}
+METHODS["stn-lr1"] = [*METHODS["stn"], "model.stn_lr_scale=1.0"]
+METHODS["stn-zoom-lr1"] = [*METHODS["stn-lr1"], "model.stn_mode=translation_scale"]
+METHODS["racnn-apn-lr1"] = [*METHODS["racnn"], "method.apn_lr_scale=1.0"]
 # RAMS-Trans on a ViT against the same ViT single-scale (configs/synthetic/ramstrans-vit.yaml):
 # a 6-block ViT-Tiny from scratch (no ViT weights offline), 8 x 8 patches at 128 px; run with
 # --epochs 40 as the recipe.
