@@ -232,7 +232,10 @@ def test_stn_warps_what_the_backbone_sees_and_explain_shows_it():
         warped = backbone.warp(images)
         torch.testing.assert_close(backbone(images), plain(warped))
         torch.testing.assert_close(backbone.plugin_views(images)["stn: warped input"], warped)
-    assert len(backbone.stn_parameters()) == len(list(backbone.stn.parameters()))
+    assert backbone.lr_scales() == [(backbone.stn, 0.1)]
+    assert not {id(p) for p in backbone.stn.parameters()} & {
+        id(p) for p in backbone.new_parameters()
+    }
 
 
 # ---- stages, config, learning rates, weight sources ---------------------------------------------

@@ -288,10 +288,10 @@ class SlowStem(Baseline):
 def test_a_pretrained_module_at_its_own_rate_is_in_one_group(registries, layer_decay):
     register_method(SlowStem)
     overrides = [] if layer_decay is None else [f"optim.layer_decay={layer_decay}"]
+    optim = tiny_cfg(*overrides).optim
     method = build_method(tiny_cfg("method.name=test-slow-stem"), 3)
-    groups = parameter_groups(method, tiny_cfg(*overrides).optim)
-    grouped = [id(p) for g in groups for p in g["params"]]
+    grouped = [id(p) for g in parameter_groups(method, optim) for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in method.parameters())  # each once
-    scales = scales_by_name(method, tiny_cfg(*overrides).optim)
+    scales = scales_by_name(method, optim)
     slow = {name for name, scale in scales.items() if scale == 0.01}
     assert slow == {n for n, _ in method.named_parameters() if ".conv_stem." in n}

@@ -222,17 +222,17 @@ def test_bad_options_name_the_option():
 
 
 def test_apns_learn_at_their_own_rate_when_asked():
-    def scales_of_apn_parameters(method) -> set:
-        ids = {id(p) for p in method.apns.parameters()}
+    def scales(method, module) -> set:
+        """The lr_scale of the groups holding `module`'s parameters."""
+        ids = {id(p) for p in module.parameters()}
         groups = parameter_groups(method, OptimConfig(head_lr_scale=5.0))
         return {g.get("lr_scale") for g in groups for p in g["params"] if id(p) in ids}
 
-    assert scales_of_apn_parameters(tiny("method.scales=2")) == {5.0}
+    default = tiny("method.scales=2")
+    assert scales(default, default.apns) == {5.0}
     slow = tiny("method.scales=2", "method.apn_lr_scale=0.1")
-    assert scales_of_apn_parameters(slow) == {0.1}
-    heads = {id(p) for p in slow.heads.parameters()}
-    groups = parameter_groups(slow, OptimConfig(head_lr_scale=5.0))
-    assert {g.get("lr_scale") for g in groups for p in g["params"] if id(p) in heads} == {5.0}
+    assert scales(slow, slow.apns) == {0.1}
+    assert scales(slow, slow.heads) == {5.0}
 
 
 # ---- the saved model, export, explain ---------------------------------------------------------

@@ -242,8 +242,8 @@ class FGVCSystem(L.LightningModule):
 
 def parameter_groups(method: Method, cfg: OptimConfig) -> list[dict]:
     """Pretrained groups (weight decay, optional layer decay) plus new modules at head_lr_scale
-    and modules with their own rate: spatial transformers at their backbone's stn_lr_scale,
-    `method.lr_scales()` at theirs.
+    and modules with their own rate (`lr_scales()` of the method and of each backbone: a
+    spatial transformer at its stn_lr_scale).
 
     New are `method.new_modules()` and every backbone's declared `new_prefixes`, wherever
     they sit; each backbone's pretrained rest gets timm's groups, as if the new modules
@@ -252,8 +252,8 @@ def parameter_groups(method: Method, cfg: OptimConfig) -> list[dict]:
     backbones = [m for m in method.modules() if isinstance(m, Backbone)]
     new_ids = {id(p) for m in method.new_modules() for p in m.parameters()}
     new_ids |= {id(p) for b in backbones for p in b.new_parameters()}
-    own = {id(p): (p, b.stn_lr_scale) for b in backbones for p in b.stn_parameters()}
-    own |= {id(p): (p, scale) for m, scale in method.lr_scales() for p in m.parameters()}
+    scaled = [*method.lr_scales(), *(pair for b in backbones for pair in b.lr_scales())]
+    own = {id(p): (p, scale) for m, scale in scaled for p in m.parameters()}
     groups = []
     for backbone in backbones:
         pretrained = _Pretrained(backbone.model, new_ids | own.keys())

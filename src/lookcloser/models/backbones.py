@@ -440,9 +440,10 @@ class Backbone(nn.Module):
         """Parameters under `new_prefixes` (modules added to the pretrained network)."""
         return [p for n, p in self.model.named_parameters() if is_new_key(n, self.new_prefixes)]
 
-    def stn_parameters(self) -> list[nn.Parameter]:
-        """The spatial transformer's parameters (new too, but at `stn_lr_scale`)."""
-        return list(self.stn.parameters()) if self.stn is not None else []
+    def lr_scales(self) -> list[tuple[nn.Module, float]]:
+        """Modules at their own multiple of optim.lr (as `Method.lr_scales`): the spatial
+        transformer, new too, but at `stn_lr_scale`."""
+        return [(self.stn, self.stn_lr_scale)] if self.stn is not None else []
 
     # ---- attention plug-ins: what explain shows -------------------------------------------
     def attention_blocks(self) -> list[StageAttention]:
