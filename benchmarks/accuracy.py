@@ -131,6 +131,12 @@ METHODS |= {
 }
 METHODS["stn-lr1"] = [*METHODS["stn"], "model.stn_lr_scale=1.0"]
 METHODS["stn-zoom-lr1"] = [*METHODS["stn-lr1"], "model.stn_mode=translation_scale"]
+# The STN paper's fine-grained set-up: a pretrained localisation net predicting a zoom.
+METHODS["stn-pretrained"] = [
+    *METHODS["stn"],
+    "model.stn_localisation=backbone",
+    "model.stn_mode=translation_scale",
+]
 METHODS["racnn-apn-lr1"] = [*METHODS["racnn"], "method.apn_lr_scale=1.0"]
 # RAMS-Trans on a ViT against the same ViT single-scale (configs/synthetic/ramstrans-vit.yaml):
 # a 6-block ViT-Tiny from scratch (no ViT weights offline), 8 x 8 patches at 128 px; run with

@@ -180,6 +180,11 @@ class ModelConfig:
     # The STN's learning rate as a multiple of optim.lr (not of the head's): a warp that
     # leaves the image gets no gradient back, so it must move slowly.
     stn_lr_scale: float = ranged(0.1, **POSITIVE)
+    # The STN's localisation net: a small CNN from scratch, or a copy of model.backbone with
+    # its pretrained weights (as the STN paper's fine-grained models); it reads the image at
+    # stn_size x stn_size.
+    stn_localisation: Literal["scratch", "backbone"] = "scratch"
+    stn_size: int = ranged(64, 16, 1024)
     # Pretrained BatchNorm / LayerNorm / GroupNorm layers frozen: running statistics and affine
     # parameters stay as loaded (norms inside new modules still train).
     freeze_norm: bool = False

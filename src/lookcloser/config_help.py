@@ -94,6 +94,9 @@ HELP: dict[str, str] = {
     "shift) or translation_scale",
     "model.stn_lr_scale": "the STN's learning rate as a multiple of optim.lr (a warp that "
     "leaves the image gets no gradient back, so it moves slowly)",
+    "model.stn_localisation": "the STN's localisation net: scratch (a small CNN) or backbone (a "
+    "copy of model.backbone with its pretrained weights)",
+    "model.stn_size": "the side in pixels of the image the localisation net reads",
     "optim.name": "any timm optimizer name",
     "optim.lr": "base learning rate",
     "optim.weight_decay": "weight decay (not on biases and norms)",

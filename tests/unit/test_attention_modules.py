@@ -20,6 +20,7 @@ from lookcloser.api import _save
 from lookcloser.config import Config, OptimConfig
 from lookcloser.data.batch import Batch
 from lookcloser.data.prepare import TrainingData
+from lookcloser.engine.finetune import NORM_TYPES, pretrained_norms
 from lookcloser.engine.module import parameter_groups
 from lookcloser.errors import ConfigError
 from lookcloser.methods import build_method
@@ -236,6 +237,81 @@ def test_stn_warps_what_the_backbone_sees_and_explain_shows_it():
     assert not {id(p) for p in backbone.stn.parameters()} & {
         id(p) for p in backbone.new_parameters()
     }
+
+
+def test_a_pretrained_localisation_net_starts_at_identity_and_learns_slowly(tmp_path):
+    """model.stn_localisation=backbone: the localisation net is a copy of the backbone with the
+    same pretrained weights; the warp starts as the identity; the whole STN learns at
+    stn_lr_scale and its norms count as pretrained (model.freeze_norm freezes them)."""
+    source = timm.create_model("test_efficientnet", pretrained=False)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    backbone = Backbone(
+        "test_efficientnet", weights=path, stn=True, stn_localisation="backbone", stn_size=48
+    ).eval()
+    localisation = backbone.stn.localisation
+    assert torch.equal(localisation.model.conv_stem.weight, source.conv_stem.weight)
+    assert localisation.model.conv_stem.weight is not backbone.model.conv_stem.weight
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.warp(images), images, rtol=0, atol=1e-5)
+    # Gradients reach the regressor at once (the pretrained features are not zero).
+    backbone.train()
+    backbone(images).sum().backward()
+    assert backbone.stn.regress.weight.grad.abs().sum() > 0
+    method = build_method(
+        Config.load(
+            None,
+            [
+                "model.pretrained=false",
+                "model.stn=true",
+                "model.stn_localisation=backbone",
+                "model.stn_lr_scale=0.2",
+                "model.backbone=test_efficientnet",
+            ],
+        ),
+        3,
+    )
+    groups = parameter_groups(method, OptimConfig(head_lr_scale=5.0))
+    slow = {id(p) for g in groups if g.get("lr_scale") == 0.2 for p in g["params"]}
+    assert slow == {id(p) for p in method.backbone.stn.parameters()}
+    norms = {id(m) for m in pretrained_norms(method)}
+    assert {
+        id(m) for m in method.backbone.stn.localisation.modules() if isinstance(m, NORM_TYPES)
+    } <= norms
+
+
+def test_a_fixed_size_localisation_net_must_take_stn_size():
+    with pytest.raises(ConfigError, match=r"model.stn_size: 64.*takes 32 x 32 images only"):
+        Backbone(
+            "vit_tiny_patch16_224", stn=True, stn_localisation="backbone", kwargs={"img_size": 32}
+        )
+    with pytest.raises(ConfigError, match="model.stn_localisation: expected 'scratch' or"):
+        Backbone("resnet18", stn=True, stn_localisation="imagenet")
+
+
+def test_a_model_with_a_pretrained_localisation_net_saves_and_loads(tmp_path):
+    cfg = Config.load(
+        None,
+        [
+            "model.backbone=test_efficientnet",
+            "model.pretrained=false",
+            "data.image_size=64",
+            "data.crop_pct=1.0",
+            "model.stn=true",
+            "model.stn_mode=translation_scale",
+            "model.stn_localisation=backbone",
+        ],
+    )
+    torch.manual_seed(0)
+    method = build_method(cfg, 3).eval()
+    with torch.no_grad():
+        method.backbone.stn.regress.weight.normal_(0, 0.05)  # a warp that depends on the image
+    _save(tmp_path, method.for_inference(), TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
+    predictor = Predictor.load(tmp_path)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(predictor.method(images), method.for_inference()(images))
 
 
 # ---- stages, config, learning rates, weight sources ---------------------------------------------

@@ -83,6 +83,7 @@ PLUGINS = {
     "sk": ["model.attention=sk"],
     "cbam": ["model.attention=cbam"],
     "stn": ["model.stn=true"],
+    "stn-localisation-backbone": ["model.stn=true", "model.stn_localisation=backbone"],
 }
 
 _import_builtin_methods()
@@ -140,6 +141,7 @@ def test_baseline_with_each_attention_plugin(plugin, tmp_path):
         "sk": ("sk branch weights",),
         "cbam": ("cbam channel weights", "cbam-spatial-layer4"),
         "stn": ("stn: warped input",),
+        "stn-localisation-backbone": ("stn: warped input",),
     }[plugin]
     assert set(expected) <= names, names
 

@@ -301,6 +301,8 @@ class Backbone(nn.Module):
         stn: bool = False,
         stn_mode: str = "affine",
         stn_lr_scale: float = 0.1,
+        stn_localisation: str = "scratch",
+        stn_size: int = 64,
     ):
         super().__init__()
         extra = dict(kwargs or {})
@@ -330,7 +332,24 @@ class Backbone(nn.Module):
             # Only the Lite0 stem of a hybrid ViT has ImageNet weights: the rest trains as new.
             self.new_prefixes += hybrid.transformer_prefixes(self.model)
         # The spatial transformer warps the input in front of the network (model.stn).
-        self.stn = SpatialTransformer(stn_mode) if stn else None
+        if stn_localisation not in ("scratch", "backbone"):
+            raise ConfigError(
+                f"model.stn_localisation: expected 'scratch' or 'backbone', got {stn_localisation!r}"
+            )
+        self.stn = None
+        if stn and stn_localisation == "backbone":
+            # The STN paper's fine-grained set-up: a pretrained localisation net (here a copy
+            # of this network, plain) reading the image at stn_size.
+            localisation = Backbone(name, pretrained, weights, key_map, kwargs=kwargs)
+            _check_input_size(localisation, stn_size)
+            self.stn = SpatialTransformer(
+                stn_mode,
+                stn_size,
+                localisation=localisation,
+                localisation_features=localisation.num_features,
+            )
+        elif stn:
+            self.stn = SpatialTransformer(stn_mode, stn_size)
         self.stn_lr_scale = stn_lr_scale
         self.data_config = timm.data.resolve_model_data_config(self.model)
         self.num_features: int = self.model.num_features
@@ -547,6 +566,22 @@ def unfused_attention(model: nn.Module) -> Iterator[None]:
             module.fused_attn = value
 
 
+def _check_input_size(localisation: Backbone, size: int) -> None:
+    """A localisation net that takes one input size only must take model.stn_size."""
+    patch_embed = getattr(localisation.model, "patch_embed", None)
+    fixed = (
+        getattr(patch_embed, "img_size", None)
+        if getattr(patch_embed, "strict_img_size", False)
+        else None
+    )
+    if fixed is not None and tuple(fixed) != (size, size):
+        raise ConfigError(
+            f"model.stn_size: {size}, but the localisation net {localisation.name!r} takes "
+            f"{fixed[0]} x {fixed[1]} images only; set model.stn_size={fixed[0]} or "
+            "model.kwargs.dynamic_img_size=true"
+        )
+
+
 def _compose(first: ModelEdit | None, second: ModelEdit) -> ModelEdit:
     if first is None:
         return second
@@ -599,6 +634,8 @@ class BackboneFactory:
             "stn": cfg.stn if configured else False,
             "stn_mode": cfg.stn_mode,
             "stn_lr_scale": cfg.stn_lr_scale,
+            "stn_localisation": cfg.stn_localisation,
+            "stn_size": cfg.stn_size,
         }
         args["kwargs"].update(overrides.pop("kwargs", None) or {})
         args.update(overrides)

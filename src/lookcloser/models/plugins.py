@@ -243,30 +243,43 @@ def affine_grid(theta: Tensor, height: int, width: int) -> Tensor:
 class SpatialTransformer(nn.Module):
     """Localisation CNN -> transform parameters -> grid -> bilinear sampler on the input.
 
-    The localisation net sees a `size` x `size` copy of the normalized image; its last layer
-    starts with zero weights and the identity as bias, so at step 0 the warp is the identity
-    (the input comes back unchanged).
+    The localisation net sees a `size` x `size` copy of the image: by default a small CNN from
+    scratch reading the normalized image; or `localisation`, a given network (e.g. a pretrained
+    Backbone, which normalizes [0, 1] images itself) giving B x `localisation_features`. The
+    last layer starts with zero weights and the identity as bias, so at step 0 the warp is the
+    identity (the input comes back unchanged).
     """
 
-    def __init__(self, mode: str = "affine", size: int = 64, channels: int = 32):
+    def __init__(
+        self,
+        mode: str = "affine",
+        size: int = 64,
+        channels: int = 32,
+        localisation: nn.Module | None = None,
+        localisation_features: int = 0,
+    ):
         super().__init__()
         if mode not in STN_PARAMETERS:
             raise ConfigError(f"model.stn_mode: expected one of {', '.join(STN_PARAMETERS)}")
         self.mode = mode
         self.size = size
         c = channels
-        self.features = nn.Sequential(
-            nn.Conv2d(3, c // 2, 5, stride=2, padding=2),
-            nn.ReLU(),
-            nn.Conv2d(c // 2, c, 5, stride=2, padding=2),
-            nn.ReLU(),
-            nn.Conv2d(c, c, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(c, c),
-            nn.ReLU(),
-        )
+        self.localisation = localisation
+        if localisation is None:
+            self.features = nn.Sequential(
+                nn.Conv2d(3, c // 2, 5, stride=2, padding=2),
+                nn.ReLU(),
+                nn.Conv2d(c // 2, c, 5, stride=2, padding=2),
+                nn.ReLU(),
+                nn.Conv2d(c, c, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(c, c),
+                nn.ReLU(),
+            )
+        else:
+            c = localisation_features
         self.regress = nn.Linear(c, STN_PARAMETERS[mode])
         nn.init.zeros_(self.regress.weight)
         with torch.no_grad():
@@ -275,12 +288,18 @@ class SpatialTransformer(nn.Module):
                 self.regress.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
 
     def theta(self, images: Tensor, normalized: Tensor | None = None) -> Tensor:
-        """B x 2 x 3 transforms for images (the localisation net reads `normalized` if given)."""
-        source = images if normalized is None else normalized
-        small = F.interpolate(
-            source, size=(self.size, self.size), mode="bilinear", align_corners=False
+        """B x 2 x 3 transforms for images (the scratch localisation net reads `normalized`
+        if given; a given one reads the [0, 1] images)."""
+        if self.localisation is not None:
+            features = self.localisation(self._small(images))
+        else:
+            features = self.features(self._small(images if normalized is None else normalized))
+        return stn_theta(self.regress(features), self.mode)
+
+    def _small(self, images: Tensor) -> Tensor:
+        return F.interpolate(
+            images, size=(self.size, self.size), mode="bilinear", align_corners=False
         )
-        return stn_theta(self.regress(self.features(small)), self.mode)
 
     def forward(self, images: Tensor, normalized: Tensor | None = None) -> Tensor:
         """The warped images (same size; zeros where the transform looks outside the image)."""
