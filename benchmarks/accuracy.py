@@ -137,6 +137,7 @@ METHODS["stn-pretrained"] = [
     "model.stn_localisation=backbone",
     "model.stn_mode=translation_scale",
 ]
+METHODS["stn-pretrained-lr001"] = [*METHODS["stn-pretrained"], "model.stn_lr_scale=0.01"]
 METHODS["racnn-apn-lr1"] = [*METHODS["racnn"], "method.apn_lr_scale=1.0"]
 # RAMS-Trans on a ViT against the same ViT single-scale (configs/synthetic/ramstrans-vit.yaml):
 # a 6-block ViT-Tiny from scratch (no ViT weights offline), 8 x 8 patches at 128 px; run with
