@@ -138,6 +138,9 @@ METHODS["stn-pretrained"] = [
     "model.stn_mode=translation_scale",
 ]
 METHODS["stn-pretrained-lr001"] = [*METHODS["stn-pretrained"], "model.stn_lr_scale=0.01"]
+# ... and with the paper's zoom headroom: run with --size 256, the STN samples 128 px views
+# (what the 128 px baseline's backbone sees) from the 256 px input.
+METHODS["stn-views"] = [*METHODS["stn-pretrained"], "model.stn_view_size=128"]
 METHODS["racnn-apn-lr1"] = [*METHODS["racnn"], "method.apn_lr_scale=1.0"]
 # RAMS-Trans on a ViT against the same ViT single-scale (configs/synthetic/ramstrans-vit.yaml):
 # a 6-block ViT-Tiny from scratch (no ViT weights offline), 8 x 8 patches at 128 px; run with

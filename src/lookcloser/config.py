@@ -185,6 +185,9 @@ class ModelConfig:
     # stn_size x stn_size.
     stn_localisation: Literal["scratch", "backbone"] = "scratch"
     stn_size: int = ranged(64, 16, 1024)
+    # The side of the STN's output, the view the backbone classifies (0 = the input's size).
+    # Below data.image_size it gives the STN paper's zoom headroom: a zoom shows real pixels.
+    stn_view_size: int = ranged(0, 0, 4096)
     # Pretrained BatchNorm / LayerNorm / GroupNorm layers frozen: running statistics and affine
     # parameters stay as loaded (norms inside new modules still train).
     freeze_norm: bool = False

@@ -97,6 +97,8 @@ HELP: dict[str, str] = {
     "model.stn_localisation": "the STN's localisation net: scratch (a small CNN) or backbone (a "
     "copy of model.backbone with its pretrained weights)",
     "model.stn_size": "the side in pixels of the image the localisation net reads",
+    "model.stn_view_size": "the side of the STN's output, the view the backbone classifies "
+    "(0 = the input's); below data.image_size a zoom shows real pixels, not resampled ones",
     "optim.name": "any timm optimizer name",
     "optim.lr": "base learning rate",
     "optim.weight_decay": "weight decay (not on biases and norms)",

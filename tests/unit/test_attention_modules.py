@@ -206,6 +206,23 @@ def test_a_learned_zoom_samples_the_centre():
     assert warped[:, :, 1:7, 1:7].min() > 0.99
 
 
+def test_views_smaller_than_the_input_zoom_into_real_pixels():
+    """model.stn_view_size: at identity the view is the input at the view's size (a 2 x 2
+    mean); a 2x zoom into an input twice the view's side shows its centre pixels unchanged."""
+    images = torch.rand(2, 3, 32, 32)
+    stn = SpatialTransformer("translation_scale", view_size=16)
+    torch.testing.assert_close(stn(images), F.avg_pool2d(images, 2), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        stn.regress.bias.copy_(torch.tensor([np.log(0.5), 0.0, 0.0]))
+    torch.testing.assert_close(stn(images), images[:, :, 8:24, 8:24], rtol=0, atol=1e-5)
+    backbone = Backbone("resnet18", stn=True, stn_view_size=32).eval()
+    with torch.no_grad():
+        features = backbone.forward_features(torch.rand(1, 3, 64, 64))
+    assert features.shape[-2:] == (1, 1)  # the network saw 32 px views (stride 32), not 64
+    with pytest.raises(ConfigError, match="model.stn_view_size: set, but there is no STN"):
+        Backbone("resnet18", stn_view_size=16)
+
+
 def test_gradients_reach_the_localisation_net():
     torch.manual_seed(0)
     stn = SpatialTransformer("affine")

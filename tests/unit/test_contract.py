@@ -83,7 +83,12 @@ PLUGINS = {
     "sk": ["model.attention=sk"],
     "cbam": ["model.attention=cbam"],
     "stn": ["model.stn=true"],
-    "stn-localisation-backbone": ["model.stn=true", "model.stn_localisation=backbone"],
+    # A pretrained localisation net, and views smaller than the input (zoom headroom).
+    "stn-localisation-backbone": [
+        "model.stn=true",
+        "model.stn_localisation=backbone",
+        f"model.stn_view_size={SIZE // 2}",
+    ],
 }
 
 _import_builtin_methods()

@@ -303,6 +303,7 @@ class Backbone(nn.Module):
         stn_lr_scale: float = 0.1,
         stn_localisation: str = "scratch",
         stn_size: int = 64,
+        stn_view_size: int = 0,
     ):
         super().__init__()
         extra = dict(kwargs or {})
@@ -347,9 +348,12 @@ class Backbone(nn.Module):
                 stn_size,
                 localisation=localisation,
                 localisation_features=localisation.num_features,
+                view_size=stn_view_size,
             )
         elif stn:
-            self.stn = SpatialTransformer(stn_mode, stn_size)
+            self.stn = SpatialTransformer(stn_mode, stn_size, view_size=stn_view_size)
+        elif stn_view_size:
+            raise ConfigError("model.stn_view_size: set, but there is no STN (model.stn=true)")
         self.stn_lr_scale = stn_lr_scale
         self.data_config = timm.data.resolve_model_data_config(self.model)
         self.num_features: int = self.model.num_features
@@ -636,6 +640,7 @@ class BackboneFactory:
             "stn_lr_scale": cfg.stn_lr_scale,
             "stn_localisation": cfg.stn_localisation,
             "stn_size": cfg.stn_size,
+            "stn_view_size": cfg.stn_view_size,
         }
         args["kwargs"].update(overrides.pop("kwargs", None) or {})
         args.update(overrides)

@@ -246,6 +246,8 @@ class SpatialTransformer(nn.Module):
     The localisation net sees a `size` x `size` copy of the image: by default a small CNN from
     scratch reading the normalized image; or `localisation`, a given network (e.g. a pretrained
     Backbone, which normalizes [0, 1] images itself) giving B x `localisation_features`. The
+    output is `view_size` square when given: views sampled from a larger input (the STN
+    paper's zoom headroom, 448 px in and 224 px views), not just resampled pixels. The
     last layer starts with zero weights and the identity as bias, so at step 0 the warp is the
     identity (the input comes back unchanged).
     """
@@ -257,12 +259,14 @@ class SpatialTransformer(nn.Module):
         channels: int = 32,
         localisation: nn.Module | None = None,
         localisation_features: int = 0,
+        view_size: int = 0,
     ):
         super().__init__()
         if mode not in STN_PARAMETERS:
             raise ConfigError(f"model.stn_mode: expected one of {', '.join(STN_PARAMETERS)}")
         self.mode = mode
         self.size = size
+        self.view_size = view_size
         c = channels
         self.localisation = localisation
         if localisation is None:
@@ -302,9 +306,11 @@ class SpatialTransformer(nn.Module):
         )
 
     def forward(self, images: Tensor, normalized: Tensor | None = None) -> Tensor:
-        """The warped images (same size; zeros where the transform looks outside the image)."""
+        """The warped images (`view_size` square, else the input's size; zeros where the
+        transform looks outside the image)."""
         theta = self.theta(images, normalized)
-        grid = affine_grid(theta, images.shape[-2], images.shape[-1])
+        height, width = (self.view_size,) * 2 if self.view_size else images.shape[-2:]
+        grid = affine_grid(theta, height, width)
         return F.grid_sample(
             images,
             grid.to(images.dtype),
