@@ -337,23 +337,21 @@ class Backbone(nn.Module):
             raise ConfigError(
                 f"model.stn_localisation: expected 'scratch' or 'backbone', got {stn_localisation!r}"
             )
-        self.stn = None
+        if stn_view_size and not stn:
+            raise ConfigError("model.stn_view_size: set, but there is no STN (model.stn=true)")
+        localisation = None
         if stn and stn_localisation == "backbone":
             # The STN paper's fine-grained set-up: a pretrained localisation net (here a copy
             # of this network, plain) reading the image at stn_size.
             localisation = Backbone(name, pretrained, weights, key_map, kwargs=kwargs)
             _check_input_size(localisation, stn_size)
-            self.stn = SpatialTransformer(
-                stn_mode,
-                stn_size,
-                localisation=localisation,
-                localisation_features=localisation.num_features,
-                view_size=stn_view_size,
+        self.stn = (
+            SpatialTransformer(
+                stn_mode, stn_size, localisation=localisation, view_size=stn_view_size
             )
-        elif stn:
-            self.stn = SpatialTransformer(stn_mode, stn_size, view_size=stn_view_size)
-        elif stn_view_size:
-            raise ConfigError("model.stn_view_size: set, but there is no STN (model.stn=true)")
+            if stn
+            else None
+        )
         self.stn_lr_scale = stn_lr_scale
         self.data_config = timm.data.resolve_model_data_config(self.model)
         self.num_features: int = self.model.num_features

@@ -244,8 +244,8 @@ class SpatialTransformer(nn.Module):
     """Localisation CNN -> transform parameters -> grid -> bilinear sampler on the input.
 
     The localisation net sees a `size` x `size` copy of the image: by default a small CNN from
-    scratch reading the normalized image; or `localisation`, a given network (e.g. a pretrained
-    Backbone, which normalizes [0, 1] images itself) giving B x `localisation_features`. The
+    scratch reading the normalized image; or `localisation`, a given network with
+    `num_features` (e.g. a pretrained Backbone, which normalizes [0, 1] images itself). The
     output is `view_size` square when given: views sampled from a larger input (the STN
     paper's zoom headroom, 448 px in and 224 px views), not just resampled pixels. The
     last layer starts with zero weights and the identity as bias, so at step 0 the warp is the
@@ -258,7 +258,6 @@ class SpatialTransformer(nn.Module):
         size: int = 64,
         channels: int = 32,
         localisation: nn.Module | None = None,
-        localisation_features: int = 0,
         view_size: int = 0,
     ):
         super().__init__()
@@ -283,7 +282,7 @@ class SpatialTransformer(nn.Module):
                 nn.ReLU(),
             )
         else:
-            c = localisation_features
+            c = localisation.num_features
         self.regress = nn.Linear(c, STN_PARAMETERS[mode])
         nn.init.zeros_(self.regress.weight)
         with torch.no_grad():
