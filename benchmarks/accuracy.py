@@ -206,6 +206,16 @@ METHODS["cropfusion"] = [*METHODS["baseline"], "model.crop_fusion=concat"]
 # its baseline at the same stride.
 METHODS["baseline-os16"] = [*METHODS["baseline"], "model.kwargs.output_stride=16"]
 METHODS["cropfusion-os16"] = [*METHODS["cropfusion"], "model.kwargs.output_stride=16"]
+# Fine-tuning strategies (issue 12) against the plain fine-tune at the same 5 epochs. Lite0
+# has 18 timm layer groups (stem, 16 blocks, head conv): at 0.85 the stem learns at
+# 0.85^17 = 0.06 x the rate. The two-stage schedule as the recipe for small models: whole
+# network with frozen norms, then the head alone, class-balanced, at a quarter of the rate.
+METHODS["layerdecay"] = [*METHODS["baseline"], "optim.layer_decay=0.85"]
+METHODS["twostage"] = [
+    *METHODS["baseline"],
+    "optim.stages=[{epochs: 4, freeze_norm: true}, {epochs: 1, lr: 0.0005, warmup_epochs: 0,"
+    " freeze_backbone: true, sampler: balanced}]",
+]
 COMMON = [
     "model.backbone=tf_efficientnet_lite0",
     "model.pretrained=true",
