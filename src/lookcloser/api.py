@@ -99,9 +99,14 @@ def check_config(cfg: Config) -> Config:
     from lookcloser.methods.base import check_crop_use, check_meta_use, method_class
     from lookcloser.models.heads import HeadSpec
     from lookcloser.semi import check_semi
+    from lookcloser.tta import TTA
 
     cfg.validate()
     check_semi(cfg)
+    try:
+        TTA.parse(cfg.model.tta)
+    except ConfigError as e:
+        raise ConfigError(f"model.tta={cfg.model.tta!r}: {e}") from None
     cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
     method_options(cfg, cls.Options)
     keys = check_meta_keys(cfg.data.meta_keys)
@@ -241,6 +246,7 @@ def _train(
         device="cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
         max_pixels=cfg.data.max_image_pixels,
     )
+    predictor.tta = cfg.model.tta
     metrics = _evaluate_and_write(predictor, cfg, data, run_dir, progress)
     if system.semi is not None:
         from lookcloser.semi import write_online_records
@@ -280,6 +286,8 @@ def _evaluate_and_write(
             continue
         metrics = compute_metrics(out.logits, out.labels, predictor.classes)
         full[split] = {**summary(metrics), "most_confused": metrics["most_confused"]}
+        if predictor.tta is not None:
+            full[split]["tta"] = predictor.tta.spec()
         if split == "test":
             write_confusion(metrics["confusion"], predictor.classes, run_dir)
     atomic_write_text(run_dir / "metrics.json", json.dumps(full, indent=2) + "\n")
@@ -348,6 +356,7 @@ def _save(
 ) -> None:
     from lookcloser.evaluation import summary
     from lookcloser.modeldir import save_model_dir
+    from lookcloser.tta import TTA
 
     classes = data.classes
     options = asdict(inference.options) if inference.options is not None else {}
@@ -373,6 +382,9 @@ def _save(
         "training": training or {},
         "config": cfg.to_dict(),
     }
+    tta = TTA.parse(cfg.model.tta)
+    if tta is not None:  # the model's default, as `lookcloser tta-default` records it
+        info["tta"] = tta.spec()
     save_model_dir(run_dir, inference.state_dict(), info)
 
 

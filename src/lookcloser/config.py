@@ -191,6 +191,9 @@ class ModelConfig:
     # Pretrained BatchNorm / LayerNorm / GroupNorm layers frozen: running statistics and affine
     # parameters stay as loaded (norms inside new modules still train).
     freeze_norm: bool = False
+    # Test-time augmentation the trained model defaults to (a `--tta` spec, e.g. flip): stored
+    # in model.json like `lookcloser tta-default`, and used by the run's own val / test report.
+    tta: str = "none"
 
 
 @dataclass

@@ -90,6 +90,8 @@ HELP: dict[str, str] = {
     "the identity)",
     "model.freeze_norm": "freeze pretrained BatchNorm / LayerNorm layers: statistics and affine "
     "parameters stay as loaded",
+    "model.tta": "test-time augmentation the trained model defaults to (none, flip, five_crop, "
+    "scales=S1+S2, comma-separated); also used by the run's val / test report",
     "model.stn_mode": "the transform the STN learns: affine, similarity (scale, rotation, "
     "shift) or translation_scale",
     "model.stn_lr_scale": "the STN's learning rate as a multiple of optim.lr (a warp that "

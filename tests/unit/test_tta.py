@@ -188,3 +188,34 @@ def test_every_view_carries_its_image_metadata():
     views = [torch.rand(2, 5, 3, 8, 8), torch.rand(2, 5, 3, 12, 12)]
     probs = average_probabilities(by_meta, views, True, meta, mask)
     torch.testing.assert_close(probs, (torch.where(mask, meta, 0.0) * 5).softmax(dim=1))
+
+
+def test_model_tta_is_the_trained_models_default_and_its_report(model_dir, tmp_path):
+    _, root = model_dir
+    out = tmp_path / "run"
+    common = [
+        "model.backbone=test_resnet",
+        "model.pretrained=false",
+        "data.source=imagefolder",
+        f"data.root={root}",
+        "data.image_size=32",
+        "data.crop_pct=1.0",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "trainer.epochs=1",
+        "trainer.val_every_n_epochs=0",
+    ]
+    with pytest.raises(ConfigError, match="model.tta='mirror': .*unknown item 'mirror'"):
+        api.train(overrides=[*common, "model.tta=mirror", f"out={out}"], progress=False)
+    assert not out.exists()  # refused before anything was written
+
+    result = api.train(overrides=[*common, "model.tta=flip", f"out={out}"], progress=False)
+    assert json.loads((out / "model.json").read_text())["tta"] == "flip"
+    assert api.load(out).tta == TTA(flip=True)
+    reported = json.loads((out / "metrics.json").read_text())["test"]
+    assert reported["tta"] == "flip" and result.metrics["test"]["tta"] == "flip"
+    # The run's test report is the stored default's evaluation, not the plain one.
+    with_flip = api.evaluate(out, progress=False)
+    plain = api.evaluate(out, progress=False, tta="none")
+    assert reported["ece"] == pytest.approx(with_flip["ece"], abs=1e-6)
+    assert reported["ece"] != pytest.approx(plain["ece"], abs=1e-6)
