@@ -4,6 +4,7 @@ sees, their options, and the closed-form input gradient DCN's saliency needs."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,28 @@ def test_linear_head_is_unchanged():
     """Existing model directories keep loading: the default head is still a plain Linear."""
     head = HeadSpec().build(4, 3)
     assert type(head) is nn.Linear and set(head.state_dict()) == {"weight", "bias"}
+
+
+# ---- the strong recipe (configs/<set>/strong-lite0.yaml) -------------------------------------
+STRONG_RECIPES = sorted(
+    (Path(__file__).resolve().parents[2] / "configs").glob("*/strong-lite0.yaml")
+)
+
+
+def test_every_real_set_has_a_strong_recipe():
+    assert {p.parent.name for p in STRONG_RECIPES} == {"flowers12", "butterflies10", "cars66"}
+
+
+@pytest.mark.parametrize("path", STRONG_RECIPES, ids=lambda p: p.parent.name)
+def test_strong_recipes_check_and_build_an_arcface_model_with_flip_tta(path):
+    from lookcloser.api import check_config
+
+    cfg = check_config(Config.load(path, ["data.root=/nonexistent", "model.pretrained=false"]))
+    assert (cfg.model.head, cfg.model.head_scale, cfg.model.head_margin) == ("arcface", 30.0, 0.3)
+    assert cfg.model.tta == "flip"
+    # The baseline's budget: the settings benchmarks/accuracy.py gives its baseline.
+    assert (cfg.trainer.epochs, cfg.data.image_size, cfg.optim.lr) == (5, 128, 0.002)
+    method = build_method(cfg, 4).eval()
+    with torch.no_grad():
+        logits = method(torch.rand(2, 3, 128, 128))
+    assert logits.shape == (2, 4) and logits.abs().max() <= 30.0 + 1e-4  # scaled cosines
