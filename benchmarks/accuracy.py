@@ -220,6 +220,14 @@ METHODS["twostage"] = [
     "optim.stages=[{epochs: 4, lr: 0.0002, freeze_norm: true}, {epochs: 1, lr: 0.0004,"
     " warmup_epochs: 0, freeze_backbone: true, sampler: balanced}]",
 ]
+# Fixes tried when both lost at 5 epochs: a milder decay (the stem at 0.95^17 = 0.42 x), and
+# the two stages with norms that train in stage 1 at the baseline's rates.
+METHODS["layerdecay-095"] = [*METHODS["baseline"], "optim.layer_decay=0.95"]
+METHODS["twostage-bn"] = [
+    *METHODS["baseline"],
+    "optim.stages=[{epochs: 4}, {epochs: 1, lr: 0.0004, warmup_epochs: 0, freeze_backbone: true,"
+    " sampler: balanced}]",
+]
 COMMON = [
     "model.backbone=tf_efficientnet_lite0",
     "model.pretrained=true",
