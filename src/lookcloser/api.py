@@ -104,9 +104,16 @@ def check_config(cfg: Config) -> Config:
     cfg.validate()
     check_semi(cfg)
     try:
-        TTA.parse(cfg.model.tta)
+        tta = TTA.parse(cfg.model.tta)
     except ConfigError as e:
         raise ConfigError(f"model.tta={cfg.model.tta!r}: {e}") from None
+    if tta is not None and cfg.model.crop_fusion != "none" and cfg.data.test_boxes != "attention":
+        # Found now, not in the report after training: the crops' views are not made.
+        raise ConfigError(
+            f"model.tta={cfg.model.tta!r} with data.test_boxes={cfg.data.test_boxes!r}: "
+            "test-time augmentation takes crops from the model's attention only "
+            "(data.test_boxes=attention) or no TTA (model.tta=none)"
+        )
     cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
     method_options(cfg, cls.Options)
     keys = check_meta_keys(cfg.data.meta_keys)

@@ -208,6 +208,12 @@ def test_model_tta_is_the_trained_models_default_and_its_report(model_dir, tmp_p
     with pytest.raises(ConfigError, match="model.tta='mirror': .*unknown item 'mirror'"):
         api.train(overrides=[*common, "model.tta=mirror", f"out={out}"], progress=False)
     assert not out.exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="model.tta='flip' with data.test_boxes='dataset'"):
+        api.check_config(
+            Config.load(
+                None, ["model.tta=flip", "model.crop_fusion=concat", "data.test_boxes=dataset"]
+            )
+        )
 
     result = api.train(overrides=[*common, "model.tta=flip", f"out={out}"], progress=False)
     assert json.loads((out / "model.json").read_text())["tta"] == "flip"
