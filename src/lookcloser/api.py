@@ -18,6 +18,7 @@ from lookcloser.data.prepare import SHARDS
 from lookcloser.data.sources import build_source
 from lookcloser.errors import ConfigError, DataError
 from lookcloser.predictor import Predictor
+from lookcloser.tta import TTA
 
 __all__ = [
     "TrainResult",
@@ -99,7 +100,6 @@ def check_config(cfg: Config) -> Config:
     from lookcloser.methods.base import check_crop_use, check_meta_use, method_class
     from lookcloser.models.heads import HeadSpec
     from lookcloser.semi import check_semi
-    from lookcloser.tta import TTA
 
     cfg.validate()
     check_semi(cfg)
@@ -275,7 +275,7 @@ def _train(
         "precision": str(trainer.precision),
         "accelerator": type(trainer.accelerator).__name__,
     }
-    _save(run_dir, inference, data, cfg, metrics, interpolation, training)
+    _save(run_dir, inference, data, cfg, metrics, interpolation, training, predictor.tta)
     return TrainResult(run_dir, metrics, data.classes, data.skipped)
 
 
@@ -360,10 +360,10 @@ def _save(
     metrics: dict,
     interpolation: str,
     training: dict | None = None,
+    tta: TTA | None = None,
 ) -> None:
     from lookcloser.evaluation import summary
     from lookcloser.modeldir import save_model_dir
-    from lookcloser.tta import TTA
 
     classes = data.classes
     options = asdict(inference.options) if inference.options is not None else {}
@@ -389,7 +389,6 @@ def _save(
         "training": training or {},
         "config": cfg.to_dict(),
     }
-    tta = TTA.parse(cfg.model.tta)
     if tta is not None:  # the model's default, as `lookcloser tta-default` records it
         info["tta"] = tta.spec()
     save_model_dir(run_dir, inference.state_dict(), info)

@@ -118,23 +118,25 @@ def test_tta_averages_the_softmax_of_every_view():
 
 
 # ---- files, eval and the stored default ----------------------------------------------------------
+def folder_overrides(root) -> list[str]:
+    """A tiny untrained model on the 32 px image folder at `root`."""
+    return [
+        "model.backbone=test_resnet",
+        "model.pretrained=false",
+        "data.source=imagefolder",
+        f"data.root={root}",
+        "data.image_size=32",
+        "data.crop_pct=1.0",
+    ]
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A saved (untrained) model and a 3-class image folder it can be evaluated on."""
     from lookcloser.data.synthetic import generate
 
     root = generate(tmp_path_factory.mktemp("set"), 3, 4, 3, 40, seed=2)
-    cfg = Config.load(
-        None,
-        [
-            "model.backbone=test_resnet",
-            "model.pretrained=false",
-            "data.source=imagefolder",
-            f"data.root={root}",
-            "data.image_size=32",
-            "data.crop_pct=1.0",
-        ],
-    )
+    cfg = Config.load(None, folder_overrides(root))
     method = tiny_method()
     classes = sorted(p.name for p in (root / "train").iterdir())
     info = {
@@ -194,12 +196,7 @@ def test_model_tta_is_the_trained_models_default_and_its_report(model_dir, tmp_p
     _, root = model_dir
     out = tmp_path / "run"
     common = [
-        "model.backbone=test_resnet",
-        "model.pretrained=false",
-        "data.source=imagefolder",
-        f"data.root={root}",
-        "data.image_size=32",
-        "data.crop_pct=1.0",
+        *folder_overrides(root),
         "data.num_workers=0",
         "data.batch_size=4",
         "trainer.epochs=1",
