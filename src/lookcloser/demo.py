@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shlex
+import shutil
+import sys
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -40,9 +42,19 @@ def prediction_rows(
     return rows
 
 
-def try_next_command(run_dir: str | Path, image: str | Path) -> str:
+def console_command() -> str:
+    """How to run `lookcloser` from a fresh shell: the bare name when PATH finds this very
+    script, else the console script's full path (a venv the user has not activated)."""
+    script = Path(sys.executable).parent / "lookcloser"
+    found = shutil.which("lookcloser")
+    if found and (not script.is_file() or Path(found).resolve() == script.resolve()):
+        return "lookcloser"
+    return shlex.quote(str(script.absolute())) if script.is_file() else "lookcloser"
+
+
+def try_next_command(run_dir: str | Path, image: str | Path, command: str = "lookcloser") -> str:
     """A shell command predicting one image with the saved model (paths quoted as needed)."""
-    return f"lookcloser predict {shlex.quote(str(run_dir))} {shlex.quote(str(image))}"
+    return f"{command} predict {shlex.quote(str(run_dir))} {shlex.quote(str(image))}"
 
 
 def summary_table(rows: Sequence[tuple[str, str]]):
@@ -125,7 +137,7 @@ def run_demo(
             "heatmap",
             f"{heatmap} ({DEMO_MAP} for {explanation.class_name}, p = {explanation.prob:.3f})",
         ),
-        ("try next", try_next_command(result.run_dir, examples[0])),
+        ("try next", try_next_command(result.run_dir, examples[0], console_command())),
     ]
     console.print("[bold]5/5[/] done")
     console.print(summary_table(rows))

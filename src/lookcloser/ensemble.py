@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lookcloser.data.images import list_image_files
 from lookcloser.data.sources import Sample
-from lookcloser.errors import BadImagesError, ConfigError, ModelDirError
+from lookcloser.errors import SKIP_BAD_IMAGES_HINT, BadImagesError, ConfigError, ModelDirError
 from lookcloser.modeldir import (
     ENSEMBLE_JSON,
     MODEL_JSON,
@@ -205,7 +205,7 @@ class EnsemblePredictor:
         results.skipped = skipped
         if skipped and on_bad_image == "error":
             raise BadImagesError(
-                skipped, len(files), "; pass on_bad_image=skip to predict the others"
+                skipped, len(files), SKIP_BAD_IMAGES_HINT
             )
         return results
 

@@ -37,3 +37,9 @@ class WeightsError(LookcloserError):
 
 class ModelDirError(LookcloserError):
     """A model directory is missing, incomplete or corrupt."""
+
+
+# How a user skips unreadable images, in both the CLI's and the API's words.
+SKIP_BAD_IMAGES_HINT = (
+    "; pass --on-bad-image skip (on_bad_image='skip' from Python) to predict the others"
+)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,27 +16,13 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from lookcloser.errors import ModelDirError
+from lookcloser.fileio import atomic_write_text  # noqa: F401  (re-exported)
 
 FORMAT = "lookcloser.model"
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
 ENSEMBLE_JSON = "ensemble.json"
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file via a temporary file and rename, so readers never see half of it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def file_sha256(path: str | Path) -> str:

@@ -21,7 +21,13 @@ from lookcloser.data.loading import ImageDataset
 from lookcloser.data.meta import meta_tensors, same_path
 from lookcloser.data.sources import Sample
 from lookcloser.data.transforms import eval_transform
-from lookcloser.errors import BadImageError, BadImagesError, ConfigError, ModelDirError
+from lookcloser.errors import (
+    SKIP_BAD_IMAGES_HINT,
+    BadImageError,
+    BadImagesError,
+    ConfigError,
+    ModelDirError,
+)
 from lookcloser.methods import build_method
 from lookcloser.methods.base import Method
 from lookcloser.modeldir import is_ensemble_dir, read_model_json, read_weights
@@ -407,7 +413,7 @@ class Predictor:
             results.without_box = report_missing(files, per_file, "boxes")
         if skipped and on_bad_image == "error":
             raise BadImagesError(
-                skipped, len(files), "; pass on_bad_image=skip to predict the others"
+                skipped, len(files), SKIP_BAD_IMAGES_HINT
             )
         return results
 

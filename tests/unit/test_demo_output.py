@@ -79,3 +79,18 @@ def test_narrow_summary_keeps_the_whole_try_next_command():
     assert _second_column(text, "model directory") == run_dir
     # tests/flows/test_demo.py reads top-1 with r"test top-1\s*│\s*([0-9.]+)"
     assert re.search(r"test top-1\s*│\s*0\.967", text)
+
+
+def test_try_next_command_runs_from_a_shell_without_the_venv_on_path(tmp_path, monkeypatch):
+    from lookcloser import demo
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    script = bin_dir / "lookcloser"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(demo.sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a fresh shell: the venv is not activated
+    assert demo.console_command() == str(script)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")  # activated: the bare name works
+    assert demo.console_command() == "lookcloser"
