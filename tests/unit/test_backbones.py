@@ -13,10 +13,8 @@ from torch import nn
 
 from lookcloser.config import Config
 from lookcloser.errors import ConfigError, WeightsError
-from lookcloser.models.backbones import (
-    Backbone,
-    BackboneFactory,
-    create_timm_model,
+from lookcloser.models.backbones import Backbone, BackboneFactory, create_timm_model
+from lookcloser.models.weights import (
     map_by_position,
     offline_weights_path,
     read_state_dict,
@@ -400,7 +398,7 @@ def test_declared_new_block_in_pretrained_lite0(caplog):
     """A declared block loads without error and, as an identity at step 0, changes nothing."""
     images = torch.rand(2, 3, 64, 64)
     plain = Backbone("tf_efficientnet_lite0", pretrained=True).eval()
-    with caplog.at_level("INFO", logger="lookcloser.models.backbones"):
+    with caplog.at_level("INFO", logger="lookcloser.models.weights"):
         edited = Backbone(
             "tf_efficientnet_lite0",
             pretrained=True,

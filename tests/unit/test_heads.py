@@ -16,13 +16,8 @@ from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.methods import build_method
 from lookcloser.models.fusion import FusedHead, MetaFusion
-from lookcloser.models.heads import (
-    CosineHead,
-    HeadSpec,
-    additive_angular_margin,
-    build_head,
-    input_gradient,
-)
+from lookcloser.models.gradients import input_gradient
+from lookcloser.models.heads import CosineHead, HeadSpec, additive_angular_margin, build_head
 
 S = 16.0
 

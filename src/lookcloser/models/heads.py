@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lookcloser.errors import ConfigError
+from lookcloser.models.crops import CropFusedHead
+from lookcloser.models.fusion import FusedHead, MetaEncoder, MetaFusion
 
 HeadFactory = Callable[..., nn.Module]
 MarginFn = Callable[..., Tensor]
@@ -184,19 +186,6 @@ def subcenter_arcface_head(
     return CosineHead(in_features, num_classes, scale, subcenters)
 
 
-def input_gradient(head: nn.Module, x: Tensor, grad: Tensor) -> Tensor:
-    """d(sum grad * head(x))/dx without autograd (so it exports): the head's own
-    `input_gradient`, or grad @ weight for a linear layer."""
-    if hasattr(head, "input_gradient"):
-        return head.input_gradient(x, grad)
-    return grad @ head.weight.to(grad.dtype)
-
-
-def has_input_gradient(head: nn.Module) -> bool:
-    """Whether `input_gradient` knows this head."""
-    return hasattr(head, "input_gradient") or isinstance(head, nn.Linear)
-
-
 # ---- what model.* says about class heads ----------------------------------------------------------
 @dataclass(frozen=True)
 class HeadSpec:
@@ -250,8 +239,6 @@ class HeadSpec:
         """ConfigError for options the head does not take or metadata fusion cannot use."""
         self.options()
         if self.fusion != "none":
-            from lookcloser.models.fusion import MetaEncoder
-
             if not meta_keys:
                 raise ConfigError(
                     f"model.fusion={self.fusion}: no metadata to fuse; declare it in "
@@ -263,16 +250,12 @@ class HeadSpec:
         """A class head on `in_features` embeddings; with crop fusion, the image's and its
         crop's embeddings are joined first (models.crops), then the metadata (models.fusion)."""
         if self.crop_fusion != "none":
-            from lookcloser.models.crops import CropFusedHead
-
             width = 2 * in_features if self.crop_fusion == "concat" else in_features
             inner = replace(self, crop_fusion="none").build(width, num_classes, meta_keys)
             return CropFusedHead(self.crop_fusion, inner)
         options = self.options()
         if self.fusion == "none":
             return build_head(self.name, in_features, num_classes, **options)
-        from lookcloser.models.fusion import FusedHead, MetaFusion
-
         fusion = MetaFusion(
             meta_keys, in_features, self.fusion, hidden=self.meta_hidden, dropout=self.meta_dropout
         )

@@ -31,6 +31,7 @@ from timm.models import (
 from torch import nn
 
 from lookcloser.errors import WeightsError
+from lookcloser.models.weights import load_weights, offline_weights_path, read_state_dict
 
 STEM = "tf_efficientnet_lite0"
 STEM_PREFIX = "patch_embed.backbone."
@@ -70,8 +71,6 @@ def lite0_stem(pretrained: bool = False, in_chans: int = 3) -> nn.Module:
     `pretrained`: the ImageNet weights of the offline package, loaded by position into the
     whole Lite0 (as the Backbone loads them) before the later stages are cut off.
     """
-    from lookcloser.models.backbones import load_weights, offline_weights_path, read_state_dict
-
     model = timm.create_model(STEM, in_chans=in_chans)
     if pretrained:
         path = offline_weights_path(STEM)
