@@ -2,7 +2,9 @@
 
 Every run fine-tunes ImageNet-pretrained EfficientNet-Lite0 with the same schedule; only the
 method (and its options) differ. Results go to a JSON-lines file as each run finishes (so an
-interrupted benchmark keeps what it measured) and the table to docs/benchmarks.md.
+interrupted benchmark keeps what it measured), the table to docs/benchmarks.md, and one record
+per run to benchmarks/records/accuracy.jsonl, which benchmarks/results.py turns into the
+results page (rerun it after a benchmark).
 
     python benchmarks/accuracy.py --methods baseline dcl --datasets synthetic flowers12 butterflies10 --seeds 0 1 2
 """
@@ -19,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from report import machine, markdown_table, write_section  # noqa: E402
+from report import append_records, machine, markdown_table, write_section  # noqa: E402
 
 from lookcloser import api  # noqa: E402
 
 # Real sets: folders named after the dataset under --data-root (or $LOOKCLOSER_DATA).
-REAL = ("flowers12", "butterflies10", "cars66")
+REAL = ("flowers12", "butterflies10", "cars66", "fish23")
 
 DATASETS = {
     "synthetic": [
@@ -290,10 +292,14 @@ def run(
     seconds = time.perf_counter() - start
     extra = {}
     if "tta" in m:  # a recipe with test-time augmentation: the same model without it too
+        plain = api.evaluate(out, progress=False, tta="none")
         extra = {
             "tta": m["tta"],
-            "top1_without_tta": api.evaluate(out, progress=False, tta="none")["top1"],
+            "top1_without_tta": plain["top1"],
+            "mean_per_class_accuracy_without_tta": plain.get("mean_per_class_accuracy"),
+            "ece_without_tta": plain.get("ece"),
         }
+    info = json.loads((out / "model.json").read_text())
     return {
         "dataset": dataset,
         "method": method,
@@ -302,12 +308,54 @@ def run(
         "epochs": epochs,
         "top1": m["top1"],
         "mean_per_class_accuracy": m["mean_per_class_accuracy"],
+        "ece": m.get("ece"),
         "test_images": m["images"],
         "classes": m["classes"],
-        "train_images": json.loads((out / "model.json").read_text())["data"]["train_images"],
+        "train_images": info["data"]["train_images"],
+        "backbone": info["config"]["model"]["backbone"],
+        "val_fraction": info["config"]["data"]["val_fraction"],
         "seconds": seconds,
         **extra,
     }
+
+
+def run_records(result: dict, section: str, command: str) -> list[dict]:
+    """The records of one run for benchmarks/records/ (results.py's input): numbers and names
+    only. A run scored with its recipe's TTA gives a second record, scored without it."""
+    record = {
+        "kind": "run",
+        "script": "accuracy.py",
+        "dataset": result["dataset"],
+        "entry": result["method"],
+        "seed": result["seed"],
+        "top1": result["top1"],
+        "mean_per_class_accuracy": result.get("mean_per_class_accuracy"),
+        "ece": result.get("ece"),
+        "test_images": result["test_images"],
+        "train_images": result["train_images"],
+        "classes": result["classes"],
+        "epochs": result["epochs"],
+        "size": result["size"],
+        # Older results.jsonl lines lack these: the benchmark's defaults then.
+        "backbone": result.get("backbone", COMMON[0].split("=", 1)[1]),
+        "val_fraction": result.get("val_fraction", 0.0),
+        "tta": result.get("tta", "none"),
+        "seconds": result.get("seconds"),
+        "section": section,
+        "command": command,
+    }
+    records = [record]
+    if "top1_without_tta" in result:
+        records.append(
+            {
+                **record,
+                "tta": "none",
+                "top1": result["top1_without_tta"],
+                "mean_per_class_accuracy": result.get("mean_per_class_accuracy_without_tta"),
+                "ece": result.get("ece_without_tta"),
+            }
+        )
+    return records
 
 
 def table(records: list[dict]) -> str:
@@ -409,8 +457,10 @@ def main() -> None:
         write_section(
             args.section,
             (
-                "## Test accuracy: fine-tuned EfficientNet-Lite0 (ImageNet weights)\n\n"
-                f"Command: `{command.strip()}`. Machine: {machine()}. Every run: AdamW lr 2e-3 "
+                f"## Test accuracy ({args.section}): {', '.join(args.methods)}\n\n"
+                "Fine-tuned from ImageNet weights: EfficientNet-Lite0 unless the method names "
+                f"another backbone. Command: `{command.strip()}`. Machine: {machine()}. "
+                "Every run: AdamW lr 2e-3 "
                 "(heads x5), cosine schedule with half an epoch of warm-up, batch 32, label "
                 "smoothing 0.1, test = the official/provided test split, centre crop. Synthetic: "
                 "8 classes, 60 train + 20 test images each, 128 px renders"
@@ -427,6 +477,13 @@ def main() -> None:
 
     if args.table_only:
         write()
+        # Runs measured before the records existed (already recorded ones are skipped).
+        wanted = [
+            r for r in records if r["method"] in args.methods and r["dataset"] in args.datasets
+        ]
+        append_records(
+            "accuracy", [x for r in wanted for x in run_records(r, args.section, command)]
+        )
         return
     for method in args.methods:
         for seed in args.seeds:
@@ -441,6 +498,7 @@ def main() -> None:
                     f.write(json.dumps(record) + "\n")
                 records.append(record)
                 write()
+                append_records("accuracy", run_records(record, args.section, command))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ Training step: images/s of original images through `training_losses` + backward 
 (DCL adds a destroyed copy of each image, so about 2x the baseline's cost is expected).
 Inference: images/s of the saved model (`for_inference()`) against the baseline's, plus
 parameter counts and FLOPs of both inference graphs. Ratios come from interleaved runs.
+When it writes its table it also appends a cost record to benchmarks/records/cost.jsonl
+(the ratios, under --name: name it after the accuracy.py entry it measures), which
+benchmarks/results.py puts in the leaderboards.
 
     python benchmarks/method_cost.py --method dcl method.regions=4 method.neighbourhood=1
 """
@@ -19,7 +22,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, markdown_table, write_section  # noqa: E402
+from report import append_records, machine, markdown_table, write_section  # noqa: E402
 from throughput import interleaved  # noqa: E402
 
 from lookcloser.config import Config  # noqa: E402
@@ -90,6 +93,12 @@ def main() -> None:
         help="what the tables call the measured model (default: the method's name); "
         "for a plug-in on the baseline, e.g. --method baseline model.attention=se --name se",
     )
+    parser.add_argument(
+        "--reference",
+        help="the accuracy.py entry the baseline of this measurement is (default: baseline, "
+        "or 'baseline with <--model options>' when --model is given), e.g. hybrid for "
+        "--backbone vit_tiny_lite0_s16 --model model.kwargs.img_size=128 model.kwargs.depth=6",
+    )
     parser.add_argument("--section", help="docs/benchmarks.md section (default: cost-NAME)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -141,6 +150,7 @@ def main() -> None:
         forward(inf_o), forward(inf_b), args.batch, args.iters * 3, args.rounds
     )
     one = images[:1]
+    flops_o, flops_b = flops(inf_o, one), flops(inf_b, one)
     where = f"{args.backbone}, batch {args.batch}, {args.size} px"
     rows = [
         [
@@ -170,7 +180,7 @@ def main() -> None:
         [
             where,
             "inference FLOPs per image (saved model / baseline)",
-            f"{flops(inf_o, one):,} / {flops(inf_b, one):,}",
+            f"{flops_o:,} / {flops_b:,}",
             "",
         ],
     ]
@@ -182,7 +192,38 @@ def main() -> None:
     )
     print(text)
     if not args.no_write:
-        write_section(args.section or f"cost-{name}", text)
+        section = args.section or f"cost-{name}"
+        write_section(section, text)
+        reference = args.reference or (
+            "baseline" if not args.model else "baseline with " + " ".join(args.model)
+        )
+        append_records(
+            "cost",
+            [
+                {
+                    "kind": "cost",
+                    "script": "method_cost.py",
+                    "dataset": None,  # random tensors: the ratio holds for any set
+                    "entry": name,
+                    "reference": reference,
+                    "tta": "none",
+                    "backbone": args.backbone,
+                    "size": args.size,
+                    "batch": args.batch,
+                    "classes": args.classes,
+                    "options": [*args.options, *args.model],
+                    "training_cost": train_b / train_o,
+                    "training_cost_doubled_batch": train_b2 / train_o2,
+                    "inference_speed": infer_o / infer_b,
+                    "inference_flops": [flops_o, flops_b],
+                    "inference_parameters": list(used),
+                    "how": "method_cost.py: training step time and images/s of the saved "
+                    f"model against the baseline's, random batches of {args.batch}",
+                    "section": section,
+                    "command": command.strip(),
+                }
+            ],
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ shared machine measures the other jobs) on the first `--cost-images` test
 images of each of `--cost-sets`, plain, with each TTA spec and as the equal-weight ensemble,
 in interleaved rounds; the medians as ratios to the plain model.
 
+When it writes its section it also appends records to benchmarks/records/tta.jsonl (each
+seed's top-1 with each TTA spec, the ensembles' top-1, the inference cost ratios per set; the
+plain members' own figures only when they were trained here, with a validation split:
+accuracy.py recorded the others), which benchmarks/results.py puts in the leaderboards.
+
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tta_ensemble.py --runs /work/bench-tasn \\
         --sets synthetic flowers12 butterflies10 cars66 --tta flip
 """
@@ -37,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
-from report import machine, markdown_table, write_section  # noqa: E402
+from report import append_records, machine, markdown_table, write_section  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from lookcloser.config import Config  # noqa: E402
@@ -221,7 +226,16 @@ def measure(args) -> list[dict]:
             print(f"{name}: skipped, no model directory at {', '.join(missing)}", file=sys.stderr)
             continue
         has_val = all(len(splits(r, "val")) > 0 for r in runs)
+        info = json.loads((runs[0] / "model.json").read_text())
+        config = info["config"]
         row: dict = {"set": name, "seeds": list(args.seeds), "tta": {}, "seconds": {}}
+        row["settings"] = {
+            "backbone": config["model"]["backbone"],
+            "size": config["data"]["image_size"],
+            "epochs": config["trainer"]["epochs"],
+            "val_fraction": config["data"]["val_fraction"],
+            "train_images": info["data"]["train_images"],
+        }
         plain = [member_outputs(r, "test", PLAIN, args.out / "cache", splits) for r in runs]
         labels = plain[0][1]
         row["images"] = len(labels)
@@ -307,6 +321,88 @@ def tables(rows: list[dict], specs: list[str]) -> str:
     )
 
 
+def run_records(rows: list[dict], section: str, command: str) -> list[dict]:
+    """The records of a measurement for benchmarks/records/ (results.py's input): numbers and
+    names only. Rows measured before `settings` was kept give none."""
+    records = []
+    for r in rows:
+        if "settings" not in r:
+            print(f"{r['set']}: no settings in this measurement, not recorded", file=sys.stderr)
+            continue
+        common = {
+            "script": "tta_ensemble.py",
+            "dataset": r["set"],
+            "entry": "baseline",
+            "test_images": r["images"],
+            "classes": r["classes"],
+            **r["settings"],
+            "section": section,
+            "command": command,
+        }
+        run = {"kind": "run", **common}
+        if r["settings"]["val_fraction"]:  # members trained here (--train): new runs
+            records += [
+                {**run, "tta": "none", "seed": seed, "top1": top1}
+                for seed, top1 in zip(r["seeds"], r["single"], strict=True)
+            ]
+        for spec, values in r["tta"].items():
+            records += [
+                {**run, "tta": spec, "seed": seed, "top1": top1}
+                for seed, top1 in zip(r["tta_seeds"][spec], values, strict=True)
+            ]
+        for weights, top1 in (("equal", r["ensemble_equal"]), ("fitted", r["ensemble_fitted"])):
+            records.append(
+                {
+                    **run,
+                    "tta": "none",
+                    "ensemble": weights,
+                    "seed": None,
+                    "seeds": r["seeds"],
+                    "top1": top1,
+                    "fitted_on": r["fitted_on"] if weights == "fitted" else None,
+                }
+            )
+        cost = {
+            "kind": "cost",
+            **{k: v for k, v in common.items() if k not in ("test_images", "classes")},
+        }
+        cost.pop("train_images", None)
+        # Training, by construction: TTA reuses the models, an ensemble trains three.
+        general = {**cost, "dataset": None}
+        records += [
+            {**general, "tta": spec, "training_cost": 1.0, "how": "the same models"}
+            for spec in r["tta"]
+        ]
+        records += [
+            {
+                **general,
+                "tta": "none",
+                "ensemble": weights,
+                "training_cost": float(len(r["seeds"])),
+                "how": f"{len(r['seeds'])} trainings",
+            }
+            for weights in ("equal", "fitted")
+        ]
+        how = "CPU time per test image against one plain model (one torch thread)"
+        for spec, ratio in (r.get("cost") or {}).items():
+            if spec in ("plain_seconds_per_image", PLAIN):
+                continue
+            if spec == "ensemble":
+                records += [
+                    {
+                        **cost,
+                        "tta": "none",
+                        "ensemble": weights,
+                        "inference_cost": ratio,
+                        "how": how + "; timed with equal weights",
+                    }
+                    for weights in ("equal", "fitted")
+                ]
+            else:
+                records.append({**cost, "tta": spec, "inference_cost": ratio, "how": how})
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=Path, required=True, help="folder of <set>-baseline-s<seed>")
@@ -370,6 +466,7 @@ def main() -> None:
     print(text)
     if not args.no_write:
         write_section(args.section, text)
+        append_records("tta", run_records(rows, args.section, command))
 
 
 if __name__ == "__main__":
