@@ -6,19 +6,21 @@ The CLI is a thin layer over these functions; everything here is usable from a n
 from __future__ import annotations
 
 import json
+import logging
 import os
-import warnings
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookcloser.config import Config
-from lookcloser.data.prepare import SHARDS
-from lookcloser.data.sources import build_source
+from lookcloser.checks import check_config
+from lookcloser.config import Config, as_config
 from lookcloser.errors import ConfigError, DataError
+from lookcloser.modeldir import trusting_modules
 from lookcloser.predictor import Predictor
-from lookcloser.tta import TTA
+from lookcloser.scoring import check_same_classes, outputs_on_test, split_outputs
+from lookcloser.training import TrainResult
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TrainResult",
@@ -34,93 +36,10 @@ __all__ = [
     "fit_ensemble",
     "set_tta_default",
     "ood_report",
+    "trusting_modules",
     "Predictor",
     "Config",
 ]
-
-
-@dataclass
-class TrainResult:
-    """What a training run produced."""
-
-    run_dir: Path
-    metrics: dict[str, Any]
-    classes: list[str]
-    skipped: list[str] = field(default_factory=list)
-
-
-def as_config(
-    config: Config | str | Path | dict | None = None, overrides: list[str] | None = None
-) -> Config:
-    """A Config from a Config, a YAML path or a dict, with `key=value` overrides applied."""
-    if isinstance(config, Config):
-        cfg = Config.from_dict(config.to_dict())
-        return cfg.apply_overrides(overrides or [])
-    if isinstance(config, dict):
-        return Config.from_dict(config).apply_overrides(overrides or [])
-    return Config.load(config, overrides)
-
-
-def _global_rank() -> int:
-    """This process's rank when launched by Lightning's DDP launcher or torchrun (else 0)."""
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    node = int(os.environ.get("NODE_RANK", 0))
-    return node * 1000 + local  # only "is it zero" matters here
-
-
-def _run_dir(cfg: Config, rank_zero: bool) -> Path:
-    # DDP children re-run the command; they must use the directory rank 0 chose.
-    if not rank_zero and os.environ.get("LOOKCLOSER_RUN_DIR"):
-        return Path(os.environ["LOOKCLOSER_RUN_DIR"])
-    if cfg.out:
-        return Path(cfg.out).expanduser()
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    backbone = cfg.model.backbone.replace("/", "_")
-    return Path("runs") / f"{stamp}-{cfg.method.get('name', 'baseline')}-{backbone}"
-
-
-def _resume_path(cfg: Config, run_dir: Path) -> str | None:
-    resume = cfg.trainer.resume
-    if resume is None:
-        return None
-    path = run_dir / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
-    if not path.is_file():
-        raise ConfigError(f"trainer.resume: checkpoint not found: {path}")
-    return str(path)
-
-
-def check_config(cfg: Config) -> Config:
-    """Every range, the method's options and the declared metadata, checked before any data
-    or model is touched."""
-    from lookcloser.config import method_options
-    from lookcloser.data.boxes import check_box_config
-    from lookcloser.data.meta import check_meta_keys
-    from lookcloser.methods.base import check_crop_use, check_meta_use, method_class
-    from lookcloser.models.heads import HeadSpec
-    from lookcloser.semi import check_semi
-
-    cfg.validate()
-    check_semi(cfg)
-    try:
-        tta = TTA.parse(cfg.model.tta)
-    except ConfigError as e:
-        raise ConfigError(f"model.tta={cfg.model.tta!r}: {e}") from None
-    if tta is not None and cfg.model.crop_fusion != "none" and cfg.data.test_boxes != "attention":
-        # Found now, not in the report after training: the crops' views are not made.
-        raise ConfigError(
-            f"model.tta={cfg.model.tta!r} with data.test_boxes={cfg.data.test_boxes!r}: "
-            "test-time augmentation takes crops from the model's attention only "
-            "(data.test_boxes=attention) or no TTA (model.tta=none)"
-        )
-    cls = method_class(cfg.method.get("name", "baseline"), cfg.method.get("module"))
-    method_options(cfg, cls.Options)
-    keys = check_meta_keys(cfg.data.meta_keys)
-    check_meta_use(cls.name, cls.accepts_meta, HeadSpec.from_config(cfg.model), keys)
-    check_crop_use(cls.name, cls.supports_crop_fusion, HeadSpec.from_config(cfg.model))
-    check_box_config(cfg)
-    return cfg
 
 
 def train(
@@ -134,279 +53,45 @@ def train(
 
     Nothing is written until the config, the data and the model have passed their checks; a
     run that fails before its first checkpoint leaves no directory behind (and an overwritten
-    run is put back). `callbacks` are extra Lightning callbacks. Returns None in DDP
-    processes other than rank 0.
+    run is put back). `semi.strategy=cluster_pretrain` runs its stages and rounds, each an
+    ordinary training in a sub-run. `callbacks` are extra Lightning callbacks. Returns None
+    in DDP processes other than rank 0.
     """
-    from lookcloser.rundir import RunDir
-
     cfg = check_config(as_config(config, overrides))
     if cfg.semi.strategy == "cluster_pretrain":
-        # Stages (embed, cluster, pretrain, fine-tune) in sub-runs, each a train() of its own.
-        from lookcloser.semi.pipeline import run_cluster_pretrain
+        from lookcloser.cluster_pretrain import run_cluster_pretrain
 
         return run_cluster_pretrain(cfg, progress=progress, callbacks=callbacks)
-    rank_zero = _global_rank() == 0
-    run_dir = _run_dir(cfg, rank_zero)
-    # DDP children re-run the command; only rank 0 owns the directory.
-    plan = (
-        RunDir.plan(run_dir, resume=cfg.trainer.resume, overwrite=cfg.overwrite)
-        if rank_zero
-        else None
-    )
-    previous = os.environ.get("LOOKCLOSER_RUN_DIR")
-    os.environ["LOOKCLOSER_RUN_DIR"] = str(run_dir.resolve())  # inherited by DDP children
-    try:
-        return _train(cfg, run_dir, plan, progress, callbacks)
-    except BaseException:
-        if plan is not None:
-            plan.abandon()
-        raise
-    finally:
-        if previous is None:
-            os.environ.pop("LOOKCLOSER_RUN_DIR", None)
-        else:
-            os.environ["LOOKCLOSER_RUN_DIR"] = previous
+    from lookcloser import training
+
+    return training.train(cfg, progress=progress, callbacks=callbacks)
 
 
-def _train(
-    cfg: Config, run_dir: Path, plan, progress: bool, callbacks: list | None
-) -> TrainResult | None:
-    import lightning as L
-    import torch
-
-    from lookcloser.data.prepare import prepare_data
-    from lookcloser.data.transforms import eval_transform, train_transform
-    from lookcloser.engine.datamodule import build_datamodule
-    from lookcloser.engine.module import FGVCSystem
-    from lookcloser.engine.trainer import build_trainer
-    from lookcloser.methods import build_method
-    from lookcloser.semi import build_objective, check_validation, unlabelled_transform
-
-    ckpt_path = _resume_path(cfg, run_dir)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    # Shards: classes and counts from the index; bad images are handled while decoding
-    # (data.on_bad_image), as no up-front pass over millions of files is made.
-    data = prepare_data(cfg.data)
-    check_validation(cfg, data.count("val"))
-    method = build_method(cfg, len(data.classes))
-    interpolation = method.backbone.data_config.get("interpolation", "bicubic")
-    # A method may take larger images than data.image_size and sample its views from them.
-    input_size = method.input_size or cfg.data.image_size
-    datamodule = build_datamodule(
-        cfg,
-        data,
-        train_transform(replace(cfg.data, image_size=input_size), interpolation),
-        eval_transform(input_size, cfg.data.crop_pct, interpolation),
-        unlabelled_transform(cfg, input_size, interpolation),
-    )
-    trainer = build_trainer(
-        cfg,
-        run_dir,
-        progress,
-        has_val=data.count("val") > 0,
-        callbacks=callbacks,
-        on_checkpoint=(lambda _: plan.checkpoint_saved()) if plan is not None else None,
-    )
-    if data.index is not None:
-        # A ShardDataset rank yields whole batches only (no short last batch).
-        num_train = data.count("train")
-        if num_train // trainer.world_size // cfg.data.batch_size == 0:
-            raise DataError(
-                f"data.batch_size={cfg.data.batch_size}: the shards hold {num_train} training "
-                f"samples for {trainer.world_size} process(es), less than one whole batch each"
-            )
-    system = FGVCSystem(
-        method,
-        cfg.optim,
-        epochs=cfg.trainer.epochs,
-        seed=cfg.seed,
-        mixup=cfg.data.mixup,
-        cutmix=cfg.data.cutmix,
-        ema_decay=cfg.trainer.ema_decay,
-        freeze_norm=cfg.model.freeze_norm,
-        semi=build_objective(cfg, method),
-    )
-    if plan is not None:
-        plan.claim(cfg.to_yaml(), data.skipped)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        # Short epochs still log epoch means; and mid-epoch resume is exact through the
-        # EpochSampler position saved by FGVCSystem, which Lightning cannot see.
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-        # ShardDataset's length is exact: every worker yields its own quota of whole batches.
-        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
-        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
-    if not trainer.is_global_zero:
-        return None
-
-    trained = system.ema.module if system.ema is not None else system.method
-    inference = trained.for_inference().cpu().eval()
-    predictor = Predictor(
-        inference,
-        data.classes,
-        input_size,
-        cfg.data.crop_pct,
-        interpolation,
-        device="cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
-        max_pixels=cfg.data.max_image_pixels,
-    )
-    predictor.tta = cfg.model.tta
-    metrics = _evaluate_and_write(predictor, cfg, data, run_dir, progress)
-    if system.semi is not None:
-        from lookcloser.semi import write_online_records
-
-        write_online_records(
-            run_dir,
-            system.semi,
-            inference,
-            cfg,
-            data,
-            predictor.transform,
-            progress,
-            predictor.device,
-        )
-    training = {
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "world_size": trainer.world_size,
-        "precision": str(trainer.precision),
-        "accelerator": type(trainer.accelerator).__name__,
-    }
-    _save(run_dir, inference, data, cfg, metrics, interpolation, training, predictor.tta)
-    return TrainResult(run_dir, metrics, data.classes, data.skipped)
-
-
-def _evaluate_and_write(
-    predictor: Predictor, cfg: Config, data, run_dir: Path, progress: bool
-) -> dict[str, Any]:
-    """metrics.json: the final model on the val split and on the test split (read only now)."""
-    from lookcloser.evaluation import compute_metrics, summary, write_confusion
-    from lookcloser.modeldir import atomic_write_text
-
-    full = {}
-    for split in ("val", "test"):
-        out = _split_outputs(predictor, cfg, progress, split, data.index, getattr(data, split))
-        if out is None:
-            continue
-        metrics = compute_metrics(out.logits, out.labels, predictor.classes)
-        full[split] = {**summary(metrics), "most_confused": metrics["most_confused"]}
-        if predictor.tta is not None:
-            full[split]["tta"] = predictor.tta.spec()
-        if split == "test":
-            write_confusion(metrics["confusion"], predictor.classes, run_dir)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(full, indent=2) + "\n")
-    return full
-
-
-def _split_outputs(predictor: Predictor, cfg: Config, progress: bool, split: str, index, samples):
-    """The Predictor's logits over one split of a source or of shards (None if empty); for an
-    ensemble, the log of its members' mixture."""
-    from lookcloser.ensemble import EnsemblePredictor
-
-    if isinstance(predictor, EnsemblePredictor):
-        outputs = [
-            _split_outputs(member, cfg, progress, split, index, samples)
-            for member in predictor.members
-        ]
-        return None if outputs[0] is None else predictor.combine_outputs(outputs)
-    if index is None:
-        if not samples:
-            return None
-        from lookcloser.engine.datamodule import split_boxes
-
-        return predictor.run_samples(
-            samples,
-            cfg.data.batch_size,
-            cfg.data.num_workers,
-            progress,
-            f"evaluate {split}",
-            boxes=split_boxes(cfg, samples, split),
-        )
-    if not index.urls.get(split):
-        return None
-    from torch.utils.data import DataLoader
-
-    from lookcloser.data.batch import collate
-    from lookcloser.data.shards import ShardDataset
-
-    # The same decoded images and eval transform as the folder path, so the same logits.
-    dataset = ShardDataset.from_index(
-        index,
-        split,
-        transform=predictor.item_transform,
-        meta_keys=predictor.meta_keys,
-        max_pixels=predictor.max_pixels,
-        on_bad_image=cfg.data.on_bad_image,
-        rank=0,
-        world_size=1,
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        collate_fn=collate,
-    )
-    return predictor.run_batches(loader, progress, f"evaluate {split}")
-
-
-def _save(
-    run_dir: Path,
-    inference,
-    data,
-    cfg: Config,
-    metrics: dict,
-    interpolation: str,
-    training: dict | None = None,
-    tta: TTA | None = None,
-) -> None:
-    from lookcloser.evaluation import summary
-    from lookcloser.modeldir import save_model_dir
-
-    classes = data.classes
-    options = asdict(inference.options) if inference.options is not None else {}
-    info = {
-        "method": inference.name,
-        "method_options": options,
-        "trained_with": cfg.method.get("name", "baseline"),
-        "backbone": cfg.model.backbone,
-        "num_classes": len(classes),
-        "classes": classes,
-        "preprocessing": {
-            "input": "RGB, float32 in [0, 1], N x 3 x H x W (normalization is inside the model)",
-            "image_size": inference.input_size or cfg.data.image_size,
-            "crop_pct": cfg.data.crop_pct,
-            "interpolation": interpolation,
-            "mean": inference.backbone.mean.flatten().tolist(),
-            "std": inference.backbone.std.flatten().tolist(),
-        },
-        # The metadata inputs, in the order of the `meta` / `meta_mask` columns.
-        "meta_keys": list(inference.meta_keys),
-        "data": {"source": cfg.data.source, "root": cfg.data.root, **data.summary()},
-        "metrics": {split: summary(values) for split, values in metrics.items()},
-        "training": training or {},
-        "config": cfg.to_dict(),
-    }
-    if tta is not None:  # the model's default, as `lookcloser tta-default` records it
-        info["tta"] = tta.spec()
-    save_model_dir(run_dir, inference.state_dict(), info)
-
-
-def load(model_dir: str | Path, device: str = "cpu", tta: str | None = None) -> Predictor:
+def load(
+    model_dir: str | Path,
+    device: str = "cpu",
+    tta: str | None = None,
+    *,
+    trust_modules: list[str] | tuple[str, ...] = (),
+) -> Predictor:
     """Load a model directory as a Predictor, or an ensemble directory as an
     EnsemblePredictor (the same interface). `tta`: test-time augmentation, e.g.
-    "flip,five_crop,scales=224+288" (None: the directory's default; "none": off)."""
-    from lookcloser.predictor import load_model
+    "flip,five_crop,scales=224+288" (None: the directory's default; "none": off).
 
-    return load_model(model_dir, device, tta)
+    A model directory never makes lookcloser import code: `trust_modules` names the modules
+    its `config.method.module` may import (a method defined outside lookcloser and its entry
+    points), as `--trust-module` does; `with trusting_modules([...]):` does the same for
+    every call inside it (evaluate, predict, explain, export, serve, compare, fit_ensemble).
+    """
+    from lookcloser.loader import load_model
+
+    return load_model(model_dir, device, tta, trust_modules)
 
 
 def set_tta_default(model_dir: str | Path, spec: str | None) -> str:
     """Store a test-time augmentation spec as a model's (or ensemble's) default, used by
     predict / eval / serve unless they name another; "none" removes it. Returns the spec."""
-    from lookcloser.modeldir import set_default_tta
+    from lookcloser.loader import set_default_tta
 
     return set_default_tta(model_dir, spec).get("tta", "none")
 
@@ -427,58 +112,10 @@ def evaluate(
     predictor, out = outputs_on_test(
         model_dir, overrides, progress=progress, device=device, tta=tta
     )
-    metrics = compute_metrics(out.logits, out.labels, predictor.classes)
+    metrics = compute_metrics(out.logits, out.labels, predictor.classes, split="test")
     if write_to is not None:
         write_confusion(metrics["confusion"], predictor.classes, write_to)
     return {**summary(metrics), "most_confused": metrics["most_confused"]}
-
-
-def outputs_on_test(
-    model_dir: str | Path,
-    overrides: list[str] | None = None,
-    *,
-    progress: bool = True,
-    device: str = "cpu",
-    tta: str | None = None,
-):
-    """The loaded Predictor (or EnsemblePredictor) and its logits, labels and image paths on
-    the model's test split (or on data.* overrides); paths are empty for shards."""
-    from lookcloser.data.prepare import verified
-
-    predictor = load(model_dir, device, tta)
-    cfg = Config.from_dict(predictor.info["config"])
-    for item in overrides or []:
-        if not item.startswith("data."):
-            raise ConfigError(f"eval takes data.* overrides only, got {item!r}")
-        if item.startswith("data.meta_keys="):
-            raise ConfigError("eval: data.meta_keys is the model's own; it cannot be overridden")
-    cfg.apply_overrides(overrides or [])
-    predictor.max_pixels = cfg.data.max_image_pixels  # an override applies to evaluation too
-    test, index = [], None
-    if cfg.data.source == SHARDS:
-        from lookcloser.data.shards import open_shards
-
-        index = open_shards(cfg.data.root)
-        _check_same_classes(index.classes, predictor.classes)
-    else:
-        splits = build_source(cfg.data)
-        _check_same_classes(splits.classes, predictor.classes)
-        test = verified(splits.replace_samples([], splits.test, []), cfg.data)[0].test
-    out = _split_outputs(predictor, cfg, progress, "test", index, test)
-    if out is None:
-        raise DataError(f"data.root={cfg.data.root}: no test split to evaluate")
-    return predictor, out
-
-
-def _check_same_classes(data_classes: list[str], model_classes: list[str]) -> None:
-    from lookcloser.errors import DataError
-
-    if data_classes != model_classes:
-        missing = sorted(set(data_classes) - set(model_classes))
-        raise DataError(
-            "the data's classes differ from the model's"
-            + (f" (not in the model: {', '.join(missing[:5])})" if missing else " (order or names)")
-        )
 
 
 def predict(
@@ -539,28 +176,51 @@ def explain(
     (for an ensemble, one PNG per member, `<name>-<member>.png`, all explaining the class
     the ensemble predicts unless `target` names one; returns their paths).
 
+    `out` defaults to `MODEL_DIR/explanations/<image name>.png`, or
+    `<image name>-<8 hex digits>.png` (a hash of the image's resolved path) when that file
+    already explains another image with the same name.
     `meta`: the image's metadata dict, or a CSV / JSON metadata file to look the image up in.
     `part`: show part map K and the image it samples (methods with part maps: TASN).
     """
     from lookcloser.data.meta import same_path
-    from lookcloser.explain.overlay import save_explanation
+    from lookcloser.explain.overlay import (
+        INPUT_KEY,
+        default_explanation_path,
+        explained_input,
+        save_explanation,
+    )
+    from lookcloser.fileio import WriteError, safe_name
 
     if isinstance(meta, str | Path):
         meta = _meta_argument(meta).get(same_path(image), {})
     predictor = load(model_dir)
     name = Path(image).stem + (f"-part{part}" if part is not None else "")
-    out = Path(out) if out else Path(model_dir) / "explanations" / f"{name}.png"
+    folder = Path(model_dir) / "explanations"
+    if not out and folder.is_symlink():
+        # The model directory is not the user's choice of output folder: a link in it could
+        # point anywhere, so the default folder must be a real one.
+        raise WriteError(
+            f"{folder}: is a link ({os.readlink(folder)}); explain writes its default output "
+            "only into a real folder: remove the link or choose the file with --out"
+        )
+    # The PNG records its input, so a default name taken by another image's picture (a/x.png,
+    # then b/x.png) gets a stable hash suffix instead of overwriting it.
+    record = {INPUT_KEY: explained_input(image)}
+
+    def target_file(member: str | None = None) -> Path:
+        # A member name from ensemble.json is data: never a path separator or `..`.
+        tail = f"-{safe_name(member)}" if member is not None else ""
+        if out and tail:
+            return Path(out).with_name(f"{Path(out).stem}{tail}{Path(out).suffix or '.png'}")
+        return Path(out) if out else default_explanation_path(folder, image, name + tail)
+
     if not isinstance(predictor, Predictor):  # an ensemble: one picture per member
         return [
-            save_explanation(
-                explanation,
-                out.with_name(f"{out.stem}-{member}{out.suffix or '.png'}"),
-                map_name=map_name,
-            )
+            save_explanation(explanation, target_file(member), map_name=map_name, metadata=record)
             for member, explanation in predictor.explain(image, target, map_name, meta, part)
         ]
     explanation = predictor.explain(image, target, map_name, meta, part)
-    return save_explanation(explanation, out, map_name=map_name)
+    return save_explanation(explanation, target_file(), map_name=map_name, metadata=record)
 
 
 def export(
@@ -664,6 +324,7 @@ def compare(
     if methods:
         prepare_out(Path(out))
         trained = train_missing(
+            train,
             methods,
             seeds,
             Path(runs_dir) if runs_dir else Path(out) / "runs",
@@ -672,30 +333,37 @@ def compare(
             data,
             progress,
         )
-    return build_report(
-        [*run_dirs, *trained],
-        out,
-        images=images,
-        classes_shown=classes_shown,
-        cost_batch=cost_batch,
-        cost_rounds=cost_rounds,
-        progress=progress,
-        device=device,
-    )
+    # Runs trained here from the user's own config may load the module that config names.
+    own = as_config(config, list(overrides or [])).method.get("module") if methods else None
+    with trusting_modules([own] if own else []):
+        return build_report(
+            [*run_dirs, *trained],
+            out,
+            images=images,
+            classes_shown=classes_shown,
+            cost_batch=cost_batch,
+            cost_rounds=cost_rounds,
+            progress=progress,
+            device=device,
+        )
 
 
 def _export_ensemble(ensemble, out: Path) -> tuple[Path, float]:
     """One ONNX graph per member in folder `out`, and onnx.json: files, weights, preprocessing
     and how to combine (the weighted mean of each graph's softmax)."""
     from lookcloser.export.onnx import export_onnx, max_abs_difference
-    from lookcloser.modeldir import atomic_write_text
+    from lookcloser.fileio import atomic_write_text, safe_name
 
     out.mkdir(parents=True, exist_ok=True)
-    worst, members = 0.0, []
-    for name, member, weight in zip(
-        ensemble.names, ensemble.members, ensemble.weights, strict=True
+    worst, members, used = 0.0, [], set()
+    for i, (name, member, weight) in enumerate(
+        zip(ensemble.names, ensemble.members, ensemble.weights, strict=True)
     ):
-        path = export_onnx(member, out / f"{name}.onnx")
+        # Member names are ensemble.json's data: one file name each, inside `out`.
+        file = safe_name(name)
+        file = file if file not in used else f"{file}-{i}"
+        used.add(file)
+        path = export_onnx(member, out / f"{file}.onnx")
         worst = max(worst, max_abs_difference(member, path))
         members.append(
             {
@@ -787,8 +455,8 @@ def fit_ensemble(
     cfg = configs[0]
     data = prepare_data(replace_dc(cfg.data, unlabelled=None))
     for m in members:
-        _check_same_classes(data.classes, m.classes)
-    outputs = [_split_outputs(m, cfg, progress, "val", data.index, data.val) for m in members]
+        check_same_classes(data.classes, m.classes)
+    outputs = [split_outputs(m, cfg, progress, "val", data.index, data.val) for m in members]
     if outputs[0] is None or len(outputs[0].labels) == 0:
         raise DataError(
             f"ensemble fit: no validation split (data.root={cfg.data.root}, "
@@ -821,3 +489,77 @@ def ood_report(run_dir: str | Path, per_row: int = 6, groups: int = 8) -> list[d
     from lookcloser.semi.report import ood_report as report
 
     return report(run_dir, per_row=per_row, groups=groups)
+
+
+# ---- look-alikes (issue 26): embeddings, galleries, enrollment; lookcloser/lookalikes/ -----------
+def embed(
+    model_dir: str | Path,
+    paths: list[str | Path],
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    on_bad_image: str = "error",
+    meta: str | Path | dict | list | None = None,
+    device: str = "cpu",
+):
+    """Write the L2-normalised embedding of every image (the feature the class decision
+    reads) with its path, predicted class and score to `out`: `.parquet`, or `.npy` with a
+    `.csv` beside it; streamed batch by batch. Returns `lookalikes.embed.EmbeddingsWritten`."""
+    from lookcloser.lookalikes.embed import check_output, write_embeddings
+
+    check_output(out)
+    predictor = load(model_dir, device, tta="none")
+    if not isinstance(predictor, Predictor):
+        raise ConfigError(f"{model_dir}: an ensemble; embeddings need a single model directory")
+    if isinstance(meta, str | Path):
+        from lookcloser.data.meta import read_meta_file
+
+        meta = read_meta_file(meta)
+    stream = predictor.embed(paths, batch_size, on_bad_image=on_bad_image, meta=meta)
+    return write_embeddings(stream, out, predictor.classes)
+
+
+def build_gallery(
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path | None = None,
+    *,
+    batch_size: int = 32,
+    on_bad_image: str = "error",
+    keep: float = 0.95,
+    device: str = "cpu",
+):
+    """Embed the labelled training images of `data` into a gallery (default
+    MODEL_DIR/gallery) and calibrate the open-set threshold on its validation split. Returns
+    `lookalikes.gallery.GalleryBuilt`."""
+    from lookcloser.lookalikes.gallery import GALLERY_DIR
+    from lookcloser.lookalikes.gallery import build_gallery as build
+
+    predictor = load(model_dir, device, tta="none")
+    if not isinstance(predictor, Predictor):
+        raise ConfigError(f"{model_dir}: an ensemble; a gallery needs a single model directory")
+    out = Path(out) if out else Path(model_dir) / GALLERY_DIR
+    return build(predictor, data, out, batch_size, 0, on_bad_image, keep)
+
+
+def enroll(
+    model_dir: str | Path,
+    classes: dict[str, list[str | Path]] | None,
+    out: str | Path,
+    *,
+    folder: str | Path | None = None,
+    batch_size: int = 32,
+    on_bad_image: str = "error",
+):
+    """Write a new model directory `out`: the model of `model_dir` with new classes
+    ({name: image files or folders}, and/or `folder`'s class folders) enrolled from their
+    mean embeddings, without retraining. Returns `lookalikes.enroll.EnrollResult`."""
+    from lookcloser.lookalikes.enroll import class_folders
+    from lookcloser.lookalikes.enroll import enroll as add_classes
+
+    new = dict(classes or {})
+    for name, images in (class_folders(folder) if folder else {}).items():
+        if name in new:
+            raise ConfigError(f"--class {name!r}: also a class folder of {folder}")
+        new[name] = images
+    return add_classes(model_dir, new, out, batch_size, on_bad_image)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lookcloser import __version__
-from lookcloser.errors import LookcloserError
+from lookcloser.errors import LookcloserError, unwrapped
 
 
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -48,6 +48,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from lookcloser.checks import check_settings
+    from lookcloser.config import as_config
+
+    # Keys, types, ranges and method options first: a typo is reported before torch loads.
+    check_settings(as_config(args.config, args.overrides))
     from lookcloser import api
 
     result = api.train(args.config, args.overrides, progress=not args.no_progress)
@@ -110,6 +115,11 @@ def cmd_predict(args) -> int:
         if not getattr(predictor, "crop_fusion", False):
             print(f"note: {args.model_dir} has no crop fusion; --boxes is ignored", file=sys.stderr)
             boxes = {}
+    lookalikes = None
+    if args.neighbours or args.reject_unknown or args.gallery:  # checked before predicting
+        from lookcloser.lookalikes.answers import open_lookalikes
+
+        lookalikes = open_lookalikes(predictor, args.model_dir, args.gallery)
     predictions = predictor.predict(
         args.paths,
         top_k=args.top_k,
@@ -118,6 +128,19 @@ def cmd_predict(args) -> int:
         meta=meta,
         **boxes,
     )
+    extras = [{} for _ in predictions]
+    if lookalikes is not None:
+        from lookcloser.lookalikes.answers import annotate_predictions
+
+        extras = annotate_predictions(
+            predictor,
+            predictions,
+            lookalikes,
+            args.neighbours,
+            args.reject_unknown,
+            args.batch_size,
+            meta,
+        )
     for path, reason in predictions.skipped:
         print(f"skipped: {path}: {reason}", file=sys.stderr)
     without_box = getattr(predictions, "without_box", [])
@@ -127,15 +150,33 @@ def cmd_predict(args) -> int:
             f"whole image (e.g. {without_box[0]})",
             file=sys.stderr,
         )
+
+    def answer(p, extra) -> str:  # the top class, or "unknown" under --reject-unknown
+        return "unknown" if args.reject_unknown and extra.get("unknown") else p.classes[0]
+
+    def alike(extra) -> str:
+        return "; ".join(
+            f"{g['class']}: "
+            + ", ".join(f"{n['path']} ({n['similarity']:.3f})" for n in g["neighbours"])
+            for g in extra.get("neighbours", [])
+        )
+
     if args.format == "json":
-        print(json.dumps([p.as_dict() for p in predictions], indent=2))
+        rows = [p.as_dict() for p in predictions]
+        for p, row, extra in zip(predictions, rows, extras, strict=True):
+            row.update(extra)
+            if args.reject_unknown:
+                row["answer"] = answer(p, extra)
+        print(json.dumps(rows, indent=2))
     elif args.format == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["path", "rank", "class", "prob"])
-        for p in predictions:
+        more = ["answer", "unknown", "neighbours"] if lookalikes is not None else []
+        writer.writerow(["path", "rank", "class", "prob", *more])
+        for p, extra in zip(predictions, extras, strict=True):
+            tail = [answer(p, extra), extra.get("unknown", ""), alike(extra)] if more else []
             for rank, (name, prob) in enumerate(zip(p.classes, p.probs, strict=True), start=1):
-                writer.writerow([p.path, rank, name, f"{prob:.6f}"])
+                writer.writerow([p.path, rank, name, f"{prob:.6f}", *tail])
         print(buffer.getvalue(), end="")
     else:
         from rich.console import Console
@@ -144,9 +185,13 @@ def cmd_predict(args) -> int:
         table = Table(title=f"predictions ({args.model_dir})")
         table.add_column("image")
         table.add_column("top classes (probability)")
-        for p in predictions:
+        if lookalikes is not None:
+            table.add_column("answer")
+            table.add_column("look-alikes (similarity)")
+        for p, extra in zip(predictions, extras, strict=True):
             top = ", ".join(f"{c} ({q:.3f})" for c, q in zip(p.classes, p.probs, strict=True))
-            table.add_row(p.path, top)
+            more = [answer(p, extra), alike(extra)] if lookalikes is not None else []
+            table.add_row(p.path, top, *more)
         Console().print(table)
     return 0
 
@@ -159,6 +204,125 @@ def cmd_explain(args) -> int:
     )
     for path in out if isinstance(out, list) else [out]:  # an ensemble: one per member
         print(path)
+    from lookcloser.lookalikes.gallery import find_gallery
+
+    has_gallery = args.gallery or (args.neighbours and find_gallery(args.model_dir))
+    if not isinstance(out, list) and has_gallery:
+        from lookcloser.lookalikes.answers import explain_lookalikes
+
+        meta = None
+        if args.meta:
+            from lookcloser.data.meta import read_meta_file, same_path
+
+            meta = read_meta_file(args.meta).get(same_path(args.image), {})
+        shown = explain_lookalikes(
+            api.load(args.model_dir),
+            args.model_dir,
+            args.image,
+            out,
+            args.neighbours,
+            args.gallery,
+            args.gallery_root,
+            meta,
+        )
+        if shown is not None:  # a model directory with a gallery
+            figure, found = shown
+            print(figure)
+            for group in found["neighbours"]:
+                for n in group["neighbours"]:
+                    print(f"  {group['class']}: {n['path']} (similarity {n['similarity']:.3f})")
+            if found.get("unknown"):
+                print(
+                    f"  unknown: {found['score']} {found['value']:.3f} below the calibrated "
+                    f"{found['threshold']:.3f}"
+                )
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from lookcloser import api
+
+    written = api.embed(
+        args.model_dir,
+        args.paths,
+        args.out,
+        batch_size=args.batch_size,
+        on_bad_image=args.on_bad_image,
+        meta=args.meta,
+        device=args.device,
+    )
+    for path, reason in written.skipped:
+        print(f"skipped: {path}: {reason}", file=sys.stderr)
+    print(
+        f"wrote {written.rows} embeddings ({written.dim} wide) to "
+        + " and ".join(str(f) for f in written.files)
+    )
+    return 0
+
+
+def cmd_gallery_build(args) -> int:
+    from lookcloser import api
+
+    built = api.build_gallery(
+        args.model_dir,
+        args.data,
+        args.out,
+        batch_size=args.batch_size,
+        on_bad_image=args.on_bad_image,
+        keep=args.keep,
+    )
+    for path, reason in built.skipped:
+        print(f"skipped: {path}: {reason}", file=sys.stderr)
+    if built.classes_without_references:
+        shown = ", ".join(built.classes_without_references[:5])
+        print(
+            f"note: {len(built.classes_without_references)} class(es) of the model have no "
+            f"reference in {args.data} (e.g. {shown})",
+            file=sys.stderr,
+        )
+    calibration = built.open_set
+    rows = [
+        ("references", str(built.references)),
+        ("size", f"{built.bytes / 2**20:.2f} MiB"),
+        ("time", f"{built.seconds:.1f} s"),
+        (
+            "open set",
+            f"{calibration['score']} < {calibration['thresholds'][calibration['score']]:.4f} "
+            f"is unknown (keeps {100 * calibration['keep']:.0f} % of {calibration['val_images']} "
+            "validation images)"
+            if calibration
+            else "not calibrated (no validation split)",
+        ),
+    ]
+    _print_table(f"gallery ({built.folder})", rows)
+    print(built.folder)
+    return 0
+
+
+def cmd_enroll(args) -> int:
+    from lookcloser import api
+    from lookcloser.errors import ConfigError
+
+    classes: dict[str, list[str]] = {}
+    for item in args.classes or []:
+        if len(item) < 2:
+            raise ConfigError(f"--class {item[0]}: expected a name and at least one image")
+        if item[0] in classes:
+            raise ConfigError(f"--class {item[0]!r}: given twice")
+        classes[item[0]] = item[1:]
+    result = api.enroll(
+        args.model_dir,
+        classes,
+        args.out,
+        folder=args.folder,
+        batch_size=args.batch_size,
+        on_bad_image=args.on_bad_image,
+    )
+    for path, reason in result.skipped:
+        print(f"skipped: {path}: {reason}", file=sys.stderr)
+    rows = [(name, f"{n} image(s)") for name, n in result.classes.items()]
+    _print_table(f"enrolled into {result.model_dir}", rows)
+    print(result.model_dir)
     return 0
 
 
@@ -202,6 +366,15 @@ def cmd_ensemble_fit(args) -> int:
 def cmd_export(args) -> int:
     from lookcloser import api
 
+    if args.quantize is None and args.embedding:
+        from lookcloser.lookalikes.embed import export_embedding_onnx
+
+        out, diff, emb_diff = export_embedding_onnx(args.model_dir, args.out)
+        print(
+            f"wrote {out} (outputs logits, embedding); max |difference| ONNX Runtime vs "
+            f"PyTorch: logits {diff:.2e}, embedding {emb_diff:.2e}"
+        )
+        return 0
     if args.quantize is None:
         out, diff = api.export(args.model_dir, args.format, args.out)
         print(f"wrote {out}; max |logit| difference ONNX Runtime vs PyTorch: {diff:.2e}")
@@ -285,7 +458,11 @@ def cmd_serve(args) -> int:
         max_upload_mb=args.max_upload_mb,
         max_pixels=args.max_pixels,
         timeout_s=args.timeout,
+        body_timeout_s=args.body_timeout,
         unsure_below=args.unsure_below,
+        allowed_hosts=tuple(args.allowed_host),
+        neighbours=args.neighbours,
+        gallery_root=args.gallery_root,
     )
     api.serve(args.model_dir, settings, args.backend, args.onnx, args.device)
     return 0
@@ -326,42 +503,30 @@ def cmd_data_ood_report(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from lookcloser.data.images import check_images, list_image_files
-    from lookcloser.errors import DataError
+    from lookcloser.data.images import check_dataset
 
-    path = Path(args.path)
-    if not path.exists():
-        raise DataError(f"{path}: does not exist")
-    report = check_images(list_image_files(path), max_pixels=args.max_pixels)
+    report = check_dataset(args.path, max_pixels=args.max_pixels)
     if args.format == "json":
         print(json.dumps(report.as_dict(), indent=2))
     else:
         for line in report.summary_lines():
             print(line)
-    return 1 if report.bad else 0
+    return 1 if report.bad or report.overlaps else 0
 
 
 def cmd_data_download(args) -> int:
-    from lookcloser.data.download import download_dataset
+    from lookcloser.data.download import ProgressLines, download_dataset
 
-    root = download_dataset(args.name, args.dir, mirror=args.mirror, progress=_DownloadProgress())
+    root = download_dataset(
+        args.name,
+        args.dir,
+        mirror=args.mirror,
+        progress=None if args.no_progress else ProgressLines(),
+        deadline_s=args.deadline,
+        read_timeout_s=args.read_timeout,
+    )
     print(root)
     return 0
-
-
-class _DownloadProgress:
-    """Prints one line per file at start, every 10 %, and at the end (to stderr)."""
-
-    def __init__(self) -> None:
-        self.shown: dict[str, int] = {}
-
-    def __call__(self, name: str, done: int, total: int | None) -> None:
-        step = 10 * done // total if total else done >> 26  # tenths, or every 64 MiB
-        if self.shown.get(name) == step:
-            return
-        self.shown[name] = step
-        size = f"{done / 2**20:.1f}" + (f" / {total / 2**20:.1f}" if total else "")
-        print(f"{name}: {size} MiB", file=sys.stderr, flush=True)
 
 
 def _source_name(name: str) -> str:
@@ -412,6 +577,7 @@ def cmd_data_pack(args) -> int:
         max_side=args.max_side,
         max_pixels=cfg.data.max_image_pixels,
         progress=progress,
+        root=cfg.data.root or None,
     )
     print(f"wrote {len(written)} shard(s) and dataset.json to {args.out}")
     print(args.out)
@@ -438,6 +604,29 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"lookcloser: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _trust_option(p: argparse.ArgumentParser) -> None:
+    """--trust-module on a command that loads model directories (docs/usage.md, Security)."""
+    p.add_argument(
+        "--trust-module",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="let model directories import module NAME (their config.method.module: a method "
+        "defined outside lookcloser); a model directory never imports one otherwise. Repeatable",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -508,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_eval,
     )
     p.add_argument("model_dir")
+    _trust_option(p)
     p.add_argument("overrides", nargs="*", metavar="data.key=value")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -515,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("predict", "Top-k classes for image files or folders.", cmd_predict)
     p.add_argument("model_dir")
+    _trust_option(p)
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes per image")
     p.add_argument("--batch-size", type=_positive_int, default=32)
@@ -536,11 +727,33 @@ def build_parser() -> argparse.ArgumentParser:
         "crop; without it the model's attention chooses the crops",
     )
     p.add_argument("--tta", metavar="SPEC", help=TTA_HELP)
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=0,
+        metavar="K",
+        help="show the K nearest references of the predicted class and of the runner-up from "
+        "the model's gallery (lookcloser gallery build); one more pass over the images",
+    )
+    p.add_argument(
+        "--reject-unknown",
+        action="store_true",
+        help="answer `unknown` for images whose open-set score is below the threshold the "
+        "gallery calibrated on the validation split (every answer carries `unknown` with a "
+        "calibrated gallery)",
+    )
+    p.add_argument("--gallery", metavar="DIR", help="gallery folder (default: MODEL_DIR/gallery)")
 
     p = command("explain", "Write an attention heatmap over an image as a PNG.", cmd_explain)
     p.add_argument("model_dir")
+    _trust_option(p)
     p.add_argument("image")
-    p.add_argument("--out", help="PNG to write (default: MODEL_DIR/explanations/<image name>.png)")
+    p.add_argument(
+        "--out",
+        help="PNG to write (default: MODEL_DIR/explanations/<image name>.png, or "
+        "<image name>-<8 hex digits>.png, a hash of the image's resolved path, when that file "
+        "already explains another image of the same name, e.g. a/x.png and b/x.png)",
+    )
     p.add_argument("--target", help="class to explain (default: the predicted one)")
     p.add_argument("--map", help="which of the method's maps (default: its first, grad-cam)")
     p.add_argument("--meta", metavar="FILE", help=META_HELP)
@@ -550,11 +763,110 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="part map K and the image sampled by it (methods with part maps: tasn)",
     )
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=3,
+        metavar="K",
+        help="with a gallery (MODEL_DIR/gallery): also write <png>-lookalikes.png, the K "
+        "nearest references of the predicted class and of the runner-up (0: off; default: 3)",
+    )
+    p.add_argument("--gallery", metavar="DIR", help="gallery folder (default: MODEL_DIR/gallery)")
+    p.add_argument(
+        "--gallery-root",
+        metavar="DIR",
+        help="read the references' images under DIR (default: the data root the gallery was "
+        "built from)",
+    )
+
+    bad_image_help = (
+        "error: stop, naming every unreadable file; skip: list them on stderr and go on with "
+        "the rest (default: %(default)s)"
+    )
+    p = command(
+        "embed",
+        "Write the L2-normalised embedding of every image (the feature the class decision "
+        "reads), with its path, predicted class and score.",
+        cmd_embed,
+    )
+    p.add_argument("model_dir")
+    _trust_option(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="FILE.parquet (columns path, class, class_index, score, embedding), or FILE.npy "
+        "(N x D float32) with FILE.csv beside it (row, path, class, score)",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument(
+        "--on-bad-image", choices=["error", "skip"], default="error", help=bad_image_help
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--meta", metavar="FILE", help=META_HELP)
+
+    gallery = sub.add_parser(
+        "gallery", help="Reference galleries of labelled images.", description="Galleries."
+    )
+    gallery_sub = gallery.add_subparsers(dest="gallery_command", required=True, metavar="CMD")
+    p = gallery_sub.add_parser(
+        "build",
+        help="Embed the labelled training images of DATA into a gallery of references and "
+        "calibrate the open-set threshold on the validation split.",
+        description="Embed DATA's training images (less the validation split, carved as the "
+        "model's training carved it) into OUT (gallery.safetensors + gallery.json: paths "
+        "relative to DATA, never the images), and calibrate the `unknown` threshold on the "
+        "validation split. predict --neighbours, explain and serve then show look-alikes.",
+    )
+    p.set_defaults(fn=cmd_gallery_build)
+    p.add_argument("model_dir")
+    _trust_option(p)
+    p.add_argument(
+        "data", help="an ImageFolder tree (train/<class>/..., optional val/) or a CSV file"
+    )
+    p.add_argument("--out", help="gallery folder (default: MODEL_DIR/gallery)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument(
+        "--on-bad-image", choices=["error", "skip"], default="error", help=bad_image_help
+    )
+    p.add_argument(
+        "--keep",
+        type=float,
+        default=0.95,
+        metavar="SHARE",
+        help="share of the validation images the open-set threshold keeps as known "
+        "(default: %(default)s)",
+    )
+
+    p = command(
+        "enroll",
+        "Add classes from a few images each (their mean embedding), without retraining; "
+        "writes a new model directory.",
+        cmd_enroll,
+    )
+    p.add_argument("model_dir")
+    _trust_option(p)
+    p.add_argument(
+        "--class",
+        dest="classes",
+        nargs="+",
+        action="append",
+        metavar="NAME IMAGE",
+        help="a new class and its images or folders (repeatable)",
+    )
+    p.add_argument("--folder", metavar="DIR", help="new classes as DIR/<class>/ folders of images")
+    p.add_argument("--out", required=True, help="the new model directory (new or empty)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument(
+        "--on-bad-image", choices=["error", "skip"], default="error", help=bad_image_help
+    )
 
     p = command(
         "export", "Export the inference graph (ONNX) and check it against PyTorch.", cmd_export
     )
     p.add_argument("model_dir")
+    _trust_option(p)
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument(
         "--out",
@@ -602,6 +914,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="quantize the first convolution and the classifier too (kept fp32 by default)",
     )
+    p.add_argument(
+        "--embedding",
+        action="store_true",
+        help="add the output `embedding` (N x D, L2-normalised: what lookcloser embed writes) "
+        "beside `logits`; checked against PyTorch too",
+    )
 
     p = command(
         "compare",
@@ -615,6 +933,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR | key=value",
         help="run directories to compare; key=value: config overrides for training --methods",
     )
+    _trust_option(p)
     p.add_argument("--out", required=True, help="report folder (new, empty or an earlier report)")
     p.add_argument("--methods", nargs="+", metavar="NAME", help="train these methods first")
     p.add_argument("--seeds", nargs="+", default=["0"], help="seeds for --methods (default: 0)")
@@ -647,6 +966,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_serve,
     )
     p.add_argument("model_dir")
+    _trust_option(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -669,10 +989,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a request body may take to arrive (408; default: %(default)s)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="accept requests whose Host header is NAME (repeatable; *.domain patterns; '*' any); "
+        "by default only 127.0.0.1, localhost, [::1] and --host (DNS-rebinding protection)",
+    )
+    p.add_argument(
         "--unsure-below",
         type=float,
         help="flag answers whose top probability is below this (default: from the model's "
         "validation metrics, else 0.5)",
+    )
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=3,
+        metavar="K",
+        help="with a gallery (MODEL_DIR/gallery): the K nearest references of the predicted "
+        "class and of the runner-up beside every answer (0: off; default: %(default)s)",
+    )
+    p.add_argument(
+        "--gallery-root",
+        metavar="DIR",
+        help="read the references' thumbnails under DIR (default: the data root the gallery "
+        "was built from)",
     )
 
     p = command(
@@ -699,6 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model_dirs", nargs="+", metavar="MODEL_DIR", help="members (and data.* overrides)"
     )
+    _trust_option(p)
     p.add_argument("--out", required=True, help="new or empty folder for the ensemble")
     p.add_argument("--seed", type=int, default=0, help="seed of the search (default: %(default)s)")
     p.add_argument("--maxiter", type=_positive_int, default=200, help="search generations")
@@ -762,9 +1111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "json"], default="text")
 
     p = data_command(
-        "check", "Report unreadable, corrupt, duplicate and odd-mode images.", cmd_data_check
+        "check",
+        "Report unreadable, corrupt, duplicate and odd-mode images, and images a dataset's "
+        "own train / val / test split shares between splits (exit 1 for unreadable or shared).",
+        cmd_data_check,
     )
-    p.add_argument("path", help="an image file or a folder (searched recursively)")
+    p.add_argument(
+        "path",
+        help="an image file, a folder (searched recursively), an imagefolder root with train/ "
+        "and test/ or val/, or a CSV (or folder with train.csv) of data.source=csv",
+    )
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.add_argument("--max-pixels", type=int, default=89_478_485)
 
@@ -776,6 +1132,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="dataset name, e.g. cub200, aircraft, inat2021_mini")
     p.add_argument("dir", help="folder to prepare the dataset in")
     p.add_argument("--mirror", help="base URL replacing the official scheme and host")
+    p.add_argument(
+        "--deadline",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="give up (keeping partial files, to resume) after this long in all "
+        "(default: 5 min + the time at 256 KiB/s for the dataset's size)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="retry a connection that sends nothing for this long (default: %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress lines")
 
     p = data_command(
         "info", "Classes, split sizes, images per class and annotations.", cmd_data_info
@@ -809,14 +1180,25 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
-        return args.fn(args)
+        trusted = getattr(args, "trust_module", None)
+        if not trusted:
+            return args.fn(args)
+        from lookcloser.modeldir import trusting_modules
+
+        # The user's opt-in: model directories may import these modules (their method's).
+        with trusting_modules(trusted):
+            return args.fn(args)
     except LookcloserError as err:
-        print(f"lookcloser: error: {err}", file=sys.stderr)
+        # unwrapped: a DataLoader worker's error reaches here as its whole traceback.
+        print(f"lookcloser: error: {unwrapped(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lookcloser: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # one line for users; LOOKCLOSER_DEBUG=1 shows the traceback
+        if isinstance(unwrapped(err), LookcloserError):
+            print(f"lookcloser: error: {unwrapped(err)}", file=sys.stderr)
+            return 2
         if os.environ.get("LOOKCLOSER_DEBUG"):
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -22,12 +22,13 @@ import html
 import io
 import json
 import math
-import os
+import re
 import shutil
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +37,9 @@ from typing import Any
 import numpy as np
 
 from lookcloser.errors import ConfigError, DataError
-from lookcloser.modeldir import atomic_write_text, is_model_dir, read_model_json
+from lookcloser.explain.overlay import literal_text
+from lookcloser.fileio import atomic_open, atomic_write_bytes, atomic_write_text
+from lookcloser.modeldir import is_model_dir, read_model_json
 
 MARKER = ".lookcloser-compare"
 # Config keys that do not change what a run learns: runs differing only in these are seeds
@@ -80,6 +83,10 @@ class Run:
     logits: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
     paths: list[str] = field(default_factory=list)
     computed: dict[str, Any] = field(default_factory=dict)
+    # Filled by `align_runs`: each test image's key (data.samples.image_key), and whether
+    # the outputs are in the first run's image order (False: old shards matched by counts).
+    keys: list[str] = field(default_factory=list)
+    aligned: bool = True
 
     @property
     def name(self) -> str:
@@ -173,6 +180,7 @@ def _method_config(record: dict[str, Any]) -> dict[str, str]:
 
 def read_run(path: str | Path) -> Run:
     """A finished run directory (model.json; metrics.json when it has one)."""
+    from lookcloser.modeldir import backup_note
     from lookcloser.rundir import has_checkpoint
 
     path = Path(path)
@@ -188,7 +196,7 @@ def read_run(path: str | Path) -> Run:
         )
         raise ConfigError(
             f"compare: {path} is not a finished run directory (no model.json); expected a "
-            f"folder written by `lookcloser train`{hint}"
+            f"folder written by `lookcloser train`{hint}{backup_note(path)}"
         )
     record = read_model_json(path)
     recorded = None
@@ -244,9 +252,13 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
 
 
 # ---- predictions on the test split -----------------------------------------------------------
+CACHE_VERSION = 2  # 2: shard outputs carry their samples' names
+
+
 def _cache_file(run: Run, cache: Path) -> Path:
     data = json.dumps(run.record["config"].get("data", {}), sort_keys=True)
-    digest = hashlib.sha256(f"{run.record['weights']['sha256']}\n{data}".encode()).hexdigest()
+    text = f"{run.record['weights']['sha256']}\n{data}\n{CACHE_VERSION}"
+    digest = hashlib.sha256(text.encode()).hexdigest()
     return cache / f"{digest[:24]}.npz"
 
 
@@ -255,8 +267,8 @@ def evaluate_runs(
 ) -> list[str]:
     """Each run's test-split logits (from the cache or through the Predictor);
     returns notes on runs whose re-evaluation differs from their metrics.json."""
-    from lookcloser.api import outputs_on_test
     from lookcloser.evaluation import compute_metrics, summary
+    from lookcloser.scoring import outputs_on_test
 
     cache.mkdir(parents=True, exist_ok=True)
     notes = []
@@ -272,11 +284,11 @@ def evaluate_runs(
             run.logits = out.logits.float().numpy()
             run.labels = out.labels.numpy().astype(np.int64)
             run.paths = [str(p) for p in out.paths]
-            tmp = file.with_name(f".{file.stem}.tmp.npz")
-            np.savez(
-                tmp, logits=run.logits, labels=run.labels, paths=np.array(run.paths, dtype=str)
-            )
-            os.replace(tmp, file)
+            # A file object: np.savez given a name would add ".npz" to the temporary one.
+            with atomic_open(file, "wb") as f:
+                np.savez(
+                    f, logits=run.logits, labels=run.labels, paths=np.array(run.paths, dtype=str)
+                )
         import torch
 
         metrics = compute_metrics(
@@ -295,20 +307,234 @@ def evaluate_runs(
     return notes
 
 
-def check_same_test_set(runs: Sequence[Run]) -> None:
-    """Every run has the same classes and the same test images (else the report would mix)."""
+# ---- what each run was tested on: decided before anything is evaluated ------------------------
+@dataclass
+class TestSet:
+    """A run's test split as its data lists it, read without a model: each image's key
+    (`data.samples.image_key`: its class and its path below the class folder), in split order.
+    """
+
+    keys: list[str]
+    by_name: dict[str, str]  # sample name (a file path, or a shard sample's name) -> key
+    files: dict[str, str]  # key -> the image file (folders, CSVs)
+    digests: dict[str, str]  # key -> sha256 of the packed bytes (shards not re-encoded)
+    shards: dict[str, tuple[str, str]]  # key -> (shard, sample key) (shards)
+    # Shards packed before records kept their relative path: keys from the source file name.
+    legacy: bool = False
+
+    def key(self, name: str, class_name: str) -> str:
+        from lookcloser.data.samples import image_key
+
+        return self.by_name.get(name) or image_key(name, class_name)
+
+
+def read_test_set(run: Run) -> TestSet:
+    """The test split `run`'s model.json names, listed as cheaply as the source allows: a
+    folder scan or a CSV read; for shards, one pass over the test shards' records."""
+    from lookcloser.config import Config
+    from lookcloser.data.prepare import SHARDS
+    from lookcloser.data.samples import image_key, root_folder
+
+    cfg = Config.from_dict(run.record["config"], where=str(run.path / "model.json"))
+    test = TestSet([], {}, {}, {}, {})
+    if cfg.data.source == SHARDS:
+        from lookcloser.data.shards import open_shards, shard_records
+
+        index = open_shards(cfg.data.root)
+        for record in shard_records(index, "test"):
+            if record.label is None or record.label >= len(index.classes):
+                raise DataError(f"{record.url}: sample {record.key}: no valid class index (.cls)")
+            name, class_name = record.name, index.classes[record.label]
+            key = image_key(name, class_name, "" if record.recorded else None)
+            test.legacy = test.legacy or not record.recorded
+            key = _add_key(test, key, name)
+            test.shards[key] = (record.url, record.key)
+            if index.reencoded is False and record.digest:
+                test.digests[key] = record.digest
+        return test
+    from lookcloser.data.sources import build_source
+
+    splits = build_source(cfg.data)
+    paths = [s.path for s in splits.test]
+    base = root_folder(cfg.data.root) if cfg.data.root else _common_folder(paths)
+    for sample in splits.test:
+        key = image_key(sample.path, splits.classes[sample.label], base)
+        key = _add_key(test, key, sample.path)
+        test.files[key] = sample.path
+    return test
+
+
+def _add_key(test: TestSet, key: str, name: str) -> str:
+    # A second image of one key (the same name under two folders of one class): numbered.
+    if key in test.files or key in test.shards:
+        n = 2
+        while f"{key}#{n}" in test.files or f"{key}#{n}" in test.shards:
+            n += 1
+        key = f"{key}#{n}"
+    test.keys.append(key)
+    test.by_name[name] = key
+    return key
+
+
+def _common_folder(paths: list[str]) -> str:
+    import os
+
+    try:
+        common = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else ""
+    except ValueError:
+        return ""
+    return os.path.dirname(common) if len(paths) == 1 else common
+
+
+def check_comparable(runs: Sequence[Run]) -> tuple[list[TestSet], list[str]]:
+    """Each run's test set and notes; a DataError naming what differs unless every run has
+    the classes and the test images of the first (classes in another order are matched by
+    name; images by class and path below the class folder, whatever the source: folder, CSV
+    or shards). Classes are checked from model.json alone, before any data is listed."""
     first = runs[0]
     for run in runs[1:]:
-        if run.record["classes"] != first.record["classes"]:
+        _check_classes(first, run)
+    tests = []
+    for run in runs:
+        try:
+            tests.append(read_test_set(run))
+        except DataError as err:
+            raise DataError(f"compare: {run.path}: its test split: {err}") from None
+    notes: list[str] = []
+    for run, other in zip(runs[1:], tests[1:], strict=True):
+        notes += _check_images(first, tests[0], run, other)
+    return tests, notes
+
+
+def _check_classes(a: Run, b: Run) -> None:
+    mine, theirs = list(a.record["classes"]), list(b.record["classes"])
+    for have, lack, has, not_has in ((b, a, theirs, mine), (a, b, mine, theirs)):
+        extra = [c for c in has if c not in not_has]
+        if extra:
             raise DataError(
-                f"compare: {run.path} and {first.path} have different classes; compare runs "
-                "trained on the same dataset"
+                f"compare: {b.path} and {a.path} have different classes: {have.path} has "
+                f"{extra[0]} ({len(has)} classes), {lack.path} does not ({len(not_has)} "
+                "classes); compare runs trained on the same data"
             )
-        if run.paths != first.paths or not np.array_equal(run.labels, first.labels):
+
+
+def _check_images(a: Run, test_a: TestSet, b: Run, test_b: TestSet) -> list[str]:
+    """DataError naming one image that only one of two runs was tested on, or one image whose
+    content differs; notes where old shards could be matched by counts only."""
+    counts = f"({len(test_b.keys)} vs {len(test_a.keys)} test images)"
+    where = f"compare: {b.path} and {a.path} were tested on different images"
+    ka, kb = Counter(test_a.keys), Counter(test_b.keys)
+    if ka != kb:
+        if test_a.legacy or test_b.legacy:
+            note = _match_by_counts(a, test_a, b, test_b)
+            if note is not None:
+                return [note]
+        for have, lack, keys, other in ((b, a, test_b.keys, ka), (a, b, test_a.keys, kb)):
+            extra = next((k for k in keys if k not in other), None)
+            if extra is not None:
+                raise DataError(
+                    f"{where}: {have.path} has {extra}, {lack.path} does not {counts}; "
+                    "compare runs with the same test split"
+                )
+    # The same names: check that a few are the same pictures (reading a handful of files).
+    common = test_a.keys
+    for key in common[:: max(1, len(common) // 8)][:8]:
+        digests = {str(run.path): _digest(t, key) for run, t in ((a, test_a), (b, test_b))}
+        known = {d for d in digests.values() if d}
+        if len(known) > 1:
             raise DataError(
-                f"compare: {run.path} and {first.path} were tested on different images "
-                f"({len(run.labels)} vs {len(first.labels)}); compare runs with the same test split"
+                f"{where}: {key} is another picture in {b.path} than in {a.path} (same names, "
+                f"other contents) {counts}; compare runs with the same test split"
             )
+    return []
+
+
+def _digest(test: TestSet, key: str) -> str:
+    """sha256 of one test image's bytes where they are at hand (a file; unaltered shards)."""
+    if key in test.digests:
+        return test.digests[key]
+    path = test.files.get(key)
+    if path is None:
+        return ""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read a test image ({err.strerror or err})") from None
+
+
+def _match_by_counts(a: Run, test_a: TestSet, b: Run, test_b: TestSet) -> str | None:
+    """Old shards (no relative paths recorded) against another run: the same number of test
+    images per class is all that can be checked. A note saying so, or None if they differ."""
+
+    def per_class(test: TestSet) -> Counter:
+        return Counter(k.split("/", 1)[0] for k in test.keys)
+
+    if per_class(test_a) != per_class(test_b):
+        return None
+    b.aligned = False
+    old = a if test_a.legacy else b
+    return (
+        f"{old.path}: its shards were packed before `data pack` recorded each image's relative "
+        f"path (pack them again to compare image by image), so {b.path} was matched to "
+        f"{a.path} by the number of test images per class only; the per-image parts of this "
+        f"report (which pictures are shown, predictions.csv) leave {b.path}'s predictions out"
+    )
+
+
+def align_runs(runs: Sequence[Run], tests: Sequence[TestSet]) -> list[str]:
+    """Put every run's outputs in the first run's class order and image order (by image key,
+    not position: shards and folders list images in other orders); returns notes."""
+    first_classes = list(runs[0].record["classes"])
+    for run, test in zip(runs, tests, strict=True):
+        classes = list(run.record["classes"])
+        run.keys = [
+            test.key(name, classes[int(label)])
+            for name, label in zip(run.paths, run.labels, strict=True)
+        ]
+        if classes != first_classes:  # the same classes in another order: by name
+            order = [classes.index(c) for c in first_classes]
+            run.logits = run.logits[:, order]
+            run.labels = np.array(
+                [first_classes.index(classes[int(i)]) for i in run.labels], dtype=np.int64
+            )
+    aligned = [r for r in runs if r.aligned]
+    if not runs[0].paths or any(not r.keys for r in aligned):
+        return []
+    shared = set(runs[0].keys).intersection(*(r.keys for r in aligned))
+    notes = []
+    left_out = [k for r in aligned for k in r.keys if k not in shared]
+    if left_out:
+        notes.append(
+            f"{len(set(left_out))} test image(s) evaluated by only some of the runs (skipped "
+            f"as unreadable by the others), e.g. {left_out[0]}, are left out of the per-image "
+            "comparisons"
+        )
+    wanted = [k for k in runs[0].keys if k in shared]
+    for run in aligned:
+        position = {k: i for i, k in enumerate(run.keys)}
+        order = np.array([position[k] for k in wanted], dtype=np.int64)
+        run.logits, run.labels = run.logits[order], run.labels[order]
+        run.paths = [run.paths[i] for i in order]
+        run.keys = list(wanted)
+    return notes
+
+
+def picture_of(tests: Sequence[TestSet], key: str):
+    """A test image by key, for explaining: a file of any run, else its bytes from shards."""
+    for test in tests:
+        if key in test.files and Path(test.files[key]).is_file():
+            return test.files[key]
+    for test in tests:
+        if key in test.shards:
+            from lookcloser.data.images import decode_bytes
+            from lookcloser.data.shards import IMAGE_EXTS, iter_tar_samples
+
+            url, sample_key = test.shards[key]
+            for sample in iter_tar_samples(url):
+                if sample["__key__"] == sample_key:
+                    ext = next(e for e in IMAGE_EXTS if e in sample)
+                    return decode_bytes(f"{url} ({sample_key}.{ext})", sample[ext])[0]
+    raise DataError(f"compare: test image {key} not found in any run's data")
 
 
 # ---- cost ------------------------------------------------------------------------------------
@@ -411,19 +637,29 @@ class Explained:
     right: bool
 
 
+def _aligned_representative(group: Group) -> Run:
+    """The group's lowest-seed run among those in the first run's image order."""
+    return min((r for r in group.runs if r.aligned), key=lambda r: (r.seed, str(r.path)))
+
+
 def explain_images(
-    groups: Sequence[Group], chosen: Sequence[tuple[int, str]], classes: list[str]
+    groups: Sequence[Group],
+    chosen: Sequence[tuple[int, str]],
+    classes: list[str],
+    labels: np.ndarray,
+    pictures: Sequence[Any],
 ) -> list[list[Explained]]:
-    """Predictor.explain of each chosen image by each group's representative model."""
-    from lookcloser.api import load
+    """Predictor.explain of each chosen image (`pictures`: a file or a PIL image each, the
+    truth in `labels`) by each group's representative model."""
     from lookcloser.explain.overlay import overlay
+    from lookcloser.loader import load_model as load
 
     rows: list[list[Explained]] = [[] for _ in chosen]
     for group in groups:
         run = group.representative
         predictor = load(run.path)
-        for row, (index, _) in zip(rows, chosen, strict=True):
-            explanation = predictor.explain(run.paths[index])
+        for row, (index, _), picture in zip(rows, chosen, pictures, strict=True):
+            explanation = predictor.explain(picture)
             row.append(
                 Explained(
                     _png(overlay(explanation.image, explanation.heatmap)),
@@ -431,7 +667,7 @@ def explain_images(
                     explanation.class_name,
                     explanation.prob,
                     explanation.map_name,
-                    explanation.class_name == classes[int(run.labels[index])],
+                    explanation.class_name == classes[int(labels[index])],
                 )
             )
     return rows
@@ -444,6 +680,7 @@ def _png(image) -> bytes:
 
 
 # ---- the plot ----------------------------------------------------------------------------------
+@literal_text
 def plot_accuracy_cost(groups: Sequence[Group]) -> bytes:
     """Top-1 (mean, error bar: standard deviation over seeds) against GFLOPs and images/s."""
     from matplotlib.figure import Figure
@@ -577,12 +814,26 @@ def class_difference_rows(
     return header, rows
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    def cell(text: str) -> str:
-        return str(text).replace("|", "\\|")
+def _md(text: Any) -> str:
+    """Text for Markdown: HTML (which Markdown passes through) escaped, link brackets and
+    backslashes escaped, one line. Class names, labels and paths come from model files."""
+    text = html.escape(str(text), quote=False)
+    text = re.sub(r"([\\`\[\]])", r"\\\1", text)
+    return re.sub(r"[\r\n]+", " ", text)
 
-    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+
+def _md_table(header: list[str], rows: list[list[str]], escaped: bool = False) -> str:
+    """A Markdown table; the header is escaped with `_md`, the rows too unless `escaped`
+    (cells with markup of their own, their text escaped already)."""
+
+    def cell(text: str, done: bool) -> str:
+        return (str(text) if done else _md(text)).replace("|", "\\|")
+
+    lines = [
+        "| " + " | ".join(cell(h, False) for h in header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    lines += ["| " + " | ".join(cell(c, escaped) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -646,11 +897,14 @@ def write_report(
     from lookcloser import __version__
 
     images_dir = out / "images"
-    shutil.rmtree(images_dir, ignore_errors=True)  # an earlier report's pictures
+    # An earlier report's pictures; a link there is removed, never followed.
+    if images_dir.is_symlink() or images_dir.is_file():
+        images_dir.unlink()
+    shutil.rmtree(images_dir, ignore_errors=True)
     images_dir.mkdir(parents=True)
-    (out / "plot.png").write_bytes(plot)
+    atomic_write_bytes(out / "plot.png", plot)
     reference = groups[0]
-    first = reference.runs[0]
+    first = _rows_run(groups)
     counts = np.bincount(first.labels, minlength=len(classes))
     data = first.record.get("data", {})
     dataset = f"{data.get('source', '?')}:{data.get('root', '?')}"
@@ -699,10 +953,10 @@ def write_report(
     grid_files: list[list[str]] = []
     for n, row in enumerate(explained):
         names = [f"images/{n:02d}-input.png"]
-        (out / names[0]).write_bytes(row[0].input_png)
+        atomic_write_bytes(out / names[0], row[0].input_png)
         for g, item in enumerate(row):
             name = f"images/{n:02d}-m{g}.png"
-            (out / name).write_bytes(item.png)
+            atomic_write_bytes(out / name, item.png)
             names.append(name)
         grid_files.append(names)
 
@@ -780,21 +1034,21 @@ def write_report(
 
     # ---- Markdown
     md = [
-        f"# Method comparison: {dataset}",
+        f"# Method comparison: {_md(dataset)}",
         "",
-        summary_line,
+        _md(summary_line),
         "",
         "## Leaderboard (test split)",
         "",
         _md_table(lb_header, lb_rows),
         "",
-        spread_note,
+        _md(spread_note),
         "",
         "## Cost",
         "",
         _md_table(cost_header, cost_table),
         "",
-        cost_note,
+        _md(cost_note),
         "",
         "![accuracy against cost](plot.png)",
         "",
@@ -802,7 +1056,7 @@ def write_report(
         "",
     ]
     for group, header, rows in class_tables:
-        md += [f"### {group.label} against {reference.label}", ""]
+        md += [f"### {_md(group.label)} against {_md(reference.label)}", ""]
         md += [_md_table(header, rows) if rows else "Same accuracy on every class.", ""]
     md += ["## The same test images, explained by each method", ""]
     if explained:
@@ -810,17 +1064,18 @@ def write_report(
         rows = []
         for (index, why), row, files in zip(chosen, explained, grid_files, strict=True):
             truth = classes[int(first.labels[index])]
-            cells = [f"![input]({files[0]})<br>true: {truth}<br>{why}"]
+            cells = [f"![input]({files[0]})<br>true: {_md(truth)}<br>{_md(why)}"]
             for item, file in zip(row, files[1:], strict=True):
                 mark = "✓" if item.right else "✗"
                 cells.append(
-                    f"![{item.map_name}]({file})<br>{mark} {item.predicted} ({item.prob:.2f})"
+                    f"![{_md(item.map_name)}]({file})<br>{mark} {_md(item.predicted)} "
+                    f"({item.prob:.2f})"
                 )
             rows.append(cells)
-        md += [_md_table(header, rows), ""]
+        md += [_md_table(header, rows, escaped=True), ""]
     md += ["## Runs", "", _md_table(run_header, run_rows), ""]
     if notes:
-        md += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+        md += ["## Notes", "", *[f"- {_md(n)}" for n in notes], ""]
     md_path = out / "report.md"
     atomic_write_text(md_path, "\n".join(md))
 
@@ -935,15 +1190,22 @@ def _predictions_csv(
     groups: Sequence[Group], classes: list[str]
 ) -> tuple[list[str], list[list[Any]]]:
     runs = [r for g in groups for r in sorted(g.runs, key=lambda r: r.seed)]
-    first = runs[0]
+    first = _rows_run(groups)
     header = ["path", "true", *[r.name for r in runs]]
-    predictions = [r.predictions for r in runs]
+    # A run matched by counts only (old shards) has no column of its own order: left empty.
+    predictions = [r.predictions if r.aligned else None for r in runs]
     rows = [
         [first.paths[i] if first.paths else i, classes[int(first.labels[i])]]
-        + [classes[int(p[i])] for p in predictions]
+        + ["" if p is None else classes[int(p[i])] for p in predictions]
         for i in range(len(first.labels))
     ]
     return header, rows
+
+
+def _rows_run(groups: Sequence[Group]) -> Run:
+    """The run whose image order the per-image parts follow: the reference's first run in
+    the common order."""
+    return next(r for g in groups for r in g.runs if r.aligned)
 
 
 # ---- the whole command -------------------------------------------------------------------------
@@ -979,7 +1241,7 @@ def build_report(
     """Read, evaluate, time and explain the runs; write the report into `out`."""
     import torch
 
-    from lookcloser.api import load
+    from lookcloser.loader import load_model as load
 
     if not run_dirs:
         raise ConfigError("compare: no runs; give run directories or --methods to train")
@@ -988,10 +1250,13 @@ def build_report(
             "compare: --images must be >= 0 and --classes, --cost-batch, --cost-rounds >= 1"
         )
     runs = [read_run(p) for p in dict.fromkeys(Path(p) for p in run_dirs)]
+    # Whether the runs compare at all, from their records and data listings: no model is
+    # loaded, nothing evaluated and nothing written before this.
+    tests, notes = check_comparable(runs)
     out = Path(out)
     prepare_out(out)
-    notes = evaluate_runs(runs, out / "cache", progress, device)
-    check_same_test_set(runs)
+    notes += evaluate_runs(runs, out / "cache", progress, device)
+    notes += align_runs(runs, tests)
     groups = group_runs(runs)
     classes = list(runs[0].record["classes"])
     _say(progress, "measuring cost (parameters, FLOPs, images/s)")
@@ -1001,15 +1266,18 @@ def build_report(
     del predictors
     chosen: list[tuple[int, str]] = []
     explained: list[list[Explained]] = []
-    if runs[0].paths and images:
+    if runs[0].keys and images:
+        # Per image: the runs whose outputs are in the first run's image order.
+        shown = [g for g in groups if any(r.aligned for r in g.runs)]
         chosen = pick_images(
             runs[0].labels,
-            [g.representative.predictions for g in groups],
+            [_aligned_representative(g).predictions for g in shown],
             images,
-            groups[0].label,
+            shown[0].label,
         )
         _say(progress, f"explaining {len(chosen)} test images with each method")
-        explained = explain_images(groups, chosen, classes)
+        pictures = [picture_of(tests, runs[0].keys[i]) for i, _ in chosen]
+        explained = explain_images(groups, chosen, classes, runs[0].labels, pictures)
     settings = {
         "cost_batch": cost_batch,
         "cost_rounds": cost_rounds,
@@ -1029,6 +1297,7 @@ def build_report(
 
 
 def train_missing(
+    train: Callable[..., Any],
     methods: Sequence[str],
     seeds: Sequence[int],
     runs_dir: str | Path,
@@ -1037,16 +1306,17 @@ def train_missing(
     data: str | Path | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Train every method x seed into `runs_dir/<method>-s<seed>` through `api.train`;
-    finished runs with the same config are kept, unfinished ones resumed."""
-    from lookcloser import api
-    from lookcloser.config import Config
+    """Train every method x seed into `runs_dir/<method>-s<seed>` with `train(config,
+    overrides, progress=...)` (`api.train`, handed down so that this workflow never imports
+    the API above it); finished runs with the same config are kept, unfinished ones resumed."""
+    from lookcloser.checks import check_config
+    from lookcloser.config import Config, as_config
     from lookcloser.rundir import has_checkpoint
 
     common = list(overrides)
     if data is not None:
         common.append(f"data.root={data}")
-        base = api.as_config(config, [o for o in overrides if o.startswith("data.source=")])
+        base = as_config(config, [o for o in overrides if o.startswith("data.source=")])
         if base.data.source == Config().data.source:  # not chosen: an ImageFolder tree
             common.append("data.source=imagefolder")
     paths = []
@@ -1054,14 +1324,14 @@ def train_missing(
         for seed in seeds:
             run_dir = Path(runs_dir) / f"{method}-s{seed}"
             wanted = [*common, f"method.name={method}", f"seed={seed}", f"out={run_dir}"]
-            cfg = api.check_config(api.as_config(config, wanted))
+            cfg = check_config(as_config(config, wanted))
             if is_model_dir(run_dir):
                 _check_same_config(run_dir, cfg)
                 _say(progress, f"{run_dir}: already trained, kept")
             else:
                 resume = ["trainer.resume=last"] if has_checkpoint(run_dir) else []
                 _say(progress, f"training {method} seed {seed} into {run_dir}")
-                api.train(config, [*wanted, *resume], progress=progress)
+                train(config, [*wanted, *resume], progress=progress)
             paths.append(run_dir)
     return paths
 

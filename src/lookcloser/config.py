@@ -31,6 +31,8 @@ class Range:
     high_open: bool = False
 
     def __contains__(self, value: float) -> bool:
+        if value != value:  # NaN (JSON files may hold it) is in no range
+            return False
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
         return not (
@@ -56,6 +58,10 @@ def ranged(default: Any, low=None, high=None, *, low_open=False, high_open=False
     return field(default=default, metadata={"range": Range(low, high, low_open, high_open)})
 
 
+# The largest image side any input size may ask for (data.image_size, a model directory's
+# preprocessing, test-time scales): 4096^2 x 3 floats is already 200 MB per image.
+MAX_IMAGE_SIZE = 4096
+
 POSITIVE = {"low": 0, "low_open": True}
 FRACTION = {"low": 0, "high": 1}  # a probability or share, 0 and 1 included
 
@@ -80,7 +86,7 @@ class DataConfig:
 
     source: str = "synthetic"
     root: str | None = None
-    image_size: int = ranged(224, 16)
+    image_size: int = ranged(224, 16, MAX_IMAGE_SIZE)
     batch_size: int = ranged(32, 1)
     num_workers: int = ranged(2, 0)
     on_bad_image: Literal["error", "skip"] = "error"
@@ -107,7 +113,8 @@ class DataConfig:
     # Streaming shards (data.source=shards): samples held for shuffling.
     shuffle_buffer: int = ranged(1000, 1)
     # Train-time augmentation (timm create_transform); eval is resize + centre crop.
-    crop_pct: float = ranged(0.875, **POSITIVE, high=1)
+    # At least 1/4: evaluation resizes to image_size / crop_pct before cropping.
+    crop_pct: float = ranged(0.875, 0.25, 1)
     train_scale: tuple[float, float] = ranged((0.5, 1.0), **POSITIVE, high=1)
     hflip: float = ranged(0.5, **FRACTION)
     # Random rotation up to this many degrees either way (0 = off), before the crop.
@@ -487,6 +494,27 @@ def _open_mappings(node: type, prefix: str = "") -> list[str]:
 
 # Dict-typed keys (model.kwargs, method): their entries are set as <key>.<name>=<value>.
 OPEN_MAPPINGS = _open_mappings(Config)
+
+
+def check_field(owner: type, name: str, value: Any, key: str, where: str) -> Any:
+    """`value` type- and range-checked (and converted) as the config field `name` of the
+    dataclass `owner` is, reported as `key`: for values read from elsewhere (model.json)."""
+    spec = next(f for f in dataclasses.fields(owner) if f.name == name)
+    value = _check_type(key, value, typing.get_type_hints(owner)[name], where)
+    _check_range(key, value, spec, where)
+    return value
+
+
+def as_config(
+    config: Config | str | Path | dict | None = None, overrides: list[str] | None = None
+) -> Config:
+    """A Config from a Config, a YAML path or a dict, with `key=value` overrides applied."""
+    if isinstance(config, Config):
+        cfg = Config.from_dict(config.to_dict())
+        return cfg.apply_overrides(overrides or [])
+    if isinstance(config, dict):
+        return Config.from_dict(config).apply_overrides(overrides or [])
+    return Config.load(config, overrides)
 
 
 def method_options(cfg: Config, options_type: type) -> Any:

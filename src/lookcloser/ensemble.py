@@ -11,6 +11,7 @@ explain per member), so every command that takes a model directory takes an ense
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,11 +27,14 @@ from torch import Tensor
 from lookcloser.data.images import list_image_files
 from lookcloser.data.sources import Sample
 from lookcloser.errors import SKIP_BAD_IMAGES_HINT, BadImagesError, ConfigError, ModelDirError
+from lookcloser.fileio import atomic_path, atomic_write_text
 from lookcloser.modeldir import (
     ENSEMBLE_JSON,
     MODEL_JSON,
-    atomic_write_text,
+    check_format,
+    check_inside,
     is_ensemble_dir,
+    read_json_file,
     versions,
 )
 from lookcloser.predictor import (
@@ -47,6 +51,7 @@ from lookcloser.tta import TTA
 FORMAT = "lookcloser.ensemble"
 FORMAT_VERSION = 1
 MEMBERS = "members"
+MAX_MEMBERS = 100  # each member is a whole model in memory
 
 
 class EnsemblePredictor:
@@ -91,12 +96,14 @@ class EnsemblePredictor:
         path: str | Path,
         device: str | torch.device | None = "cpu",
         tta: TTA | str | None = None,
+        trust_modules: Iterable[str] = (),
     ) -> EnsemblePredictor:
-        """Load an ensemble directory; `tta` as for Predictor.load (None: ensemble.json's)."""
+        """Load an ensemble directory; `tta` as for Predictor.load (None: ensemble.json's),
+        `trust_modules` as for Predictor.load (for every member)."""
         record = read_ensemble_json(path)
         spec = record.get("tta") if tta is None else tta
         members = [
-            Predictor.load(Path(path) / m["path"], device, tta=spec or "none")
+            Predictor.load(Path(path) / m["path"], device, spec or "none", trust_modules)
             for m in record["members"]
         ]
         return cls(members, record["weights"], [m["name"] for m in record["members"]], record)
@@ -204,9 +211,7 @@ class EnsemblePredictor:
         results = Predictions(top_predictions(files, positions, probs, self.classes, top_k))
         results.skipped = skipped
         if skipped and on_bad_image == "error":
-            raise BadImagesError(
-                skipped, len(files), SKIP_BAD_IMAGES_HINT
-            )
+            raise BadImagesError(skipped, len(files), SKIP_BAD_IMAGES_HINT)
         return results
 
     def file_probabilities(
@@ -288,29 +293,63 @@ class EnsemblePredictor:
 
 # ---- the directory --------------------------------------------------------------------------------
 def read_ensemble_json(path: str | Path) -> dict[str, Any]:
-    """The parsed ensemble.json of an ensemble directory, checked for format and members."""
+    """The parsed ensemble.json of an ensemble directory, checked for format, members (model
+    directories inside it) and weights: like model.json, it is untrusted input."""
     path = Path(path)
     file = path / ENSEMBLE_JSON
     if not file.is_file():
         raise ModelDirError(f"{path}: no {ENSEMBLE_JSON}; not an ensemble directory")
-    try:
-        record = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelDirError(f"{file}: not valid JSON ({err})") from None
-    if record.get("format") != FORMAT:
-        raise ModelDirError(f"{file}: format is {record.get('format')!r}, expected {FORMAT!r}")
-    if record.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelDirError(
-            f"{file}: format_version {record['format_version']} is newer than this lookcloser "
-            f"reads ({FORMAT_VERSION}); upgrade lookcloser"
-        )
+    record = read_json_file(file, ENSEMBLE_JSON)
+    check_format(file, record, FORMAT, FORMAT_VERSION)
     for key in ("members", "weights"):
         if key not in record:
             raise ModelDirError(f"{file}: missing field {key!r}")
-    for member in record["members"]:
-        if not (path / member["path"] / MODEL_JSON).is_file():
+    members = record["members"]
+    if not isinstance(members, list) or not 1 <= len(members) <= MAX_MEMBERS:
+        raise ModelDirError(f"{file}: members: expected a list of 1 to {MAX_MEMBERS} members")
+    for i, member in enumerate(members):
+        where = f"members[{i}]"
+        if not isinstance(member, dict) or not all(
+            isinstance(member.get(k), str) and member.get(k) for k in ("name", "path")
+        ):
+            raise ModelDirError(f"{file}: {where}: expected a mapping with a name and a path")
+        # fit records members/<name>: a folder inside the ensemble, never one beside it.
+        relative = Path(member["path"])
+        if relative.is_absolute() or ".." in relative.parts or "\\" in member["path"]:
+            raise ModelDirError(
+                f"{file}: {where}.path: expected a folder inside {path}, got {member['path']!r}"
+            )
+        check_inside(file, f"{where}.path", path / relative)
+        if not (path / relative / MODEL_JSON).is_file():
             raise ModelDirError(f"{file}: member {member['path']!r} has no {MODEL_JSON}")
+    weights = record["weights"]
+    if not (
+        isinstance(weights, list)
+        and len(weights) == len(members)
+        and all(
+            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            for w in weights
+        )
+        and sum(weights) > 0
+    ):
+        raise ModelDirError(
+            f"{file}: weights: expected {len(members)} numbers >= 0 (one per member, not all 0), "
+            f"got {str(weights)[:80]}"
+        )
+    if "tta" in record:
+        if not isinstance(record["tta"], str | None):
+            raise ModelDirError(f"{file}: tta: expected a spec such as 'flip'")
+        try:
+            TTA.parse(record["tta"])
+        except ConfigError as err:
+            raise ModelDirError(f"{file}: {err}") from None
     return record
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy a file's bytes atomically (the copy gets the user's umask, not the source's mode)."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def write_ensemble_dir(
@@ -337,8 +376,14 @@ def write_ensemble_dir(
         target = out / MEMBERS / name
         target.mkdir(parents=True)
         record = json.loads((source / MODEL_JSON).read_text())
-        shutil.copy2(source / record["weights"]["file"], target / record["weights"]["file"])
-        shutil.copy2(source / MODEL_JSON, target / MODEL_JSON)  # last: the copy is complete
+        weights = record["weights"]["file"]
+        if not isinstance(weights, str) or weights in ("", "..") or Path(weights).name != weights:
+            raise ModelDirError(
+                f"{source / MODEL_JSON}: weights.file {weights!r} is not a file name in the "
+                "model directory"
+            )
+        _copy(source / weights, target / weights)
+        _copy(source / MODEL_JSON, target / MODEL_JSON)  # last: the copy is complete
         members.append(
             {
                 "name": name,

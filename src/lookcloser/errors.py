@@ -43,3 +43,23 @@ class ModelDirError(LookcloserError):
 SKIP_BAD_IMAGES_HINT = (
     "; pass --on-bad-image skip (on_bad_image='skip' from Python) to predict the others"
 )
+
+
+def unwrapped(err: BaseException) -> BaseException:
+    """The user's error inside one that a DataLoader worker re-raised, else `err` itself.
+
+    torch re-raises an exception from a worker process as `Caught DataError in DataLoader
+    worker process 0. Original Traceback ...` (a RuntimeError where the type cannot be
+    rebuilt from one string, as BadImageError); the CLI should print the original line.
+    """
+    text = str(err)
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return err
+    name, sep, message = text.rstrip().splitlines()[-1].partition(": ")
+    cls = globals().get(name.rpartition(".")[2])
+    if not sep or not isinstance(cls, type) or not issubclass(cls, LookcloserError):
+        return err
+    try:
+        return cls(message)
+    except TypeError:  # a constructor of several arguments (BadImageError)
+        return DataError(message)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,3 +105,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a binary file atomically."""
     with atomic_open(path, "wb") as f:
         f.write(data)
+
+
+def safe_name(text: str, limit: int = 64) -> str:
+    """`text` (a class, member or image name: data) as part of one file name: path separators,
+    control characters and `..` replaced, at most `limit` bytes of UTF-8 (names end at 255)."""
+    text = re.sub(r"[\x00-\x1f\x7f/\\:]", "_", str(text)).replace("..", "__")
+    text = text.encode("utf-8", "backslashreplace")[:limit].decode("utf-8", "ignore")
+    return text if text not in ("", ".") else "_"

@@ -13,10 +13,14 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lookcloser.config import Config
 from lookcloser.data.batch import Batch, collate, stack_images
 from lookcloser.data.boxes import crop_to_box, parse_box, report_missing
-from lookcloser.data.images import DEFAULT_MAX_PIXELS, list_image_files, load_image
+from lookcloser.data.images import (
+    DEFAULT_MAX_PIXELS,
+    image_errors,
+    list_image_files,
+    load_image,
+)
 from lookcloser.data.loading import ImageDataset
 from lookcloser.data.meta import meta_tensors, same_path
 from lookcloser.data.sources import Sample
@@ -28,9 +32,16 @@ from lookcloser.errors import (
     ConfigError,
     ModelDirError,
 )
-from lookcloser.methods import build_method
 from lookcloser.methods.base import Method
-from lookcloser.modeldir import is_ensemble_dir, read_model_json, read_weights
+from lookcloser.modeldir import (
+    MODEL_JSON,
+    is_ensemble_dir,
+    load_weights_file,
+    read_model_json,
+    weights_file,
+    weights_header,
+)
+from lookcloser.recorded import build_recorded_method, check_model_config
 from lookcloser.tta import TTA, average_probabilities
 
 
@@ -77,14 +88,20 @@ class _FileDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
+        path = self.files[index]
         try:
-            image = load_image(self.files[index], self.max_pixels)
+            image = load_image(path, self.max_pixels)
+            if self.boxes is None:
+                with image_errors(path):  # a transform's MemoryError etc.: a bad image
+                    return index, self.transform(image), None
         except BadImageError as err:
             return index, None, err.reason
-        if self.boxes is None:
-            return index, self.transform(image), None
-        crop = crop_to_box(image, self.boxes[index], f"{self.files[index]} (boxes)")
-        return index, (self.transform(image), self.transform(crop)), None
+        crop = crop_to_box(image, self.boxes[index], f"{path} (boxes)")
+        try:
+            with image_errors(path):
+                return index, (self.transform(image), self.transform(crop)), None
+        except BadImageError as err:
+            return index, None, err.reason
 
 
 def _collate_files(items):
@@ -212,9 +229,14 @@ class Predictor:
         model_dir: str | Path,
         device: str | torch.device | None = "cpu",
         tta: TTA | str | None = None,
+        trust_modules: Iterable[str] = (),
     ) -> Predictor:
         """Load a model directory (JSON + safetensors; nothing is unpickled).
 
+        A model directory is untrusted input: every value of model.json is checked as a
+        config value is, its files must lie inside it, and it never makes lookcloser import
+        code. `trust_modules` names modules its `config.method.module` may import (the user's
+        opt-in for a method defined outside lookcloser and its entry points).
         `tta`: test-time augmentation (a spec such as "flip,five_crop" or a TTA); None uses
         the model's default (`tta` in model.json, set by `lookcloser tta-default`), "none"
         turns it off.
@@ -222,17 +244,21 @@ class Predictor:
         if is_ensemble_dir(model_dir):
             raise ModelDirError(
                 f"{model_dir}: an ensemble directory; load it with lookcloser.api.load "
-                "(or predictor.load_model), which takes both kinds"
+                "(or lookcloser.loader.load_model), which takes both kinds"
             )
         record = read_model_json(model_dir)
-        cfg = Config.from_dict(record["config"], where=f"{model_dir}/model.json")
+        meta_path = Path(model_dir) / MODEL_JSON
+        cfg = check_model_config(model_dir, record, trust_modules)
         name = LEGACY_METHOD_NAMES.get(record["method"], record["method"])
         module = {"module": cfg.method["module"]} if cfg.method.get("module") else {}
         cfg.method = {"name": name, **module, **record.get("method_options", {})}
         cfg.data.meta_keys = list(record.get("meta_keys", []))
+        # Weights checked (place, size, SHA-256, header) before anything is built from them.
+        weights = weights_file(model_dir, record)
+        header = weights_header(weights)
         # The method as trained, less its training-only parts: exactly what was saved.
-        method = build_method(cfg, len(record["classes"]), pretrained=False).for_inference()
-        state = read_weights(model_dir, record)
+        method = build_recorded_method(meta_path, cfg, len(record["classes"]), header)
+        state = load_weights_file(weights)
         try:
             method.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -248,6 +274,7 @@ class Predictor:
             pre.get("interpolation", "bicubic"),
             device,
             record,
+            max_pixels=cfg.data.max_image_pixels,
             tta=record.get("tta") if tta is None else tta,
         )
 
@@ -334,9 +361,11 @@ class Predictor:
 
     def preprocess(self, image: Image.Image | str | Path) -> Tensor:
         """One image (PIL or file) as a 3 x H x W tensor the model takes."""
+        name = "image" if isinstance(image, Image.Image) else image
         if not isinstance(image, Image.Image):
             image = load_image(image, self.max_pixels)
-        return self.transform(image.convert("RGB"))
+        with image_errors(name):
+            return self.transform(image.convert("RGB"))
 
     # ---- files ---------------------------------------------------------------------------------
     def _check_boxes(self, boxes) -> None:
@@ -412,9 +441,7 @@ class Predictor:
         if per_file is not None:
             results.without_box = report_missing(files, per_file, "boxes")
         if skipped and on_bad_image == "error":
-            raise BadImagesError(
-                skipped, len(files), SKIP_BAD_IMAGES_HINT
-            )
+            raise BadImagesError(skipped, len(files), SKIP_BAD_IMAGES_HINT)
         return results
 
     def _file_boxes(self, files: Sequence[str], boxes: Mapping | None) -> list | None:
@@ -468,6 +495,23 @@ class Predictor:
         empty = torch.empty(0, len(self.classes))
         return positions, torch.cat(probs) if probs else empty, skipped
 
+    def embed(
+        self,
+        paths: Iterable[str | Path],
+        batch_size: int = 32,
+        num_workers: int = 0,
+        on_bad_image: str = "error",
+        meta: Mapping[str, Mapping] | Sequence[Mapping] | None = None,
+    ):
+        """L2-normalised embeddings of image files and folders: the feature the class
+        decision reads, with the predicted class and its probability from the same pass
+        (the plain view: no TTA). Returns a `lookalikes.embed.EmbeddingStream` yielding
+        batches (memory flat in the number of images); `on_bad_image` as for `predict`.
+        A folder without images is a DataError naming it."""
+        from lookcloser.lookalikes.embed import embed_files
+
+        return embed_files(self, paths, batch_size, num_workers, on_bad_image, meta)
+
     def predict_images(
         self,
         images: Sequence[Image.Image],
@@ -489,8 +533,11 @@ class Predictor:
     ) -> Tensor:
         """N x C class probabilities of images in memory (PIL), with this predictor's TTA."""
         values, mask = self.meta_rows(list(meta) if meta is not None else [{}] * len(images))
-        inputs = stack_images([self.item_transform(image.convert("RGB")) for image in images])
-        return self.batch_probabilities(inputs, values, mask).cpu()
+        tensors = []
+        for i, image in enumerate(images):
+            with image_errors(f"image {i}"):
+                tensors.append(self.item_transform(image.convert("RGB")))
+        return self.batch_probabilities(stack_images(tensors), values, mask).cpu()
 
     def run_samples(
         self,
@@ -569,18 +616,6 @@ class Predictor:
             {name: _picture(view[0]) for name, view in views.items()},
             map_name,
         )
-
-
-def load_model(
-    path: str | Path, device: str | torch.device | None = "cpu", tta: TTA | str | None = None
-):
-    """A Predictor for a model directory, or an EnsemblePredictor (the same interface) for an
-    ensemble directory. `tta`: as for Predictor.load (None: the directory's default)."""
-    if is_ensemble_dir(path):
-        from lookcloser.ensemble import EnsemblePredictor
-
-        return EnsemblePredictor.load(path, device, tta)
-    return Predictor.load(path, device, tta)
 
 
 def _picture(image: Tensor) -> Image.Image:

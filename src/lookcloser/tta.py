@@ -5,7 +5,9 @@ and the centre instead of the centre alone) and `scales=224+288` (the whole pipe
 input size; default: the model's own). `flip,five_crop,scales=224+288` gives 2 x 5 x 2 = 20
 views per image. Each scale resizes the image as evaluation does (shorter side to
 size / crop_pct) and crops size x size from it, so a spec of one scale equal to the model's
-size and nothing else is exactly the plain evaluation transform.
+size and nothing else is exactly the plain evaluation transform. As there, the longer side is
+first cut to at most MAX_RESIZE_ASPECT times the shorter (data/transforms.py): the five crops
+of a very long image are the corners of that central band, and no view's resize is unbounded.
 
 The views are made here rather than with torchvision's FiveCrop transform so the crops are
 boxes one can check (`five_crop_boxes`) and flips are done on the batch, not per image.
@@ -15,14 +17,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torchvision.transforms as T
-from PIL import Image
-from timm.data.transforms import str_to_interp_mode
-from torch import Tensor
-
+from lookcloser.config import MAX_IMAGE_SIZE
 from lookcloser.errors import ConfigError
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from torch import Tensor
+
+# torch, torchvision and timm are imported where the views are made: parsing a spec (the
+# config check before training) stays light.
+
+MAX_SCALES = 8  # forward passes per image grow with each scale
 
 SPEC_HELP = (
     "comma-separated: flip, five_crop, scales=S1+S2 (input sizes in pixels), e.g. "
@@ -58,10 +65,16 @@ class TTA:
                     scales = tuple(int(s) for s in item.removeprefix("scales=").split("+"))
                 except ValueError:
                     scales = ()
-                if not scales or min(scales) < 16:
+                # Bounded like data.image_size: a spec may come from a shared model.json.
+                if (
+                    not scales
+                    or min(scales) < 16
+                    or max(scales) > MAX_IMAGE_SIZE
+                    or len(scales) > MAX_SCALES
+                ):
                     raise ConfigError(
-                        f"tta: {item!r}: expected scales=S1+S2 with sizes >= 16 pixels, "
-                        "e.g. scales=224+288"
+                        f"tta: {item[:60]!r}: expected scales=S1+S2 (at most {MAX_SCALES}) with "
+                        f"sizes in [16, {MAX_IMAGE_SIZE}] pixels, e.g. scales=224+288"
                     )
             else:
                 raise ConfigError(f"tta: unknown item {item!r}; expected {SPEC_HELP}")
@@ -107,21 +120,30 @@ class TTAViews:
     def __init__(
         self, scales: tuple[int, ...], five_crop: bool, crop_pct: float, interpolation: str
     ):
+        import torchvision.transforms as T
+        from timm.data.transforms import str_to_interp_mode
+
+        from lookcloser.data.transforms import CentralBand
+
         self.scales = scales
         self.five_crop = five_crop
         # As timm's eval transform: the shorter side to floor(size / crop_pct).
         mode = str_to_interp_mode(interpolation)
         self.resizes = [T.Resize(math.floor(s / crop_pct), interpolation=mode) for s in scales]
+        self.band = CentralBand()
         self.to_tensor = T.ToTensor()
 
     def __call__(self, image: Image.Image) -> list[Tensor]:
+        import torch
+
+        image = self.band(image.convert("RGB"))
         views = []
         for size, resize in zip(self.scales, self.resizes, strict=True):
-            tensor = self.to_tensor(resize(image.convert("RGB")))
-            height, width = tensor.shape[-2:]
-            boxes = five_crop_boxes(width, height, size)
+            resized = resize(image)
+            boxes = five_crop_boxes(*resized.size, size)
             chosen = boxes if self.five_crop else boxes[-1:]
-            views.append(torch.stack([tensor[:, t:b, l:r] for l, t, r, b in chosen]))  # noqa: E741
+            # Cropped before the float tensor is made: only the views take 4 bytes a value.
+            views.append(torch.stack([self.to_tensor(resized.crop(box)) for box in chosen]))
         return views
 
 
@@ -133,6 +155,8 @@ def average_probabilities(
     `views`: per scale, B x V x 3 x S x S; `model(images, meta, meta_mask)` gives logits;
     metadata (B x K) is the same for every view of an image.
     """
+    import torch
+
     total, count = None, 0
     for batch in views:
         b, v = batch.shape[:2]

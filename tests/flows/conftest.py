@@ -7,6 +7,16 @@ from pathlib import Path
 import pytest
 from flowkit import TINY, run_cli
 
+FLOWS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every flow trains real models through the CLI: marked slow, so that
+    `pytest -m "not slow"` is the contributors' fast loop (CI runs everything)."""
+    for item in items:
+        if FLOWS in Path(item.fspath).resolve().parents:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:

@@ -370,7 +370,18 @@ def test_a_plugin_method_trains_through_the_cli_with_method_module(
     image = next((synthetic_root / "test").rglob("*.png"))
     meta = tmp_path / "meta.csv"
     meta.write_text(f"path,lat,lon\n{image},10,\n")
+    refused = run_cli("predict", str(out), str(image), env=env, check=False)
+    assert refused.returncode != 0 and "--trust-module my_methods" in refused.stderr
     predicted = run_cli(
-        "predict", str(out), str(image), "--meta", str(meta), "--format", "json", env=env
+        "predict",
+        str(out),
+        str(image),
+        "--meta",
+        str(meta),
+        "--format",
+        "json",
+        "--trust-module",
+        "my_methods",
+        env=env,
     )
     assert len(json.loads(predicted.stdout)) == 1

@@ -1,11 +1,13 @@
 """Runs killed with SIGKILL at any point resume with `trainer.resume=last` and end with the
 uninterrupted run's exact weights (same seed, same data order): mid-epoch, on an epoch's last
-batch, between epochs, and during the final evaluation; with validation on a carved val
-split, and mid-epoch with an unlabelled stream that the method learns from."""
+batch, between epochs, between an epoch's two saves (best.ckpt, then last.ckpt), and during
+the final evaluation; with validation on a carved val split, and mid-epoch with an
+unlabelled stream that the method learns from."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -41,7 +43,7 @@ exec(UNLABELLED_METHOD)
 
 # A child process that trains and kills itself (SIGKILL: no cleanup, no exception handlers) at
 # a chosen point. Lightning runs checkpoint callbacks after all others, so a kill in
-# `on_train_epoch_end` lands after the last batch's step checkpoint and before the epoch's.
+# `on_train_epoch_end` lands before the epoch's end-of-epoch save.
 KILLED_RUN = (
     UNLABELLED_METHOD
     + """
@@ -71,6 +73,14 @@ if where == "evaluation":
     from lookcloser.predictor import Predictor
     Predictor.run_samples = lambda *args, **kwargs: die()
 
+if where == "between-saves":  # after epoch `at`'s best.ckpt, before its last.ckpt
+    save = L.Trainer.save_checkpoint
+    def save_checkpoint(self, filepath, *args, **kwargs):
+        save(self, filepath, *args, **kwargs)
+        if str(filepath).endswith("best.ckpt") and self.current_epoch == at:
+            die()
+    L.Trainer.save_checkpoint = save_checkpoint
+
 api.train(overrides=sys.argv[3:], progress=False, callbacks=[Kill()])
 """
 )
@@ -78,8 +88,10 @@ api.train(overrides=sys.argv[3:], progress=False, callbacks=[Kill()])
 
 def settings(root, out, *extra: str) -> list[str]:
     # 48 images, 12 of them carved for validation (run after every epoch); 36 / batch 9 = 4
-    # steps an epoch, 2 epochs; a step checkpoint every 2 steps, so one falls on an epoch's
-    # last batch (step 4) and one in mid-epoch (step 6).
+    # steps an epoch, 2 epochs; a step checkpoint every 2 steps: in mid-epoch (steps 2 and 6),
+    # none on an epoch's last batch (step 4: the epoch-end save follows; Lightning resumes a
+    # checkpoint taken on the last batch inside its epoch, and after a second restart trains
+    # one batch too many).
     return [
         *TINY,
         "data.source=imagefolder",
@@ -123,13 +135,17 @@ def with_unlabelled(folder) -> list[str]:
     "where, at, checkpoint_step",
     [
         ("mid-epoch", 7, 6),  # killed before step 8; last checkpoint: step 6, mid epoch 2
-        ("last-batch", 0, 4),  # killed after epoch 1's last batch, before its epoch-end save
+        # killed after epoch 1's last batch, before its epoch-end save: from step 2
+        ("last-batch", 0, 2),
         ("between-epochs", 1, 4),  # killed as epoch 2 starts; last save: epoch 1's end
         ("evaluation", 0, 8),  # killed during the final evaluation, after all training
+        # Killed between epoch 1's two saves: last.ckpt is still step 2's, best.ckpt the
+        # epoch's end (step 4), the newer one (resumed from).
+        ("between-saves", 0, 2),
     ],
 )
 def test_killed_run_resumes_to_the_uninterrupted_weights(
-    where, at, checkpoint_step, synthetic_root, uninterrupted, tmp_path
+    where, at, checkpoint_step, synthetic_root, uninterrupted, tmp_path, caplog
 ):
     out = tmp_path / "run"
     overrides = settings(synthetic_root, out)
@@ -145,7 +161,10 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(
     saved = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == checkpoint_step
 
-    resumed = api.train(overrides=[*overrides, "trainer.resume=last"], progress=False)
+    with caplog.at_level(logging.WARNING, logger="lookcloser"):
+        resumed = api.train(overrides=[*overrides, "trainer.resume=last"], progress=False)
+    newest = "best.ckpt" if where == "between-saves" else "last.ckpt"
+    assert f"continuing from {out / 'checkpoints' / newest}" in caplog.text
 
     _same_run(resumed, uninterrupted, out)
 

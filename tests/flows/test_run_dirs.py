@@ -111,7 +111,7 @@ def test_a_failed_start_leaves_no_directory(synthetic_root, tmp_path):
     "override, message",
     [
         ("data.batch_size=-4", "data.batch_size: expected a value >= 1, got -4"),
-        ("data.image_size=0", "data.image_size: expected a value >= 16, got 0"),
+        ("data.image_size=0", "data.image_size: expected a value in [16, 4096], got 0"),
         ("trainer.epochs=0", "trainer.epochs: expected a value >= 1, got 0"),
         ("optim.lr=-1", "optim.lr: expected a value > 0, got -1.0"),
         ("method.label_smoothing=2", "method.label_smoothing"),

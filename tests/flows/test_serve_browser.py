@@ -77,6 +77,7 @@ def browser():
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,760"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, read below
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         yield driver
@@ -138,6 +139,15 @@ def test_page_shows_top_classes_and_heatmap(server, browser, request, tmp_path):
     assert natural == [size, size]
     caption = browser.find_element(By.ID, "heatcaption").text
     assert info["maps"][0] in caption and answer["top"][0]["class"] in caption
+    # The threshold line says where the threshold came from (the tiny model's val split is too
+    # small to set one: the default, and why).
+    threshold = browser.find_element(By.ID, "threshold").text
+    assert f"{info['unsure_below']['value']:.3f}" in threshold
+    if info["unsure_below"]["source"].startswith("default"):
+        assert info["unsure_below"]["source"] in threshold
+    # Nothing failed to load, the favicon included (no 404 in the console).
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
 
     out = Path(os.environ.get("LOOKCLOSER_SERVE_SCREENSHOT", tmp_path / "serve.png"))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lookcloser import api
-from lookcloser.api import _save
 from lookcloser.config import Config, OptimConfig
 from lookcloser.data.batch import Batch
 from lookcloser.data.prepare import TrainingData
@@ -33,6 +32,7 @@ from lookcloser.models.plugins import (
     stn_theta,
 )
 from lookcloser.predictor import Predictor
+from lookcloser.training import save_run_model
 
 KINDS = ["se", "sk", "cbam"]
 
@@ -324,7 +324,9 @@ def test_a_model_with_a_pretrained_localisation_net_saves_and_loads(tmp_path):
     method = build_method(cfg, 3).eval()
     with torch.no_grad():
         method.backbone.stn.regress.weight.normal_(0, 0.05)  # a warp that depends on the image
-    _save(tmp_path, method.for_inference(), TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
+    save_run_model(
+        tmp_path, method.for_inference(), TrainingData(["a", "b", "c"]), cfg, {}, "bicubic"
+    )
     predictor = Predictor.load(tmp_path)
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
@@ -484,7 +486,9 @@ def test_explain_figure_shows_the_chart_and_the_warped_input(tmp_path):
         ],
     )
     method = build_method(cfg, 3).eval()
-    _save(tmp_path, method.for_inference(), TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
+    save_run_model(
+        tmp_path, method.for_inference(), TrainingData(["a", "b", "c"]), cfg, {}, "bicubic"
+    )
     predictor = Predictor.load(tmp_path)
     picture = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
     explanation = predictor.explain(picture, map_name="cbam-spatial-layer3")

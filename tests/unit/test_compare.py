@@ -170,12 +170,13 @@ def test_cost_and_per_class_files(trained):
 
 def test_second_report_uses_the_cache(trained, monkeypatch):
     """Predictions are cached in the report folder; a rerun does not evaluate again."""
-    import lookcloser.api as api_module
+    import lookcloser.scoring
 
     def fail(*args, **kwargs):
         raise AssertionError("evaluated again despite the cache")
 
-    monkeypatch.setattr(api_module, "outputs_on_test", fail)
+    # compare imports it from scoring at call time: patched there, a second evaluation fails
+    monkeypatch.setattr(lookcloser.scoring, "outputs_on_test", fail)
     runs = trained["runs"]
     again = api.compare(
         [runs / "baseline-s0", runs / "dcl-s0"],
@@ -261,3 +262,17 @@ def test_pick_images_prefers_disagreements_then_agreements():
     assert any(why == "methods disagree; baseline right" for _, why in chosen)
     assert all(why == "every method right" for _, why in chosen[3:5])
     assert chosen[5] == (5, "every method wrong")
+
+
+def test_image_key_is_the_class_and_the_path_below_its_folder(tmp_path):
+    """The key that matches a test image across a folder, a CSV of its files and shards."""
+    from lookcloser.data.samples import image_key
+
+    assert image_key("/data/synth/test/c01/0005.png", "c01") == "c01/0005.png"
+    assert image_key("test/c01/sub/0005.png", "c01", "") == "c01/sub/0005.png"
+    assert image_key("../x/c01/a/c01/0005.png", "c01", "/x") == "c01/0005.png"  # the last one
+    # No class folder: relative to the data root, else the file name.
+    assert image_key(str(tmp_path / "imgs" / "a.jpg"), "bird", str(tmp_path)) == "bird/imgs/a.jpg"
+    assert image_key("imgs/a.jpg", "bird", "") == "bird/imgs/a.jpg"
+    assert image_key("/elsewhere/a.jpg", "bird", str(tmp_path)) == "bird/a.jpg"
+    assert image_key("/elsewhere/a.jpg", "bird") == "bird/a.jpg"

@@ -45,7 +45,7 @@ def test_output_reads_back_as_the_same_config(method, tmp_path):
     expected = cfg.to_dict()
     expected["method"] = {"name": method, **dataclasses.asdict(options())}
     assert again.to_dict() == expected
-    assert "image_size: 96  # input side in pixels (int; >= 16; default 224)" in text
+    assert "image_size: 96  # input side in pixels (int; in [16, 4096]; default 224)" in text
     assert yaml.safe_load(text)["model"]["kwargs"] == {"drop_block_rate": 0.1}
 
 

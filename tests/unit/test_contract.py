@@ -25,7 +25,6 @@ import pytest
 import torch
 from PIL import Image
 
-from lookcloser.api import _save
 from lookcloser.config import Config
 from lookcloser.data.batch import Batch
 from lookcloser.data.prepare import TrainingData
@@ -36,6 +35,7 @@ from lookcloser.methods.base import METHODS
 from lookcloser.models.fusion import MetaFusion
 from lookcloser.models.modes import eval_mode
 from lookcloser.predictor import Predictor
+from lookcloser.training import save_run_model
 
 SIZE, CLASSES = 64, ["a", "b", "c"]
 BACKBONES = {
@@ -186,7 +186,7 @@ def check_contract(name: str, cfg: Config, tmp_path) -> set[str]:
             assert not torch.allclose(method(images, *other), logits)
 
     # A model directory round trip gives the same logits.
-    _save(tmp_path, inference, TrainingData(CLASSES), cfg, {}, "bicubic")
+    save_run_model(tmp_path, inference, TrainingData(CLASSES), cfg, {}, "bicubic")
     predictor = Predictor.load(tmp_path)
     assert predictor.info["method"] == name
     torch.testing.assert_close(predictor.logits(images, *meta), logits)

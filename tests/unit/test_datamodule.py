@@ -72,10 +72,18 @@ def test_sampler_skip_resumes_exactly(world_size):
     """Skipping k items yields exactly the rest of an uninterrupted epoch, then resets."""
     full = _draw(EpochSampler(23, seed=9, rank=world_size - 1, world_size=world_size), 4)
     resumed = EpochSampler(23, seed=9, rank=world_size - 1, world_size=world_size)
-    resumed.set_epoch(4)
-    resumed.skip = 5
+    resumed.resume_at(4, 5)
     assert list(resumed) == full[5:]
     assert list(resumed) == full  # the skip applies once
+
+
+def test_a_resume_skip_never_leaks_into_the_next_epoch():
+    """If the loop moves on to the next epoch before the resumed one is drawn (a checkpoint of
+    a finished epoch), that epoch is drawn whole."""
+    sampler = EpochSampler(24, seed=3)
+    sampler.resume_at(1, 16)
+    sampler.set_epoch(2)
+    assert len(list(sampler)) == 24
 
 
 def test_sampler_weighted_drawing():

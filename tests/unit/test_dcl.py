@@ -370,7 +370,7 @@ def test_inference_graph_costs_exactly_the_baselines(tmp_path: Path) -> None:
 
 def saved_dcl(run_dir: Path) -> tuple[DCL, Config]:
     """A tiny DCL (regions=2, index alignment) saved as a model directory in `run_dir`."""
-    from lookcloser.api import _save
+    from lookcloser.training import save_run_model
 
     cfg = Config.load(
         None,
@@ -387,7 +387,9 @@ def saved_dcl(run_dir: Path) -> tuple[DCL, Config]:
     method = build_method(cfg, 5)
     assert isinstance(method, DCL)
     inference = method.for_inference().eval()
-    _save(run_dir, inference, TrainingData([f"c{i}" for i in range(5)]), cfg, {}, "bicubic")
+    save_run_model(
+        run_dir, inference, TrainingData([f"c{i}" for i in range(5)]), cfg, {}, "bicubic"
+    )
     return method.eval(), cfg
 
 

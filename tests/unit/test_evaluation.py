@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import csv
+import warnings
 
 import pytest
 import torch
 from PIL import Image
 
+from lookcloser import evaluation
 from lookcloser.evaluation import (
     CONFIDENCE_KEY,
+    CONFIDENCE_NOTE_KEY,
+    MIN_CONFIDENCE_IMAGES,
     compute_metrics,
     confidence_threshold,
+    label_fonts,
     most_confused,
+    short_label,
     summary,
+    threshold_note,
     write_confusion,
 )
 
@@ -156,5 +163,93 @@ def test_confidence_threshold_keeps_the_most_images_at_the_accuracy():
     assert confidence_threshold(probs, labels, 0.75) == pytest.approx(0.5)
     assert confidence_threshold(probs, torch.ones(9, dtype=torch.long), 0.9) == 1.0
     assert confidence_threshold(probs[:0], labels[:0]) == 0.0
-    metrics = compute_metrics(probs.log(), labels, ["a", "b", "c"])
-    assert metrics[CONFIDENCE_KEY] == pytest.approx(0.75)
+    # compute_metrics needs MIN_CONFIDENCE_IMAGES: the same answers four times over (36).
+    many, many_labels = probs.repeat(4, 1), labels.repeat(4)
+    metrics = compute_metrics(many.log(), many_labels, ["a", "b", "c"])
+    assert metrics[CONFIDENCE_KEY] == pytest.approx(confidence_threshold(many, many_labels, 0.9))
+    assert CONFIDENCE_NOTE_KEY not in metrics
+
+
+def test_no_confidence_threshold_from_a_split_too_small_to_estimate_it():
+    """Under MIN_CONFIDENCE_IMAGES images no threshold is set (None), and the metrics say why,
+    naming the split; at the minimum it is set."""
+    assert MIN_CONFIDENCE_IMAGES == 30
+    torch.manual_seed(0)
+    small = compute_metrics(torch.randn(8, 4), torch.arange(8) % 4, list("abcd"), split="val")
+    assert small[CONFIDENCE_KEY] is None
+    assert small[CONFIDENCE_NOTE_KEY] == (
+        "val split of 8 images: too small to set an unsure threshold (needs at least 30 images)"
+    )
+    assert summary(small)[CONFIDENCE_NOTE_KEY] == small[CONFIDENCE_NOTE_KEY]  # into model.json
+    unnamed = compute_metrics(torch.randn(29, 4), torch.arange(29) % 4, list("abcd"))
+    assert unnamed[CONFIDENCE_NOTE_KEY].startswith("29 images: too small")
+    enough = compute_metrics(torch.randn(30, 4), torch.arange(30) % 4, list("abcd"), split="val")
+    assert isinstance(enough[CONFIDENCE_KEY], float) and CONFIDENCE_NOTE_KEY not in enough
+    assert threshold_note(30) is None and "3 images" in threshold_note(3, "test")
+
+
+def test_short_label_cuts_long_names_with_an_ellipsis():
+    """Names over MAX_LABEL_COLUMNS columns end in an ellipsis; CJK characters count two."""
+    assert short_label("owl") == "owl"
+    long = short_label("x" * 60)
+    assert long == "x" * 23 + "\u2026" and len(long) == 24
+    assert short_label("\u9ce5" * 20) == "\u9ce5" * 11 + "\u2026"  # 22 + 1 columns
+    assert short_label("a" * 24) == "a" * 24
+
+
+def test_confusion_png_long_and_cjk_names(tmp_path, monkeypatch, caplog):
+    """A 60-character and a CJK class name: tick labels cut with an ellipsis, no per-glyph
+    warning escapes (one log line when no CJK font is installed, none when one is), and the
+    title, the colour-bar label and the tick labels stay apart and inside the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    boxes = []
+    original = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        FigureCanvasAgg(fig)
+        fig.draw_without_rendering()  # runs the constrained layout
+        renderer = fig.canvas.get_renderer()
+        matrix, bar = fig.axes
+        boxes.append(
+            {
+                "figure": fig.bbox,
+                "title": matrix.title.get_window_extent(renderer),
+                "bar_label": bar.yaxis.label.get_window_extent(renderer),
+                "matrix": matrix.get_window_extent(renderer),
+                "ticks": [
+                    t.get_window_extent(renderer)
+                    for t in matrix.get_xticklabels() + matrix.get_yticklabels()
+                ],
+                "labels": [t.get_text() for t in matrix.get_yticklabels()],
+            }
+        )
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    monkeypatch.setattr(evaluation, "_said_missing_glyphs", False)
+    classes = [("Black-footed Albatross " * 3)[:60], "\u9ce5\u985e", "owl"]
+    confusion = [[3, 1, 0], [0, 2, 0], [1, 0, 4]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # said once, not once per figure
+            write_confusion(confusion, classes, tmp_path)
+    assert not [w for w in caught if "Glyph" in str(w.message) or "font" in str(w.message)]
+    said = [r for r in caplog.records if "confusion.png" in r.getMessage()]
+    has_cjk = len(label_fonts()) > 1
+    assert len(said) == (0 if has_cjk else 1)
+    if said:
+        assert "\u9ce5" in said[0].getMessage() and "boxes" in said[0].getMessage()
+    box = boxes[0]
+    assert box["labels"] == [short_label(classes[0]), "\u9ce5\u985e", "owl"]
+    assert box["labels"][0].endswith("\u2026")
+    assert not box["title"].overlaps(box["bar_label"])
+    for tick in box["ticks"]:
+        assert not tick.overlaps(box["title"]) and not tick.overlaps(box["bar_label"])
+    for part in [box["title"], box["bar_label"], *box["ticks"]]:
+        assert box["figure"].contains(part.x0, part.y0) and box["figure"].contains(part.x1, part.y1)
+    # The matrix keeps most of the figure's width (a long name no longer squeezes it).
+    assert box["matrix"].width > 0.4 * box["figure"].width
+    with Image.open(tmp_path / "confusion.png") as image:
+        assert image.format == "PNG"

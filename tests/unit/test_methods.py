@@ -14,7 +14,7 @@ from torch import nn
 from lookcloser.config import Config
 from lookcloser.data.prepare import TrainingData
 from lookcloser.engine.module import FGVCSystem, parameter_groups
-from lookcloser.errors import ConfigError
+from lookcloser.errors import ConfigError, ModelDirError
 from lookcloser.methods import build_method
 from lookcloser.methods.base import METHODS, Method, method_class, register_method
 from lookcloser.methods.baseline import Baseline
@@ -74,8 +74,8 @@ def test_methods_build_their_class_heads_from_the_registry(registries):
 # ---- model.kwargs in saved models -----------------------------------------------------------------
 def test_vit_with_img_size_reloads_from_its_model_directory(tmp_path):
     """model.json keeps model.kwargs, so Predictor.load rebuilds the 96 px ViT."""
-    from lookcloser.api import _save
     from lookcloser.predictor import Predictor
+    from lookcloser.training import save_run_model
 
     cfg = Config.load(
         None,
@@ -87,7 +87,7 @@ def test_vit_with_img_size_reloads_from_its_model_directory(tmp_path):
         ],
     )
     method = build_method(cfg, 3).eval()
-    _save(tmp_path, method, TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
+    save_run_model(tmp_path, method, TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
     predictor = Predictor.load(tmp_path)
     assert predictor.method.backbone.model.patch_embed.grid_size == (6, 6)
     images = torch.rand(2, 3, 96, 96)
@@ -229,8 +229,8 @@ def forget(module: str, name: str) -> None:
 
 
 def test_method_from_an_importable_module(tmp_path, monkeypatch, registries):
-    from lookcloser.api import _save
     from lookcloser.predictor import Predictor
+    from lookcloser.training import save_run_model
 
     write_plugin(tmp_path, "lc_plugin_methods", "plugged")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -241,9 +241,11 @@ def test_method_from_an_importable_module(tmp_path, monkeypatch, registries):
     assert type(method).__module__ == "lc_plugin_methods" and method.name == "plugged"
 
     run_dir = tmp_path / "run"
-    _save(run_dir, method, TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
+    save_run_model(run_dir, method, TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
     forget("lc_plugin_methods", "plugged")
-    predictor = Predictor.load(run_dir)  # model.json's config names the module
+    with pytest.raises(ModelDirError, match="--trust-module lc_plugin_methods"):
+        Predictor.load(run_dir)  # a model directory never imports a module by itself
+    predictor = Predictor.load(run_dir, trust_modules=["lc_plugin_methods"])
     assert type(predictor.method).__module__ == "lc_plugin_methods"
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():

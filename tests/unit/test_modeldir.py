@@ -11,13 +11,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lookcloser import modeldir
-from lookcloser.api import _save
 from lookcloser.config import Config
 from lookcloser.data.prepare import TrainingData
 from lookcloser.errors import BadImagesError, ModelDirError
 from lookcloser.methods import build_method
 from lookcloser.modeldir import is_model_dir, read_model_json, save_model_dir
 from lookcloser.predictor import Predictor
+from lookcloser.training import save_run_model
 
 CLASSES = ["alpha", "beta", "gamma"]
 SIZE = 64
@@ -43,7 +43,7 @@ def saved(tmp_path_factory):
     cfg = _cfg()
     method = build_method(cfg, len(CLASSES)).eval()
     run_dir = tmp_path_factory.mktemp("run")
-    _save(run_dir, method, TrainingData(CLASSES), cfg, {"test": {"top1": 0.5}}, "bicubic")
+    save_run_model(run_dir, method, TrainingData(CLASSES), cfg, {"test": {"top1": 0.5}}, "bicubic")
     return method, run_dir
 
 

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from lookcloser import api
-from lookcloser.api import _save
 from lookcloser.cli import main
 from lookcloser.config import Config
 from lookcloser.data.prepare import TrainingData
@@ -24,6 +23,7 @@ from lookcloser.methods import build_method
 from lookcloser.methods.base import register_method
 from lookcloser.methods.baseline import Baseline
 from lookcloser.predictor import Predictor
+from lookcloser.training import save_run_model
 
 SIZE = 64
 
@@ -52,7 +52,7 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     method = build_method(cfg, len(classes)).eval()
     out = tmp_path_factory.mktemp("run")
-    _save(out, method, TrainingData(classes), cfg, {}, "bicubic")
+    save_run_model(out, method, TrainingData(classes), cfg, {}, "bicubic")
     return out
 
 

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lookcloser.api import _save
 from lookcloser.config import Config, OptimConfig
 from lookcloser.data.batch import Batch
 from lookcloser.data.prepare import TrainingData
@@ -29,6 +28,7 @@ from lookcloser.methods.racnn import (
     true_class_probability,
 )
 from lookcloser.predictor import Predictor
+from lookcloser.training import save_run_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -245,7 +245,7 @@ def model_dir(tmp_path_factory) -> Path:
     with torch.no_grad():  # squares away from the centre, so the export carries real ones
         for apn in method.apns:
             torch.nn.init.normal_(apn.fc[-1].weight, std=0.5)
-    _save(out, method.for_inference(), TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
+    save_run_model(out, method.for_inference(), TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
     return out
 
 

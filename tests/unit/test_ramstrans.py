@@ -14,7 +14,6 @@ from PIL import Image
 from torch import nn
 
 from lookcloser import api, cli
-from lookcloser.api import _save
 from lookcloser.config import Config
 from lookcloser.data.batch import Batch
 from lookcloser.data.prepare import TrainingData
@@ -38,6 +37,7 @@ from lookcloser.methods.ramstrans import (
     zoom,
 )
 from lookcloser.predictor import Predictor
+from lookcloser.training import save_run_model
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["a", "b", "c"]
@@ -502,7 +502,7 @@ def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = tiny_config("resnet18", "method.alpha=1.0", "method.scales=3")
     method = build_method(cfg, 3).eval()
-    _save(out, method.for_inference(), TrainingData(CLASSES), cfg, {}, "bicubic")
+    save_run_model(out, method.for_inference(), TrainingData(CLASSES), cfg, {}, "bicubic")
     return out
 
 

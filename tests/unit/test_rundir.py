@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from lookcloser.errors import ConfigError
-from lookcloser.rundir import MARKER, RunDir, backup_path
+from lookcloser.modeldir import backup_note, backup_path
+from lookcloser.rundir import MARKER, RunDir, RunLock, lock_path
 
 
 def _run(path, *, finished=False, checkpoint=False):
@@ -87,3 +90,42 @@ def test_a_file_is_not_a_run_dir(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ConfigError, match="not a folder"):
         RunDir.plan(tmp_path / "f", resume=None, overwrite=False)
+
+
+def test_best_ckpt_alone_is_a_checkpoint_to_resume(tmp_path):
+    # A kill between the epoch's best.ckpt and last.ckpt leaves best.ckpt only.
+    out = _run(tmp_path / "run")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "best.ckpt").write_bytes(b"ckpt")
+    assert RunDir.plan(out, resume="last", overwrite=False).mode == "resume"
+    with pytest.raises(ConfigError, match="unfinished run"):
+        RunDir.plan(out, resume=None, overwrite=False)
+
+
+def test_lock_refuses_a_second_holder_and_is_released(tmp_path):
+    out = tmp_path / "deep" / "er" / "run"
+    with RunLock(out):
+        assert lock_path(out).read_text() == f"{os.getpid()}\n"
+        # flock conflicts between two open files even within one process.
+        with pytest.raises(
+            ConfigError, match=rf"{out} is in use by another training \(pid {os.getpid()}"
+        ):
+            RunLock(out).acquire()
+    # Released: the lock file and the folders made for it are gone, and the next one gets it.
+    assert not (tmp_path / "deep").exists()
+    with RunLock(out):
+        pass
+
+
+def test_a_dead_holders_lock_file_does_not_block(tmp_path):
+    out = tmp_path / "run"
+    lock_path(out).write_text("999999999\n")  # left by a process killed with SIGKILL
+    with RunLock(out):
+        assert lock_path(out).read_text() == f"{os.getpid()}\n"
+
+
+def test_backup_note_says_where_the_old_run_waits(tmp_path):
+    out = _run(tmp_path / "run")
+    assert backup_note(out) == ""
+    backup_path(out).mkdir()
+    assert str(backup_path(out)) in backup_note(out) and f"out={out}" in backup_note(out)

@@ -17,7 +17,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn
 
-from lookcloser.api import _save
 from lookcloser.cli import main
 from lookcloser.config import Config
 from lookcloser.data.prepare import TrainingData
@@ -30,7 +29,9 @@ from lookcloser.methods.baseline import Baseline
 from lookcloser.predictor import Predictor
 from lookcloser.serve.app import ServeSettings, create_app
 from lookcloser.serve.backends import DEFAULT_UNSURE_BELOW, TorchBackend, load_backend
+from lookcloser.training import save_run_model
 
+LOCAL = "http://127.0.0.1"  # the server answers only to its own names (the Host check)
 CLASSES = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
 SIZE = 64
 VAL_THRESHOLD = 0.31
@@ -70,7 +71,7 @@ def _model_dir(path, *overrides: str, metrics: dict | None = None):
         for p in method.parameters():
             if p.dim() == 2:
                 p.normal_(0, 1)
-    _save(path, method, TrainingData(CLASSES), cfg, metrics or {}, "bicubic")
+    save_run_model(path, method, TrainingData(CLASSES), cfg, metrics or {}, "bicubic")
     return path
 
 
@@ -103,7 +104,7 @@ def images(tmp_path_factory):
 
 @pytest.fixture
 def client(predictor):
-    with TestClient(create_app(predictor)) as client:
+    with TestClient(create_app(predictor), base_url=LOCAL) as client:
         yield client
 
 
@@ -141,14 +142,14 @@ def test_predict_multipart_and_json_agree_with_predictor(client, predictor, imag
 def test_predict_top_k_and_unsure_flag(predictor, images):
     """k sets how many classes come back (at most all); `unsure` compares the top probability
     with the threshold: the model's validation one by default, or --unsure-below."""
-    with TestClient(create_app(predictor)) as client:
+    with TestClient(create_app(predictor), base_url=LOCAL) as client:
         answer = _post(client, "/predict?k=2", images[0]).json()
         assert len(answer["top"]) == 2 and answer["unsure_below"] == VAL_THRESHOLD
         assert answer["unsure"] is (answer["top"][0]["prob"] < VAL_THRESHOLD)
         assert len(_post(client, "/predict?k=100", images[0]).json()["top"]) == len(CLASSES)
     for threshold, unsure in [(1.0, True), (0.0, False)]:
         settings = ServeSettings(unsure_below=threshold)
-        with TestClient(create_app(predictor, settings)) as client:
+        with TestClient(create_app(predictor, settings), base_url=LOCAL) as client:
             answer = _post(client, "/predict", images[0]).json()
             assert answer["unsure"] is unsure and answer["unsure_below"] == threshold
             assert client.get("/model").json()["unsure_below"]["source"] == "--unsure-below"
@@ -159,6 +160,55 @@ def test_unsure_default_without_validation_metrics(tmp_path):
     backend = TorchBackend(Predictor.load(_model_dir(tmp_path / "m", metrics={"test": {}})))
     value, source = backend.unsure_below()
     assert value == DEFAULT_UNSURE_BELOW and "default" in source and CONFIDENCE_KEY in source
+
+
+def test_unsure_threshold_not_taken_from_a_tiny_val_split(tmp_path, predictor, images):
+    """A val split too small to estimate the threshold sets none (training records why); the
+    server uses the default floor and says why, in /model and in its start-up banner. A model
+    directory from before the rule, with a threshold from 8 images, is treated the same."""
+    from lookcloser.evaluation import CONFIDENCE_NOTE_KEY, compute_metrics, summary
+    from lookcloser.serve.app import banner
+
+    torch.manual_seed(0)
+    val = summary(compute_metrics(torch.randn(8, 6), torch.arange(8) % 6, CLASSES, split="val"))
+    assert val[CONFIDENCE_KEY] is None
+    assert val[CONFIDENCE_NOTE_KEY].startswith("val split of 8 images: too small")
+    old = {"images": 8, "top1": 0.25, CONFIDENCE_KEY: 1.0}  # recorded before the rule
+    for n, recorded in enumerate([val, old]):
+        served = Predictor.load(_model_dir(tmp_path / f"m{n}", metrics={"val": recorded}))
+        with TestClient(create_app(served), base_url=LOCAL) as client:
+            info = client.get("/model").json()["unsure_below"]
+            assert info["value"] == DEFAULT_UNSURE_BELOW
+            assert "val split of 8 images: too small to set an unsure threshold" in info["source"]
+            answer = _post(client, "/predict", images[0]).json()
+            assert answer["unsure_below"] == DEFAULT_UNSURE_BELOW
+            assert answer["unsure"] is (answer["top"][0]["prob"] < DEFAULT_UNSURE_BELOW)
+            text = banner(client.app)
+        assert f"p < {DEFAULT_UNSURE_BELOW:.3f} (default" in text and "8 images" in text
+
+
+def test_banner_is_readable_lines(predictor):
+    """The start-up banner is one fact a line, not a Python dict; the token is never shown."""
+    from lookcloser.serve.app import banner
+
+    settings = ServeSettings(token="s3cret", unsure_below=0.4)
+    text = banner(create_app(predictor, settings))
+    lines = text.splitlines()
+    assert lines[0].startswith("lookcloser serve: http://127.0.0.1:8000/ (torch backend, 6 classes")
+    assert "  unsure below:  p < 0.400 (--unsure-below)" in lines
+    assert any(line.startswith("  token:") and "required" in line for line in lines)
+    assert "s3cret" not in text and "{" not in text and "'" not in text and "None" not in text
+    assert any(line.startswith("  look-alikes:   none") for line in lines)
+
+
+def test_favicon_is_served(client):
+    """The page links an icon and the server has it: no 404 in the browser's console."""
+    page = client.get("/").text
+    assert '<link rel="icon" href="favicon.svg"' in page
+    for path in ("/favicon.svg", "/favicon.ico"):
+        icon = client.get(path)
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+        assert icon.text.startswith("<svg")
 
 
 # ---- explain, model, health -----------------------------------------------------------------------
@@ -302,14 +352,18 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(client, images):
 def test_pixel_limit_and_upload_limit(predictor, images):
     """--max-pixels refuses a real image over it (422); --max-upload-mb refuses larger bodies
     (413), whether they declare their length or arrive in chunks."""
-    with TestClient(create_app(predictor, ServeSettings(max_pixels=64 * 64))) as client:
+    with TestClient(
+        create_app(predictor, ServeSettings(max_pixels=64 * 64)), base_url=LOCAL
+    ) as client:
         refused = _post(client, "/predict", images[2])  # 120 x 90
         assert refused.status_code == 422 and "120x90" in refused.json()["detail"]
         assert _post(client, "/predict", images[1]).status_code == 200  # 64 x 64
     small = Image.new("RGB", (40, 30), "olive")
     buffer = io.BytesIO()
     small.save(buffer, format="PNG")
-    with TestClient(create_app(predictor, ServeSettings(max_upload_mb=0.01))) as client:
+    with TestClient(
+        create_app(predictor, ServeSettings(max_upload_mb=0.01)), base_url=LOCAL
+    ) as client:
         payload = {"image": base64.b64encode(b"\0" * 20_000).decode()}
         declared = client.post("/predict", json=payload)
         assert declared.status_code == 413 and "limit" in declared.json()["detail"]
@@ -329,7 +383,7 @@ def test_pixel_limit_and_upload_limit(predictor, images):
 
 def test_bearer_token(predictor, images):
     """With --token, the model endpoints need it (401 without or wrong); /health stays open."""
-    with TestClient(create_app(predictor, ServeSettings(token="s3cret"))) as client:
+    with TestClient(create_app(predictor, ServeSettings(token="s3cret")), base_url=LOCAL) as client:
         assert _post(client, "/predict", images[0]).status_code == 401
         wrong = _post(client, "/predict", images[0], headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "bearer token" in wrong.json()["detail"]
@@ -361,7 +415,7 @@ def test_queue_full_is_503_and_timeouts_are_503(predictor, images):
     request the model does not answer within --timeout gets 503; the server then serves."""
     backend = _GatedBackend(predictor)
     settings = ServeSettings(max_queue=1, max_batch=1, timeout_s=5)
-    with TestClient(create_app(backend, settings)) as client:
+    with TestClient(create_app(backend, settings), base_url=LOCAL) as client:
         first: dict = {}
         thread = threading.Thread(
             target=lambda: first.update(r=_post(client, "/predict", images[0]))
@@ -376,7 +430,7 @@ def test_queue_full_is_503_and_timeouts_are_503(predictor, images):
         assert first["r"].status_code == 200
         assert _post(client, "/predict", images[1]).status_code == 200
     backend = _GatedBackend(predictor)
-    with TestClient(create_app(backend, ServeSettings(timeout_s=0.3))) as client:
+    with TestClient(create_app(backend, ServeSettings(timeout_s=0.3)), base_url=LOCAL) as client:
         late = _post(client, "/predict", images[0])
         assert late.status_code == 503 and "did not answer within 0.3 s" in late.json()["detail"]
         backend.gate.set()
@@ -390,7 +444,7 @@ def test_micro_batching_gives_the_unbatched_answers(predictor, images):
     expected = {p: _probs_of(predictor, p) for p in images}
     app = create_app(predictor, ServeSettings(max_batch=8, max_wait_ms=50))
     worker = app.state.worker
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         gate = threading.Event()
         worker.call(gate.wait)  # hold the worker until every request is queued
         answers: list = [None] * len(requests)
@@ -428,7 +482,7 @@ def test_onnx_backend_agrees_with_torch(model_dir, predictor, images, tmp_path):
         load_backend(model_dir, "onnx", onnx_file=tmp_path / "none.onnx")
     onnx_file = export_onnx(predictor, tmp_path / "model.onnx")
     backend = load_backend(model_dir, "onnx", onnx_file=onnx_file)
-    with TestClient(create_app(backend)) as client:
+    with TestClient(create_app(backend), base_url=LOCAL) as client:
         info = client.get("/model").json()
         assert info["backend"] == "onnx" and info["onnx_file"] == str(onnx_file)
         for path in images:
@@ -453,7 +507,7 @@ def test_metadata_from_json_and_multipart(tmp_path, images):
     (with_meta,) = predictor.predict([images[0]], top_k=len(CLASSES), meta=[meta])
     (only_lat,) = predictor.predict([images[0]], top_k=len(CLASSES), meta=[{"lat": 48.1}])
     assert with_meta.probs != only_lat.probs
-    with TestClient(create_app(predictor)) as client:
+    with TestClient(create_app(predictor), base_url=LOCAL) as client:
         assert client.get("/model").json()["meta_keys"] == ["lat", "lon"]
         as_json = client.post("/predict?k=6", json={"image": _b64(images[0]), "meta": meta})
         multipart = _post(client, "/predict?k=6", images[0], data={"meta": json.dumps(meta)})
@@ -497,7 +551,8 @@ def test_schemathesis_finds_no_server_error(predictor):
     from schemathesis import GenerationMode
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-    app = create_app(predictor, ServeSettings(timeout_s=10))
+    # Schemathesis's ASGI client calls the server "testserver": accepted like --allowed-host.
+    app = create_app(predictor, ServeSettings(timeout_s=10, allowed_hosts=("testserver",)))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     seen: dict[str, set[int]] = {}
     with TestClient(app):
@@ -519,6 +574,7 @@ def test_schemathesis_finds_no_server_error(predictor):
             def check(case):
                 response = case.call()
                 seen.setdefault(case.operation.label, set()).add(response.status_code)
+                assert b"Traceback" not in response.content, response.content[-2000:]
                 # A binary field cannot say "a decodable image": schema-valid bytes may be 422.
                 case.validate_response(response, excluded_checks=[positive_data_acceptance])
 

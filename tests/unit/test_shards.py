@@ -89,7 +89,7 @@ def test_copied_and_reencoded_samples_decode_to_the_same_label_and_meta(splits, 
     assert copied[0]["png"] == Path(splits.test[0].path).read_bytes()  # bytes copied as they are
     re_encoded = list(sh.iter_tar_samples(str(tmp_path / "re" / "test-000000.tar")))
     image, label, meta = sh.decode_sample(re_encoded[7])
-    assert set(re_encoded[7]) == {"__key__", "jpg", "cls", "json"}
+    assert set(re_encoded[7]) == {"__key__", "__url__", "jpg", "cls", "json"}
     assert max(image.size) == 8 and image.mode == "RGB"
     assert label == 3 and meta == {"uid": "test-7", "bbox": [1.0, 2.0, 3.0, 4.0], "width": 19.0}
     record = json.loads(re_encoded[7]["json"])

@@ -13,10 +13,11 @@ from lookcloser.errors import DataError
 
 
 def _touch_images(folder: Path, names: list[str]) -> None:
-    # Sources list files by extension only; content is checked at decode time.
+    # Sources list files by extension only; content is checked at decode time. Distinct
+    # bytes per file: copies of one image are kept on one side of a split.
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
-        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n" + str(folder / name).encode())
 
 
 def _cfg(source: str, root, **kw) -> DataConfig:

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lookcloser import api, cli
-from lookcloser.api import _save
 from lookcloser.config import Config
 from lookcloser.data.batch import Batch
 from lookcloser.data.prepare import TrainingData
@@ -31,6 +30,7 @@ from lookcloser.methods.tasn import (
     warp_densities,
 )
 from lookcloser.predictor import Predictor
+from lookcloser.training import save_run_model
 
 REPO = Path(__file__).resolve().parents[2]
 NORMALISATIONS = ["none", "spatial", "spatial_relation"]
@@ -226,7 +226,9 @@ def test_input_size_reaches_the_loader_the_predictor_and_the_model_dir(tmp_path:
     images = torch.rand(2, 3, 96, 96)
     sampled, _ = method.structure_image(images)
     assert sampled.shape == (2, 3, 64, 64)  # the master network sees data.image_size
-    _save(tmp_path, method.for_inference(), TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
+    save_run_model(
+        tmp_path, method.for_inference(), TrainingData(["a", "b", "c"]), cfg, {}, "bicubic"
+    )
     predictor = Predictor.load(tmp_path)
     assert predictor.image_size == 96
     picture = Image.fromarray(np.zeros((120, 150, 3), dtype=np.uint8))
@@ -240,7 +242,7 @@ def model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tasn")
     cfg = tiny_config()
     method = build_method(cfg, 3).eval()
-    _save(out, method.for_inference(), TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
+    save_run_model(out, method.for_inference(), TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
     return out
 
 
@@ -279,7 +281,7 @@ def test_cli_explain_part_writes_a_picture_with_the_view(model_dir: Path, tmp_pa
 def test_part_on_a_method_without_parts_is_a_clear_error(tmp_path: Path) -> None:
     cfg = tiny_config("method.name=baseline")
     method = build_method(cfg, 3).eval()
-    _save(tmp_path, method, TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
+    save_run_model(tmp_path, method, TrainingData(["a", "b", "c"]), cfg, {}, "bicubic")
     picture = Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8))
     with pytest.raises(ConfigError, match="method 'baseline' has no part maps"):
         Predictor.load(tmp_path).explain(picture, part=0)

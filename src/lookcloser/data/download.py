@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 import tarfile
 import time
 import urllib.error
@@ -35,6 +36,7 @@ DOWNLOADS_DIR = ".lookcloser-downloads"
 MIRROR_ENV = "LOOKCLOSER_MIRROR"
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60
+_MIN_RATE = 256 * 1024  # bytes/s below which the default deadline stops a download
 
 Progress = Callable[[str, int, int | None], None]
 
@@ -460,6 +462,15 @@ def verify_file(
         raise DataError(f"{label}: MD5 mismatch: expected {md5}, got {actual_md5}")
 
 
+def default_deadline(size: int | None) -> float:
+    """Seconds a download of `size` bytes may take in all: 5 minutes plus the time at
+    256 KiB/s (a stalled or trickling mirror is stopped; a slow real one is not), or 6 hours
+    when the size is not known."""
+    if size is None:
+        return 6 * 3600.0
+    return 300.0 + size / _MIN_RATE
+
+
 def download_file(
     url: str,
     dest: str | Path,
@@ -469,12 +480,17 @@ def download_file(
     size: int | None = None,
     retries: int = 2,
     progress: Progress | None = None,
+    deadline_s: float | None = None,
+    read_timeout_s: float = _TIMEOUT_S,
 ) -> Path:
     """Download `url` to `dest`, resuming `dest.part` with HTTP Range, verify, rename atomically.
 
-    A checksum or size mismatch deletes the partial file and raises DataError. A broken
-    connection is retried `retries` times, each time resuming where the last one stopped;
-    after that the partial file is kept so the next call resumes it.
+    A checksum or size mismatch deletes the partial file and raises DataError, and so does a
+    server that sends more bytes than `size` (or than its Content-Length). A broken connection
+    or a read that waits more than `read_timeout_s` is retried `retries` times, each time
+    resuming where the last one stopped; after that the partial file is kept so the next call
+    resumes it. The whole call ends with a DataError after `deadline_s` seconds (default:
+    `default_deadline(size)`), keeping the partial file.
     """
     dest = Path(dest)
     if dest.is_file():
@@ -485,9 +501,11 @@ def download_file(
             dest.unlink()  # a stale or corrupt copy: fetch it again
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    seconds = deadline_s if deadline_s is not None else default_deadline(size)
+    deadline = _Deadline(time.monotonic() + seconds, seconds, url, part)
     for attempt in range(retries + 1):
         try:
-            _fetch(url, part, size, progress)
+            _fetch(url, part, size, progress, deadline, read_timeout_s)
             break
         except (OSError, http.client.HTTPException) as err:
             if isinstance(err, urllib.error.HTTPError) and err.code < 500 and err.code != 429:
@@ -499,7 +517,8 @@ def download_file(
                     f"{url}: download interrupted ({err}); {kept} bytes kept in {part}, "
                     "run again to resume"
                 ) from None
-            time.sleep(min(2**attempt, 10))
+            deadline.check(part.stat().st_size if part.exists() else 0, size)
+            time.sleep(min(2**attempt, 10, max(deadline.left(), 0)))
     try:
         verify_file(part, sha256, md5, size, name=f"{dest} (from {url})")
     except DataError as err:
@@ -509,15 +528,51 @@ def download_file(
     return dest
 
 
-def _fetch(url: str, part: Path, size: int | None, progress: Progress | None) -> None:
+@dataclass
+class _Deadline:
+    """When a download must have finished, and the DataError that says it did not."""
+
+    at: float  # time.monotonic()
+    seconds: float
+    url: str
+    part: Path
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def check(self, done: int, total: int | None) -> None:
+        if self.left() >= 0:
+            return
+        of = f" of {total}" if total is not None else ""
+        raise DataError(
+            f"{self.url}: not finished within the deadline of {self.seconds:g} s "
+            f"({done}{of} bytes); the {done} bytes are kept in {self.part}, run again to resume "
+            "(or set a longer --deadline, or another --mirror)"
+        )
+
+
+def _fetch(
+    url: str,
+    part: Path,
+    size: int | None,
+    progress: Progress | None,
+    deadline: _Deadline,
+    read_timeout_s: float,
+) -> None:
     have = part.stat().st_size if part.exists() else 0
     if size is not None and have == size:
         return  # a complete partial file from an earlier run, not yet verified
+    if size is not None and have > size:
+        part.unlink()  # more than the file holds: nothing in it can be trusted
+        have = 0
+    deadline.check(have, size)
     request = urllib.request.Request(url, headers={"User-Agent": "lookcloser"})
     if have:
         request.add_header("Range", f"bytes={have}-")
+    # The timeout holds for the connection and for each read, never longer than the deadline.
+    timeout = max(min(read_timeout_s, deadline.left()), 0.001)
     try:
-        response = urllib.request.urlopen(request, timeout=_TIMEOUT_S)  # noqa: S310
+        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310
     except urllib.error.HTTPError as err:
         if err.code == 416 and have:
             return  # nothing left to fetch: the partial file is already whole
@@ -531,12 +586,23 @@ def _fetch(url: str, part: Path, size: int | None, progress: Progress | None) ->
         else:
             have, mode = 0, "wb"  # the server ignored Range: start over
         length = response.headers.get("Content-Length")
-        total = have + int(length) if length and length.isdigit() else size
+        announced = have + int(length) if length and length.isdigit() else None
+        if size is not None and announced is not None and announced != size:
+            part.unlink(missing_ok=True)
+            raise DataError(
+                f"{url}: the server announces {announced} bytes (Content-Length), but the "
+                f"file has {size}; refusing it (a wrong file or mirror?)"
+            )
+        # Never more than the file holds: an endless body would fill the disk.
+        limit = size if size is not None else announced
+        total = limit
         done = have
         with part.open(mode) as f:
             while True:
+                want = _CHUNK if limit is None else min(_CHUNK, limit - done + 1)
                 try:
-                    chunk = response.read(_CHUNK)
+                    # read1: returns what has arrived, so a trickle still meets the deadline.
+                    chunk = response.read1(want)
                 except http.client.IncompleteRead as err:
                     f.write(err.partial)  # keep what arrived, so a retry resumes after it
                     raise ConnectionError(
@@ -544,12 +610,59 @@ def _fetch(url: str, part: Path, size: int | None, progress: Progress | None) ->
                     ) from None
                 if not chunk:
                     break
+                if limit is not None and done + len(chunk) > limit:
+                    f.close()
+                    part.unlink(missing_ok=True)
+                    raise DataError(
+                        f"{url}: the server sent more than the expected {limit} bytes"
+                        f"{' (Content-Length)' if size is None else ''}; refusing the rest "
+                        "(a wrong file or mirror?); the download was deleted"
+                    )
                 f.write(chunk)
                 done += len(chunk)
                 if progress is not None:
                     progress(part.name[: -len(".part")], done, total)
+                deadline.check(done, total)
         if total is not None and done < total:
             raise ConnectionError(f"connection closed after {done} of {total} bytes")
+
+
+class ProgressLines:
+    """A `Progress` that prints a line per file to stderr: at the start, at each tenth, at
+    least every `every_s` seconds while bytes arrive, and at the end, with the rate."""
+
+    def __init__(self, every_s: float = 5.0, stream=None) -> None:
+        self.every_s = every_s
+        self.stream = stream
+        self.shown: dict[str, tuple[int, float]] = {}  # name -> (tenth, time of the line)
+        self.started: dict[str, tuple[int, float]] = {}  # name -> (bytes, time) at first call
+
+    def __call__(self, name: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        first_done, first_time = self.started.setdefault(name, (done, now))
+        tenth = 10 * done // total if total else -1
+        last = self.shown.get(name)
+        finished = total is not None and done >= total
+        if last is not None and last[0] == tenth and now - last[1] < self.every_s and not finished:
+            return
+        self.shown[name] = (tenth, now)
+        size = f"{done / 2**20:.1f}" + (f" / {total / 2**20:.1f}" if total else "")
+        elapsed = now - first_time
+        rate = (done - first_done) / elapsed if elapsed > 0 else 0.0
+        line = f"{name}: {size} MiB"
+        if rate > 0:
+            line += f", {rate / 2**20:.2f} MiB/s"
+            if total and not finished:
+                line += f", about {_duration((total - done) / rate)} left"
+        print(line, file=self.stream or sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _content_range_start(header: str | None) -> int:
@@ -892,14 +1005,23 @@ def download_dataset(
     *,
     keep_archives: bool = False,
     progress: Progress | None = None,
+    deadline_s: float | None = None,
+    read_timeout_s: float = _TIMEOUT_S,
 ) -> Path:
     """Download, verify and extract dataset `name` into `root`; returns `root` once ready.
 
     `mirror` (or the LOOKCLOSER_MIRROR environment variable) is a base URL that replaces the
     scheme and host of every official URL. A dataset whose terms need a manual step raises
-    DataError with instructions until its files have been put into `root`.
+    DataError with instructions until its files have been put into `root`. All downloads
+    together must finish within `deadline_s` seconds (default: `default_deadline` of their
+    total size); each read may wait `read_timeout_s`.
     """
     spec = dataset_spec(name)
+    sizes = [f.size for f in spec.files]
+    seconds = deadline_s
+    if seconds is None:
+        seconds = default_deadline(None if None in sizes else sum(s or 0 for s in sizes))
+    end = time.monotonic() + seconds
     root = Path(root).expanduser().absolute()
     if is_ready(root):
         return root
@@ -930,6 +1052,8 @@ def download_dataset(
                     file.md5,
                     size=file.size,
                     progress=progress,
+                    deadline_s=end - time.monotonic(),
+                    read_timeout_s=read_timeout_s,
                 )
             local.append((file, path))
         for file, path in local:

@@ -8,13 +8,14 @@ image or raises `BadImageError` with a reason a user can act on. `check_images` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import struct
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lookcloser.data.duplicates import SplitOverlap
 from lookcloser.data.sources import Sample, is_image_file
-from lookcloser.errors import BadImageError, DataError
+from lookcloser.errors import BadImageError, DataError, LookcloserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default decompression-bomb threshold
+# Longest accepted side over shortest side. Under the pixel limit a 1 x 2,000,000 strip is a few
+# KB, but the evaluation resize (shorter side to ~256) would make it 256 x 512M pixels; no
+# photograph comes near 50:1 (panoramas are 4:1 to 10:1).
+MAX_ASPECT_RATIO = 50
 PLAIN_MODES = ("RGB", "L")  # modes that need no colour conversion worth mentioning
 MAX_LISTED = 20  # bad files listed one by one in error messages and summaries
 
@@ -44,6 +50,40 @@ _MAGIC = {
 }
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+
+
+def check_image_shape(path: str | Path, width: int, height: int) -> None:
+    """BadImageError unless the longer side is at most MAX_ASPECT_RATIO times the shorter."""
+    if min(width, height) < 1:
+        raise BadImageError(path, f"{width}x{height}: an image needs at least one pixel")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        shown = f"{ratio:.1f}" if ratio < 1000 else f"{ratio:.0f}"
+        raise BadImageError(
+            path,
+            f"{width}x{height}: aspect ratio {shown}:1 exceeds the limit of "
+            f"{MAX_ASPECT_RATIO}:1 (longer side / shorter side)",
+        )
+
+
+@contextlib.contextmanager
+def image_errors(path: str | Path) -> Iterator[None]:
+    """Turn any failure to decode or preprocess the image `path` into a BadImageError.
+
+    Transforms run on untrusted pixels: PIL and torchvision answer an image too large for a
+    step with MemoryError, OverflowError or ValueError, which would otherwise surface as a 500
+    or a DataLoader worker traceback without the file's name.
+    """
+    try:
+        yield
+    except LookcloserError:
+        raise
+    except MemoryError:
+        raise BadImageError(path, "too large to preprocess: out of memory") from None
+    except (OverflowError, Image.DecompressionBombError) as e:
+        raise BadImageError(path, f"too large to preprocess: {e}") from None
+    except (*_DECODE_ERRORS, RuntimeError) as e:  # torch's failed allocations are RuntimeError
+        raise BadImageError(path, f"cannot preprocess: {type(e).__name__}: {e}") from None
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -95,6 +135,8 @@ class CheckReport:
     bad: list[ImageReport] = field(default_factory=list)
     duplicates: list[list[str]] = field(default_factory=list)
     odd_modes: list[ImageReport] = field(default_factory=list)
+    # Files a dataset's own train / val / test split shares between splits (`check_dataset`).
+    overlaps: list[SplitOverlap] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -108,6 +150,7 @@ class CheckReport:
             "bad": [{"path": r.path, "problem": r.problem} for r in self.bad],
             "duplicates": self.duplicates,
             "odd_modes": [{"path": r.path, "mode": r.mode} for r in self.odd_modes],
+            "split_overlaps": [o.as_dict() for o in self.overlaps],
         }
 
     def summary_lines(self, limit: int = MAX_LISTED) -> list[str]:
@@ -121,6 +164,7 @@ class CheckReport:
         lines += _limited([f"bad: {r.path}: {r.problem}" for r in self.bad], limit)
         lines += _limited([f"duplicate: {' == '.join(group)}" for group in self.duplicates], limit)
         lines += _limited([f"mode {r.mode}: {r.path}" for r in self.odd_modes], limit)
+        lines += [f"split overlap: {o.describe()}" for o in self.overlaps]
         return lines
 
 
@@ -141,6 +185,35 @@ def check_images(
         duplicates=[group for group in by_hash.values() if len(group) >= 2],
         odd_modes=[r for r in reports if r.ok and r.odd_mode],
     )
+
+
+def check_dataset(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> CheckReport:
+    """`check_images` over a file, a folder, or a dataset with its own split, whose files
+    shared between train, val and test are reported too: an imagefolder root with train/
+    beside test/ or val/, a CSV file (data.source=csv) or a folder with train.csv."""
+    from lookcloser.config import DataConfig
+    from lookcloser.data.duplicates import split_overlaps
+    from lookcloser.data.sources import build_source
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: does not exist")
+    source = None
+    if (path.is_file() and path.suffix.lower() == ".csv") or (path / "train.csv").is_file():
+        source = "csv"
+    elif (path / "train").is_dir() and ((path / "test").is_dir() or (path / "val").is_dir()):
+        source = "imagefolder"
+    if source is None:
+        return check_images(list_image_files(path), max_pixels=max_pixels)
+    splits = build_source(DataConfig(source=source, root=str(path)))
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    if source == "csv":
+        files = list(dict.fromkeys(s.path for samples in parts.values() for s in samples))
+    else:
+        files = list_image_files(path)
+    report = check_images(files, max_pixels=max_pixels)
+    report.overlaps = split_overlaps(parts)
+    return report
 
 
 def verify_samples(
@@ -230,6 +303,7 @@ def decode_bytes(
                     f"{width}x{height} = {width * height} pixels exceeds "
                     f"data.max_image_pixels={max_pixels}",
                 )
+            check_image_shape(path, width, height)
             im.load()
             mode = im.mode
             try:
@@ -254,8 +328,12 @@ def decode_bytes(
         raise BadImageError(path, f"truncated or corrupt: unreadable {fmt} header") from None
     except MemoryError:
         raise BadImageError(path, "truncated or corrupt: out of memory while decoding") from None
+    except OverflowError as e:
+        raise BadImageError(path, f"too large to decode: {e}") from None
     except _DECODE_ERRORS as e:
         raise BadImageError(path, f"truncated or corrupt: {e}") from None
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: any decoder failure is the file's
+        raise BadImageError(path, f"cannot decode: {type(e).__name__}: {e}") from None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

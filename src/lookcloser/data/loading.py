@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from lookcloser.data.boxes import Box, crop_to_box
-from lookcloser.data.images import load_image
+from lookcloser.data.images import image_errors, load_image
 from lookcloser.data.meta import meta_tensors
 from lookcloser.data.sources import Sample
 
@@ -91,11 +91,12 @@ class ImageDataset(Dataset):
 
     def _transform(self, image, index: int):
         """The image's tensor, or (image, crop) tensors with boxes (the crop drawn second)."""
-        if self.boxes is None:
-            return self.transform(image)
-        where = f"{self.samples[index].path} ({self.box_source})"
-        crop = crop_to_box(image, self.boxes[index], where)
-        return self.transform(image), self.transform(crop)
+        path = self.samples[index].path
+        with image_errors(path):  # a transform's MemoryError etc. names the file
+            if self.boxes is None:
+                return self.transform(image)
+            crop = crop_to_box(image, self.boxes[index], f"{path} ({self.box_source})")
+            return self.transform(image), self.transform(crop)
 
 
 class EpochSampler(Sampler):
@@ -126,11 +127,17 @@ class EpochSampler(Sampler):
         self.world_size = world_size
         self.length = length
         self.epoch = 0
-        self.skip = 0  # items to skip once, when resuming mid-epoch
+        self._resume: tuple[int, int] | None = None  # (epoch, items already done) to skip once
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order to draw (Lightning calls this each epoch)."""
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, items_done: int) -> None:
+        """Continue `epoch` after its first `items_done` items. The skip belongs to that epoch
+        only: if the loop moves on to the next one first, nothing of that one is skipped."""
+        self.set_epoch(epoch)
+        self._resume = (epoch, items_done)
 
     def __len__(self) -> int:
         if self.length is not None:
@@ -161,7 +168,8 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = self._order()
-        start, self.skip = self.skip, 0
+        resume, self._resume = self._resume, None
+        start = resume[1] if resume is not None and resume[0] == self.epoch else 0
         for position in range(start, len(order)):
             index = order[position]
             yield index, sample_seed(self.seed, self.epoch, position * self.world_size + self.rank)

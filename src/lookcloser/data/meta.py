@@ -12,7 +12,6 @@ its own, so CSV date columns, iNat's JSON and `--meta` files can declare it dire
 
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import math
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lookcloser.data.csvrows import read_csv_rows
 from lookcloser.errors import ConfigError, DataError
 
 # Keys that name the image, the sample or its label. A model fed these learns the answer key
@@ -207,13 +207,10 @@ def read_meta_file(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"--meta: {path} does not exist")
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if "path" not in (reader.fieldnames or []):
-                raise DataError(
-                    f"{path}: a metadata CSV needs a `path` column; has {reader.fieldnames}"
-                )
-            rows = [dict(row) for row in reader]
+        columns, lines = read_csv_rows(path)
+        if "path" not in columns:
+            raise DataError(f"{path}: a metadata CSV needs a `path` column; has {columns}")
+        rows = [row for _, row in lines]
     elif path.suffix.lower() == ".json":
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lookcloser.config import DataConfig
+from lookcloser.data.duplicates import SplitOverlap, file_keys, split_overlaps
 from lookcloser.data.images import list_image_files, verify_samples
-from lookcloser.data.meta import check_meta_keys, check_meta_present, same_path
+from lookcloser.data.meta import check_meta_keys, check_meta_present, meta_value
 from lookcloser.data.shards import ShardIndex, open_shards
 from lookcloser.data.sources import (
     DatasetSplits,
@@ -85,9 +86,11 @@ def prepare_data(cfg: DataConfig) -> TrainingData:
     else:
         splits = build_source(cfg)
         check_classes(splits.classes, cfg)
+        check_meta_numbers(keys, splits.train)
         check_meta_present(keys, numeric_meta_keys(splits.train), f"data.source={cfg.source}")
         splits, skipped = verified(splits, cfg)
         splits, val_split = with_validation(splits, cfg)
+        warn_overlaps(splits, cfg)
         data = TrainingData(
             splits.classes,
             splits.train,
@@ -109,6 +112,7 @@ def with_validation(splits: DatasetSplits, cfg: DataConfig) -> tuple[DatasetSpli
     if cfg.val_fraction == 0:
         return splits, "none"
     # A seed of its own, so the val carve does not mirror the test carve of the same seed.
+    keys = file_keys(s.path for s in splits.train)  # copies of an image stay on one side
     train, val = stratified_split(
         splits.train,
         cfg.val_fraction,
@@ -116,8 +120,32 @@ def with_validation(splits: DatasetSplits, cfg: DataConfig) -> tuple[DatasetSpli
         label=lambda s: s.label,
         order=lambda s: s.path,
         key="data.val_fraction",
+        group=lambda s: keys[s.path],
     )
     return splits.replace_samples(train, splits.test, val), "carved" if val else "none"
+
+
+def warn_overlaps(splits: DatasetSplits, cfg: DataConfig) -> list[SplitOverlap]:
+    """Warn about files that the given splits share (the user's split: not refused)."""
+    overlaps = split_overlaps({"train": splits.train, "val": splits.val, "test": splits.test})
+    for overlap in overlaps:
+        log.warning(
+            "data.root=%s: %s; the %s figures count images the model trained on or was "
+            "chosen with (`lookcloser data check %s` lists them)",
+            cfg.root,
+            overlap.describe(),
+            overlap.second,
+            cfg.root,
+        )
+    return overlaps
+
+
+def check_meta_numbers(keys: list[str], samples: list[Sample]) -> None:
+    """DataError naming the first sample whose declared metadata value is not a number
+    (rather than calling the key absent, as `check_meta_present` would)."""
+    for key in keys:
+        for sample in samples:
+            meta_value(sample.meta, key, sample.path)  # raises, naming sample, key and value
 
 
 def verified(splits: DatasetSplits, cfg: DataConfig) -> tuple[DatasetSplits, list[str]]:
@@ -184,8 +212,11 @@ def unlabelled_samples(cfg: DataConfig, held_out: list[Sample]) -> tuple[list[Sa
         samples = [Sample(str(p), UNLABELLED) for p in list_image_files(folder)]
     if not samples:
         raise DataError(f"data.unlabelled: no images found in {spec}")
-    held = {same_path(s.path) for s in held_out}
-    shared = [s.path for s in samples if same_path(s.path) in held]
+    # The same file under another name, or the same bytes, counts as the same image.
+    paths = [s.path for s in held_out] + [s.path for s in samples]
+    keys = file_keys(paths, ["held"] * len(held_out) + ["unlabelled"] * len(samples))
+    held = {keys[s.path] for s in held_out}
+    shared = [s.path for s in samples if keys[s.path] in held]
     if shared:
         raise DataError(
             f"data.unlabelled: {len(shared)} image(s) are also in the val or test split "

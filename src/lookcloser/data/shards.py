@@ -25,6 +25,7 @@ import re
 import tarfile
 import urllib.parse
 import urllib.request
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,8 +38,10 @@ from PIL import Image
 from lookcloser.data.images import DEFAULT_MAX_PIXELS, decode_bytes, load_image
 from lookcloser.data.info import count_summary
 from lookcloser.data.meta import meta_tensors
+from lookcloser.data.samples import root_folder
 from lookcloser.data.sources import DatasetSplits, numeric_meta_keys
 from lookcloser.errors import BadImageError, DataError
+from lookcloser.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ def pack_shards(
     max_side: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable[[str, int, int], None] | None = None,
+    root: str | Path | None = None,
 ) -> list[Path]:
     """Write `{train,val,test}-NNNNNN.tar` shards of `shard_size` samples and `dataset.json`.
 
@@ -69,7 +73,11 @@ def pack_shards(
     Image bytes are copied as they are, or with `reencode` decoded and saved as JPEG
     (`quality`, longest side at most `max_side`). Training samples are shuffled (seeded) so
     that a small shuffle buffer suffices when streaming. Each shard is written to a
-    `.partial` name and renamed when complete; `dataset.json` is written last.
+    temporary name beside it and renamed when complete; `dataset.json` is written last.
+
+    Each sample's record keeps the file it came from (`source`) and its path relative to
+    `root`, the source's data.root (`path`; default: the folder all samples share), so that
+    runs on the shards and runs on the files compare image by image.
     """
     if shard_size < 1:
         raise DataError(f"--shard-size: expected a positive number of samples, got {shard_size}")
@@ -77,11 +85,16 @@ def pack_shards(
     out.mkdir(parents=True, exist_ok=True)
     if (out / INDEX_NAME).exists() or any(out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar")):
         raise DataError(f"{out}: already holds shards; choose an empty folder")
+    every = [s.path for part in (splits.train, splits.val, splits.test) for s in part]
+    base = _packed_root(root, every)
     index: dict[str, Any] = {
         "format": FORMAT,
         "name": splits.name,
         "classes": list(splits.classes),
         "annotations": list(splits.annotations),
+        # What each record's `path` is relative to, and whether images were re-encoded.
+        "root": base,
+        "reencoded": bool(reencode),
         "splits": {},
     }
     written: list[Path] = []
@@ -103,6 +116,7 @@ def pack_shards(
                 quality,
                 max_side,
                 max_pixels,
+                base,
             )
             names.append(path.name)
             counts.append(len(chunk))
@@ -117,9 +131,7 @@ def pack_shards(
             "shard_counts": counts,
             "class_counts": [class_counts.get(i, 0) for i in range(len(splits.classes))],
         }
-    tmp = out / f"{INDEX_NAME}.partial"
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, out / INDEX_NAME)
+    atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
     return written
 
 
@@ -132,26 +144,44 @@ def _write_shard(
     quality: int,
     max_side: int | None,
     max_pixels: int,
+    base: str,
 ) -> None:
-    partial = path.with_name(path.name + ".partial")
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i, sample in items:
+            key = f"{split}_{i:09d}"
+            ext, data = _image_bytes(sample.path, reencode, quality, max_side, max_pixels)
+            record = {
+                "label": sample.label,
+                "class": classes[sample.label],
+                "source": str(sample.path),
+                "path": _relative(sample.path, base),
+                "meta": sample.meta,
+            }
+            _add(tar, f"{key}.{ext}", data)
+            _add(tar, f"{key}.cls", str(sample.label).encode())
+            _add(tar, f"{key}.json", json.dumps(record, default=_jsonable).encode())
+
+
+def _packed_root(root: str | Path | None, paths: list[str]) -> str:
+    """The absolute folder that records' `path` is relative to: the source's root folder, else
+    the folder every sample shares ("" if none)."""
+    if root:
+        return os.path.abspath(root_folder(root))
     try:
-        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
-            for i, sample in items:
-                key = f"{split}_{i:09d}"
-                ext, data = _image_bytes(sample.path, reencode, quality, max_side, max_pixels)
-                record = {
-                    "label": sample.label,
-                    "class": classes[sample.label],
-                    "source": str(sample.path),
-                    "meta": sample.meta,
-                }
-                _add(tar, f"{key}.{ext}", data)
-                _add(tar, f"{key}.cls", str(sample.label).encode())
-                _add(tar, f"{key}.json", json.dumps(record, default=_jsonable).encode())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        common = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else ""
+    except ValueError:  # paths on different drives
+        return ""
+    return os.path.dirname(common) if len(paths) == 1 else common
+
+
+def _relative(path: str, base: str) -> str:
+    """`path` relative to `base`, '/'-separated; its absolute path where it is not under it."""
+    full = os.path.abspath(path)
+    if base:
+        relative = os.path.relpath(full, base)
+        if relative != ".." and not relative.startswith(".." + os.sep):
+            return relative.replace(os.sep, "/")
+    return full
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -199,6 +229,14 @@ class ShardIndex:
     class_counts: dict[str, list[int]] = field(default_factory=dict)
     # Numeric meta keys of the training split (what `data.meta_keys` may declare).
     meta_keys: list[str] = field(default_factory=list)
+    # Samples per shard URL as dataset.json records them (checked while streaming).
+    shard_counts: dict[str, int] = field(default_factory=dict)
+    # Where the index was read from, for messages.
+    index_url: str = ""
+    # The folder the records' relative `path`s start from ("": packed before they were kept).
+    root: str = ""
+    # Whether the images were re-encoded when packed (None: not recorded).
+    reencoded: bool | None = None
 
 
 def open_shards(root: str) -> ShardIndex:
@@ -221,32 +259,93 @@ def open_shards(root: str) -> ShardIndex:
             raw = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError) as err:
         raise DataError(f"data.root: cannot read the shard index {index_url} ({err})") from None
-    if raw.get("format") != FORMAT:
-        raise DataError(f"{index_url}: not a lookcloser shard index (format {raw.get('format')!r})")
-    urls, counts, class_counts = {}, {}, {}
-    for split, entry in raw["splits"].items():
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else None
+        raise DataError(f"{index_url}: not a lookcloser shard index (format {found!r})")
+    classes, entries = _checked_index(raw, index_url)
+    urls, counts, class_counts, shard_counts = {}, {}, {}, {}
+    for split, entry in entries.items():
         urls[split] = [f"{base}/{name}" for name in entry["shards"]]
         counts[split] = entry["count"]
         class_counts[split] = entry.get("class_counts", [])
+        shard_counts.update(zip(urls[split], entry["shard_counts"], strict=True))
     if is_pattern:
         chosen = expand_urls(root)
         if not chosen:
             raise DataError(f"data.root: the pattern {root} matches no shard")
-        per_shard = dict(zip(urls["train"], raw["splits"]["train"]["shard_counts"], strict=True))
         urls["train"] = chosen
-        known = all(u in per_shard for u in chosen)
-        counts["train"] = sum(per_shard[u] for u in chosen) if known else None
+        known = all(u in shard_counts for u in chosen)
+        counts["train"] = sum(shard_counts[u] for u in chosen) if known else None
         class_counts["train"] = []
-    meta_keys = raw["splits"].get("train", {}).get("meta_keys", [])
+    _check_local_shards(urls, index_url)
+    meta_keys = entries.get("train", {}).get("meta_keys", [])
     return ShardIndex(
-        raw["classes"],
+        classes,
         urls,
         counts,
         raw.get("name", ""),
         raw.get("annotations", []),
         class_counts,
         meta_keys,
+        shard_counts,
+        index_url,
+        raw.get("root") if isinstance(raw.get("root"), str) else "",
+        raw.get("reencoded") if isinstance(raw.get("reencoded"), bool) else None,
     )
+
+
+def _checked_index(raw: dict, index_url: str) -> tuple[list[str], dict[str, dict]]:
+    """The classes and split entries of a dataset.json, each field checked (DataError naming
+    the file, the key and what is wrong), the count against the per-shard counts."""
+    classes, splits = raw.get("classes"), raw.get("splits")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{index_url}: 'classes' must be a list of class names")
+    if not isinstance(splits, dict) or not splits:
+        raise DataError(f"{index_url}: 'splits' must map split names to their shards")
+    for split, entry in splits.items():
+        where = f"{index_url}: splits.{split}"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected an object with count, shards and shard_counts")
+        count, shards, per_shard = (
+            entry.get("count"),
+            entry.get("shards"),
+            entry.get("shard_counts"),
+        )
+        if not isinstance(shards, list) or not all(isinstance(n, str) for n in shards):
+            raise DataError(f"{where}.shards: expected a list of shard file names")
+        if not _is_count(count):
+            raise DataError(f"{where}.count: expected a number of samples, got {count!r}")
+        if (
+            not isinstance(per_shard, list)
+            or len(per_shard) != len(shards)
+            or not all(_is_count(n) for n in per_shard)
+        ):
+            raise DataError(
+                f"{where}.shard_counts: expected one number of samples per shard "
+                f"({len(shards)}), got {per_shard!r}"
+            )
+        if sum(per_shard) != count:
+            raise DataError(
+                f"{where}: count is {count}, but its shards hold {sum(per_shard)} samples "
+                "(shard_counts); the index does not match its shards"
+            )
+    return classes, splits
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_local_shards(urls: dict[str, list[str]], index_url: str) -> None:
+    """DataError naming the shards the index lists that are not on disk (URLs are not probed)."""
+    missing = [
+        u for names in urls.values() for u in names if not _is_url(u) and not os.path.isfile(u)
+    ]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DataError(
+            f"{index_url}: {len(missing)} listed shard(s) missing: {', '.join(missing[:3])}{more}"
+        )
 
 
 def shard_info(index: ShardIndex) -> dict[str, Any]:
@@ -318,7 +417,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     Yields `(image, label)`; with `meta_keys`, `(image, label, meta values, meta mask)` like
     the in-memory `ImageDataset` (K floats, 0 where missing, and K booleans); with
     `with_meta`, `(image, label, meta dict)`. `image` is the RGB PIL image passed through
-    `transform`.
+    `transform`. With `with_name`, each tuple ends with the sample's name (`sample_name`).
 
     With `training` (the default) the shard order is reshuffled each epoch (`set_epoch`,
     shared with running DataLoader workers), samples pass a shuffle buffer of
@@ -341,10 +440,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
         batch_size: int | None = None,
         meta_keys: list[str] | None = None,
         with_meta: bool = False,
+        with_name: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         on_bad_image: str = "error",
         rank: int | None = None,
         world_size: int | None = None,
+        shard_counts: dict[str, int] | None = None,
+        num_classes: int | None = None,
+        index_url: str = INDEX_NAME,
     ):
         super().__init__()
         if not urls:
@@ -360,9 +463,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.batch_size = batch_size
         self.meta_keys = list(meta_keys) if meta_keys is not None else None
         self.with_meta = with_meta
+        self.with_name = with_name
         self.max_pixels = max_pixels
         self.on_bad_image = on_bad_image
         self.rank, self.world_size = rank, world_size
+        # What the index says each shard holds, checked as each shard is read to its end.
+        self.shard_counts = dict(shard_counts or {})
+        self.num_classes = num_classes
+        self.index_url = index_url
         # Shared memory, so persistent DataLoader workers see set_epoch from the main process.
         self._epoch = multiprocessing.RawValue("q", 0)
 
@@ -372,6 +480,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if split not in index.urls:
             raise DataError(f"shard index has no {split!r} split; has {sorted(index.urls)}")
         kwargs.setdefault("training", split == "train")
+        kwargs.setdefault("shard_counts", index.shard_counts)
+        kwargs.setdefault("num_classes", len(index.classes))
+        kwargs.setdefault("index_url", index.index_url or INDEX_NAME)
         return cls(index.urls[split], num_samples=index.counts.get(split), **kwargs)
 
     @property
@@ -397,6 +508,23 @@ class ShardDataset(torch.utils.data.IterableDataset):
             return self.num_samples
         units, unit = self._units(world)
         return units * unit
+
+    def batch_count(self, batch_size: int, workers: int) -> int | None:
+        """How many batches a DataLoader with `workers` workers makes of this evaluation
+        stream (None when not known in advance: training, DDP, or a shard without a count).
+        Each worker batches its own share, so the partial batches add up: 8 images in 2
+        shards read by 2 workers are 2 batches, not the len(DataLoader) of 1."""
+        rank, world = rank_and_world(self.rank, self.world_size)
+        if self.training or world > 1 or any(u not in self.shard_counts for u in self.urls):
+            return None
+        readers = max(workers, 1)
+        shards, stride, offset = _split(list(self.urls), 1, 0, rank, world)
+        total = 0
+        for worker in range(readers):
+            mine, step, first = _split(shards, stride, offset, worker, readers)
+            samples = len(range(first, sum(self.shard_counts[u] for u in mine), step))
+            total += -(-samples // batch_size)
+        return total
 
     def __iter__(self) -> Iterator[tuple]:
         rank, world = rank_and_world(self.rank, self.world_size)
@@ -438,29 +566,40 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _pass(self, shards: list[str], stride: int, offset: int) -> Iterator[dict[str, Any]]:
         position = 0
         for url in shards:
+            found = 0
             for sample in iter_tar_samples(url):
                 if position % stride == offset:
                     yield sample
                 position += 1
+                found += 1
+            expected = self.shard_counts.get(url)
+            if expected is not None and found != expected:
+                # A count that does not match would make training cycle or cut the data while
+                # recording the wrong number of samples.
+                raise DataError(
+                    f"{url}: holds {found} samples, but {self.index_url} records {expected}; "
+                    "the index does not match its shards (pack them again)"
+                )
 
     def _decoded(self, stream: Iterator[dict[str, Any]]) -> Iterator[tuple]:
         for sample in stream:
             try:
-                image, label, meta = decode_sample(sample, self.max_pixels)
+                image, label, meta = decode_sample(sample, self.max_pixels, self.num_classes)
             except BadImageError as err:
                 if self.on_bad_image != "skip":
                     raise
-                log.warning("skipping bad image in shard: %s", err)
+                log.warning("data.on_bad_image=skip: skipping %s", err)
                 continue
             if self.transform is not None:
                 image = self.transform(image)
             if self.meta_keys is not None:
-                values, mask = meta_tensors([meta], self.meta_keys, [sample["__key__"]])
-                yield image, label, values[0], mask[0]
+                values, mask = meta_tensors([meta], self.meta_keys, [_where(sample)])
+                item: tuple = (image, label, values[0], mask[0])
             elif self.with_meta:
-                yield image, label, meta
+                item = (image, label, meta)
             else:
-                yield image, label
+                item = (image, label)
+            yield (*item, sample_name(sample)) if self.with_name else item
 
 
 def _shuffled(stream: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -477,40 +616,120 @@ def _shuffled(stream: Iterator[dict], size: int, rng: random.Random) -> Iterator
 
 
 def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Samples of one WebDataset tar, in order: dicts of extension -> bytes, plus `__key__`."""
+    """Samples of one WebDataset tar, in order: dicts of extension -> bytes, plus `__key__`
+    and `__url__` (the shard). A shard that cannot be opened or read is a DataError naming
+    it and the last sample read."""
     try:
         stream = _open_stream(url)
     except OSError as err:
         raise DataError(f"{url}: cannot open shard ({err})") from None
     current: dict[str, Any] = {}
-    with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+    last = "its first sample"
+    with stream:
         try:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, base = member.name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                key = f"{folder}/{stem}" if folder else stem
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
-                current["__key__"] = key
-                current[ext.lower()] = tar.extractfile(member).read()
-                tar.members = []  # streaming: keep no history
-        except (tarfile.TarError, OSError) as err:
-            raise DataError(f"{url}: corrupt or truncated shard ({err})") from None
+            tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (closed below)
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise DataError(f"{url}: not a readable tar shard ({err})") from None
+        with tar:
+            try:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, base = member.name.rpartition("/")
+                    stem, _, ext = base.partition(".")
+                    key = f"{folder}/{stem}" if folder else stem
+                    if current and current["__key__"] != key:
+                        last = f"sample {current['__key__']}"
+                        yield current
+                        current = {}
+                    current["__key__"], current["__url__"] = key, url
+                    current[ext.lower()] = tar.extractfile(member).read()
+                    tar.members = []  # streaming: keep no history
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+                at = f"in sample {current['__key__']}" if current else f"after {last}"
+                raise DataError(f"{url}: corrupt or truncated shard ({at}: {err})") from None
     if current:
         yield current
 
 
-def decode_sample(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple:
-    """(RGB image, label, meta) of one streamed sample; BadImageError for undecodable images."""
-    key = sample["__key__"]
+def _record(sample: dict[str, Any]) -> dict[str, Any]:
+    try:
+        record = json.loads(sample["json"]) if "json" in sample else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def sample_name(sample: dict[str, Any]) -> str:
+    """The name a streamed sample is known by: its record's `path` (relative to the packed
+    root), else the file it was packed from (`source`), else `<shard>#<key>`."""
+    record = _record(sample)
+    for field_name in ("path", "source"):
+        if isinstance(record.get(field_name), str) and record[field_name]:
+            return record[field_name]
+    return f"{sample.get('__url__', '')}#{sample['__key__']}"
+
+
+@dataclass
+class ShardRecord:
+    """One packed sample as its shard lists it, without decoding the image."""
+
+    name: str  # sample_name
+    label: int | None  # None: no valid .cls
+    url: str
+    key: str
+    recorded: bool  # `name` is the packer's relative path (not a source file or a key)
+    digest: str  # sha256 of the image bytes ("" without an image)
+
+
+def shard_records(index: ShardIndex, split: str) -> Iterator[ShardRecord]:
+    """The samples of one split in shard order, read from their .cls and .json files (the
+    image bytes are hashed, not decoded): a listing as cheap as reading the shards once."""
+    import hashlib
+
+    for url in index.urls.get(split, []):
+        for sample in iter_tar_samples(url):
+            text = sample.get("cls", b"").decode("utf-8", "replace").strip()
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            yield ShardRecord(
+                sample_name(sample),
+                int(text) if re.fullmatch(r"[0-9]+", text) else None,
+                url,
+                sample["__key__"],
+                isinstance(_record(sample).get("path"), str),
+                hashlib.sha256(sample[ext]).hexdigest() if ext else "",
+            )
+
+
+def _where(sample: dict[str, Any]) -> str:
+    url = sample.get("__url__")
+    return f"{url}: sample {sample['__key__']}" if url else f"shard sample {sample['__key__']}"
+
+
+def decode_sample(
+    sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS, num_classes: int | None = None
+) -> tuple:
+    """(RGB image, label, meta) of one streamed sample; BadImageError for undecodable images,
+    DataError naming the shard and sample for a missing or invalid label or record."""
+    key, where = sample["__key__"], _where(sample)
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        raise DataError(f"shard sample {key}: no image file ({', '.join(IMAGE_EXTS)})")
+        raise DataError(f"{where}: no image file ({', '.join(IMAGE_EXTS)})")
     if "cls" not in sample:
-        raise DataError(f"shard sample {key}: no .cls label file")
-    image, _ = decode_bytes(f"{key}.{ext}", sample[ext], max_pixels)
-    record = json.loads(sample["json"]) if "json" in sample else {}
-    return image, int(sample["cls"]), record.get("meta", {})
+        raise DataError(f"{where}: no .cls label file")
+    text = sample["cls"].decode("utf-8", "replace").strip()
+    label = int(text) if re.fullmatch(r"[0-9]+", text) else None
+    if label is None or (num_classes is not None and label >= num_classes):
+        valid = f"0..{num_classes - 1}" if num_classes else "a non-negative integer"
+        raise DataError(f"{where}: {key}.cls must be a class index ({valid}), got {text[:40]!r}")
+    try:
+        record = json.loads(sample["json"]) if "json" in sample else {}
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{where}: {key}.json is not valid JSON ({err})") from None
+    meta = record.get("meta", {}) if isinstance(record, dict) else None
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: {key}.json: 'meta' must be an object")
+    url = sample.get("__url__")
+    name = f"{url} ({key}.{ext})" if url else f"{key}.{ext}"
+    image, _ = decode_bytes(name, sample[ext], max_pixels)
+    return image, label, meta

@@ -54,8 +54,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lookcloser.config import DataConfig
-from lookcloser.data.sources import DatasetSplits, Sample, imagefolder, register_source
+from lookcloser.data.local_sources import imagefolder
+from lookcloser.data.samples import DatasetSplits, Sample, register_source
 from lookcloser.errors import DataError
+from lookcloser.fileio import atomic_write_text
 
 MARKS = ("dot", "ring", "bar", "cross", "triangle")
 SLOTS = ("head", "wing", "tail")
@@ -354,10 +356,9 @@ def generate(
     # the output byte-identical.
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         list(pool.map(write, jobs))
-    # Written last and atomically: its presence means the tree is complete.
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / META_FILE)
+    # Written last and atomically: its presence means the tree is complete. (The images go
+    # straight into folders made fresh above: a tree without this file is redone whole.)
+    atomic_write_text(out / META_FILE, json.dumps(params, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -392,8 +393,9 @@ def _clear_previous(out: Path) -> None:
                 f"(e.g. {entry.name}); choose an empty or new directory for data.root"
             )
     # Metadata first: if removal is interrupted, the leftover is still an incomplete tree.
-    for name in (META_FILE, META_FILE + ".tmp"):
-        (out / name).unlink(missing_ok=True)
+    for entry in out.iterdir():
+        if entry.name == META_FILE or _is_temp(entry.name, META_FILE):
+            entry.unlink()
     for split in SPLITS:
         if (out / split).exists():
             shutil.rmtree(out / split)
@@ -407,12 +409,17 @@ _CLASS_DIR = re.compile(rf"c\d{{2,}}_({_MARK_NAME})(-({_MARK_NAME}))*")
 _IMAGE_FILE = re.compile(r"\d{4,}\.png")
 
 
+def _is_temp(name: str, base: str) -> bool:
+    """A temporary file of `base` left by a killed write (fileio's, or an older version's)."""
+    return name == f"{base}.tmp" or (name.startswith(f".{base}.") and name.endswith(".tmp"))
+
+
 def _is_synthetic_entry(entry: Path) -> bool:
     """Whether a top-level entry looks like part of a synthetic tree written by `generate`.
 
     Names are checked, not just extensions, so a user's own folder of PNGs is never deleted.
     """
-    if entry.name in (META_FILE, META_FILE + ".tmp"):
+    if entry.name == META_FILE or _is_temp(entry.name, META_FILE):
         return entry.is_file()
     if entry.name == UNLABELLED_DIR:
         return _is_unlabelled_set(entry)
@@ -511,9 +518,9 @@ def generate_unlabelled(
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         list(pool.map(write, jobs))
-    tmp = out / (UNLABELLED_META + ".tmp")
-    tmp.write_text(json.dumps({"params": params, "images": truth}, indent=1) + "\n")
-    os.replace(tmp, out / UNLABELLED_META)
+    atomic_write_text(
+        out / UNLABELLED_META, json.dumps({"params": params, "images": truth}, indent=1) + "\n"
+    )
     return out
 
 
@@ -540,11 +547,14 @@ def _is_unlabelled_set(folder: Path) -> bool:
     """Whether a folder holds only what `generate_unlabelled` writes."""
     if not folder.is_dir() or folder.is_symlink():
         return False
-    names = (UNLABELLED_META, UNLABELLED_META + ".tmp")
     return all(
         f.is_file()
         and not f.is_symlink()
-        and (f.name in names or _UNLABELLED_FILE.fullmatch(f.name))
+        and (
+            f.name == UNLABELLED_META
+            or _is_temp(f.name, UNLABELLED_META)
+            or _UNLABELLED_FILE.fullmatch(f.name)
+        )
         for f in folder.iterdir()
     )
 

@@ -6,18 +6,26 @@ Tensors stay in [0, 1]: each backbone normalizes inside the model, so every cons
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+from PIL import Image
 from timm.data import create_transform
 from torch import Tensor
 
 from lookcloser.config import DataConfig
 
 IDENTITY_NORM = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+# The evaluation resize brings the shorter side to R = image_size / crop_pct and keeps the
+# aspect ratio: a W:1 image becomes R x W*R pixels (a 1 x 2,000,000 strip, 256 x 512M). The
+# longer side is first cut, centred, to this many times the shorter: the centre crop lies well
+# inside the band, and no resized image holds more than MAX_RESIZE_ASPECT * R^2 pixels.
+# Files beyond data/images.MAX_ASPECT_RATIO are refused when decoded; this bounds the rest.
+MAX_RESIZE_ASPECT = 4.0
 # timm's RandomErasing modes for the fills it has.
 TIMM_ERASING_MODES = {"zero": "const", "noise": "pixel"}
 
@@ -75,15 +83,40 @@ class MeanErasing(torch.nn.Module):
         return TF.erase(image, top, left, h, w, value)
 
 
+class CentralBand:
+    """Cut the longer side of a PIL image, centred, to at most `max_ratio` times the shorter
+    side (images within the ratio pass unchanged), so a later shorter-side resize is bounded."""
+
+    def __init__(self, max_ratio: float = MAX_RESIZE_ASPECT):
+        self.max_ratio = max_ratio
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        short = min(width, height)
+        keep = math.ceil(short * self.max_ratio)
+        if max(width, height) <= keep:
+            return image
+        if width > height:
+            left = (width - keep) // 2
+            return image.crop((left, 0, left + keep, height))
+        top = (height - keep) // 2
+        return image.crop((0, top, width, top + keep))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(max_ratio={self.max_ratio})"
+
+
 def eval_transform(image_size: int, crop_pct: float, interpolation: str = "bicubic") -> Callable:
-    """Resize to image_size / crop_pct, then centre-crop image_size."""
-    return create_transform(
+    """Resize to image_size / crop_pct, then centre-crop image_size (timm's), with the longer
+    side first bounded by CentralBand."""
+    transform = create_transform(
         input_size=image_size,
         is_training=False,
         crop_pct=crop_pct,
         interpolation=interpolation,
         **IDENTITY_NORM,
     )
+    return T.Compose([CentralBand(), *transform.transforms])
 
 
 class TwoViews:

@@ -169,8 +169,7 @@ class _Batches(L.LightningDataModule):
             length=batches * size,
         )
         if epoch is not None:
-            self.unlabelled_sampler.set_epoch(epoch)
-            self.unlabelled_sampler.skip = skip * size
+            self.unlabelled_sampler.resume_at(epoch, skip * size)
         unlabelled = self._loader(self.unlabelled_set, self.unlabelled_sampler, size)
         # Equal lengths by construction. "min_size" ends the epoch when both are exhausted
         # without restarting either ("max_size_cycle" would re-open the labelled loader for
@@ -246,8 +245,7 @@ class FGVCDataModule(_Batches):
         epoch, skip = None, 0
         if self._resume is not None:
             epoch, skip = self._resume
-            self.sampler.set_epoch(epoch)
-            self.sampler.skip = skip * self.batch_size
+            self.sampler.resume_at(epoch, skip * self.batch_size)
             self._resume = None
         drop = drops_last(len(self.sampler), self.batch_size)
         labelled = self._loader(self.train_set, self.sampler, drop_last=drop)

@@ -62,7 +62,8 @@ class FGVCSystem(L.LightningModule):
 
             self.ema = ModelEmaV3(method, decay=ema_decay)
         self.val_top1 = MulticlassAccuracy(num_classes=method.num_classes, average="micro")
-        self.batches_done = 0
+        self.batches_done = 0  # this epoch's training batches, those before a resume included
+        self._resumed_position: tuple[int, int] | None = None
         # optim.stages (one stage of `epochs` if none): what each span of epochs freezes.
         self.stages = resolve_stages(optim, epochs, freeze_norm)
         self.freezer = Freezer(method)
@@ -107,7 +108,9 @@ class FGVCSystem(L.LightningModule):
                 on_epoch=True,
                 batch_size=len(batch),
             )
-        self.batches_done = batch_idx + 1
+        # Counted here, not taken from batch_idx: after a second mid-epoch restart Lightning's
+        # batch_idx starts again at 0 while the sampler skipped what earlier runs trained on.
+        self.batches_done += 1
         return losses["loss"]
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -128,7 +131,10 @@ class FGVCSystem(L.LightningModule):
             self.semi.end_epoch(self.current_epoch)
 
     def on_train_epoch_start(self) -> None:
-        self.batches_done = 0
+        # A mid-epoch resume continues its epoch's count (if Lightning calls this hook then).
+        resumed, self._resumed_position = self._resumed_position, None
+        same = resumed is not None and resumed[0] == self.current_epoch
+        self.batches_done = resumed[1] if same else 0
         self._enter_stage()
         # Lightning calls set_epoch on samplers only; streamed (iterable) data needs it too.
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -183,6 +189,8 @@ class FGVCSystem(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if not position or not position["batches_done"] or position.get("epoch_finished"):
             return
+        self.batches_done = position["batches_done"]
+        self._resumed_position = (position["epoch"], position["batches_done"])
         if hasattr(datamodule, "resume_at"):
             datamodule.resume_at(position["epoch"], position["batches_done"])
 

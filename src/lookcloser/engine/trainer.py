@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lookcloser.config import Config
-from lookcloser.engine.checkpoint import RunCheckpoints
+from lookcloser.engine.checkpoint import AtomicCheckpointIO, RunCheckpoints
 from lookcloser.engine.threads import CPUThreads
 
 
@@ -40,16 +40,20 @@ def build_trainer(
     has_val: bool = True,
     callbacks: list | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    data_record: dict | None = None,
 ) -> L.Trainer:
     """A Trainer writing checkpoints and CSV + TensorBoard logs under `run_dir`.
 
-    `on_checkpoint(path)` is called (on rank 0) after every checkpoint is written.
+    `on_checkpoint(path)` is called (on rank 0) after every checkpoint is written;
+    `data_record` (`engine.checkpoint.data_record`) is stored in every checkpoint.
     """
     # Lightning's info lines (available accelerators, tips) are noise in a CLI; warnings stay.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     t = cfg.trainer
     callbacks = list(callbacks or []) + [
-        RunCheckpoints(run_dir / "checkpoints", t.checkpoint_every_n_steps, on_checkpoint),
+        RunCheckpoints(
+            run_dir / "checkpoints", t.checkpoint_every_n_steps, on_checkpoint, data_record
+        ),
         CPUThreads(_fixed_threads(t.cpu_threads, t.deterministic)),
     ]
     if progress and t.progress == "rich":
@@ -78,6 +82,8 @@ def build_trainer(
             TensorBoardLogger(run_dir, name="logs", version="tensorboard"),
         ],
         callbacks=callbacks,
+        # Checkpoints written beside their target and moved into place (never via $TMPDIR).
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress and t.progress != "none",
         enable_model_summary=False,
         use_distributed_sampler=False,  # the EpochSampler splits data across ranks itself

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import stat
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,10 +13,28 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from lookcloser.fileio import atomic_path, safe_name
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 CMAP = "jet"  # the overlay's colormap; the figure's colour bar uses the same one
+# PNG text chunk naming the image an explanation was made from (its resolved path).
+INPUT_KEY = "lookcloser.input"
+
+
+def literal_text(draw):
+    """Run a figure-drawing function with mathtext off: class names, labels and paths are data,
+    and a `$` in one is a dollar sign (an unbalanced `$x^{$` would fail the whole figure)."""
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        import matplotlib as mpl
+
+        with mpl.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return wrapper
 
 
 def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Image.Image:
@@ -36,6 +58,7 @@ def explanation_title(explanation, map_name: str | None = None) -> str:
     return title
 
 
+@literal_text
 def explanation_figure(explanation, map_name: str | None = None) -> Figure:
     """Input view, overlay and a 0-1 colour bar under a title naming the class and probability.
 
@@ -86,17 +109,58 @@ def explanation_figure(explanation, map_name: str | None = None) -> Figure:
 
 
 def save_explanation(
-    explanation, out: str | Path, scale: int = 2, map_name: str | None = None
+    explanation,
+    out: str | Path,
+    scale: int = 2,
+    map_name: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write the explanation figure (view, overlay, colour bar, class and probability) as a PNG.
 
-    `scale` sets the resolution: 75 dpi per step (the default 2 gives 150 dpi).
+    `scale` sets the resolution: 75 dpi per step (the default 2 gives 150 dpi); `metadata`:
+    PNG text chunks (e.g. the input image's path).
     """
     fig = explanation_figure(explanation, map_name)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.savefig(out, dpi=75 * max(1, scale), facecolor="white")
+        # Beside `out`, then moved over it: a link at `out` is replaced, never written through.
+        with atomic_path(out) as tmp:
+            fig.savefig(
+                tmp, format="png", dpi=75 * max(1, scale), facecolor="white", metadata=metadata
+            )
     finally:
         fig.clear()
     return out
+
+
+def explained_input(image: str | Path) -> str:
+    """What an explanation PNG records of its input: the resolved path, as printable text."""
+    # backslashreplace: a file name that is not valid UTF-8 still gives one stable text.
+    return str(Path(image).resolve()).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def recorded_input(png: Path) -> str | None:
+    """The input an explanation PNG records; None when there is no such regular PNG file."""
+    try:
+        # lstat: a link (or a FIFO, a device) is never opened, only replaced.
+        if not stat.S_ISREG(os.lstat(png).st_mode):
+            return None
+        with Image.open(png) as picture:  # reads the header chunks only, never the pixels
+            value = picture.info.get(INPUT_KEY)
+    except Exception:  # missing, unreadable, not a PNG: nothing recorded
+        return None
+    return value if isinstance(value, str) else None
+
+
+def default_explanation_path(folder: str | Path, image: str | Path, name: str) -> Path:
+    """`folder/<name>.png`, unless that file explains another image: then
+    `folder/<name>-<8 hex digits of the image's resolved path>.png` (the same on every run)."""
+    folder = Path(folder)
+    name = safe_name(name, 200)
+    mine = explained_input(image)
+    plain = folder / f"{name}.png"
+    if recorded_input(plain) in (None, mine):
+        return plain
+    digest = hashlib.sha256(mine.encode("utf-8")).hexdigest()[:8]
+    return folder / f"{name}-{digest}.png"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lookcloser.errors import LookcloserError
+from lookcloser.fileio import atomic_path
 
 
 class _Logits(nn.Module):
@@ -21,6 +22,17 @@ class _Logits(nn.Module):
 
     def forward(self, images: torch.Tensor, *meta: torch.Tensor) -> torch.Tensor:
         return self.method(images, *meta)
+
+
+class _LogitsAndEmbedding(_Logits):
+    """Logits and the L2-normalised embedding (the decision classifier's input,
+    lookalikes.embed) from one forward."""
+
+    def forward(self, images: torch.Tensor, *meta: torch.Tensor):
+        from lookcloser.models.embedding import method_logits_and_features
+
+        logits, features, _, _ = method_logits_and_features(self.method, images, *meta)
+        return logits, torch.nn.functional.normalize(features, dim=1)
 
 
 def example_inputs(predictor, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -40,12 +52,15 @@ def input_names(predictor) -> list[str]:
     return ["images", "meta", "meta_mask"] if predictor.meta_keys else ["images"]
 
 
-def export_onnx(predictor, out: str | Path, opset: int = 18, dynamo: bool = False) -> Path:
+def export_onnx(
+    predictor, out: str | Path, opset: int = 18, dynamo: bool = False, embedding: bool = False
+) -> Path:
     """Write the Predictor's graph to an ONNX file.
 
     Inputs: `images` (N x 3 x S x S, RGB in [0, 1]) and, for a model with metadata, `meta`
     (N x K float32, 0 where missing) and `meta_mask` (N x K bool, True where present) in the
-    order of model.json's `meta_keys`. Output: `logits` (N x classes).
+    order of model.json's `meta_keys`. Output: `logits` (N x classes); with `embedding`, also
+    `embedding` (N x D, L2-normalised: the feature the class decision reads).
 
     `dynamo=True` traces with torch.export, which knows every size but the batch: "same"
     padding (TF-ported EfficientNets) becomes constant instead of a Shape -> Pad subgraph,
@@ -53,42 +68,44 @@ def export_onnx(predictor, out: str | Path, opset: int = 18, dynamo: bool = Fals
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = _Logits(predictor.method).eval().cpu()
+    model = (_LogitsAndEmbedding if embedding else _Logits)(predictor.method).eval().cpu()
     names = input_names(predictor)
-    tmp = out.with_name(f".{out.name}.tmp")
+    outputs = ["logits", "embedding"] if embedding else ["logits"]
     inputs = example_inputs(predictor, 2)
-    with warnings.catch_warnings():
+    # Written beside `out` and moved over it: never half a file, never through a link.
+    with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if dynamo:
-            batch = torch.export.Dim("batch", min=1)
-            program = torch.onnx.export(
-                model,
-                inputs,
-                input_names=names,
-                output_names=["logits"],
-                # images, then the *meta varargs as one tuple (torch.export's structure)
-                dynamic_shapes=(
-                    {0: batch},
-                    *([tuple({0: batch} for _ in inputs[1:])] if len(inputs) > 1 else []),
-                ),
-                opset_version=opset,
-                dynamo=True,
-                verbose=False,
-            )
-            program.save(str(tmp))
-        else:
-            torch.onnx.export(
-                model,
-                inputs,
-                str(tmp),
-                input_names=names,
-                output_names=["logits"],
-                dynamic_axes={name: {0: "batch"} for name in [*names, "logits"]},
-                opset_version=opset,
-                dynamo=False,
-            )
-    tmp.replace(out)
-    predictor.method.to(predictor.device)
+        try:
+            if dynamo:
+                batch = torch.export.Dim("batch", min=1)
+                program = torch.onnx.export(
+                    model,
+                    inputs,
+                    input_names=names,
+                    output_names=outputs,
+                    # images, then the *meta varargs as one tuple (torch.export's structure)
+                    dynamic_shapes=(
+                        {0: batch},
+                        *([tuple({0: batch} for _ in inputs[1:])] if len(inputs) > 1 else []),
+                    ),
+                    opset_version=opset,
+                    dynamo=True,
+                    verbose=False,
+                )
+                program.save(str(tmp))
+            else:
+                torch.onnx.export(
+                    model,
+                    inputs,
+                    str(tmp),
+                    input_names=names,
+                    output_names=outputs,
+                    dynamic_axes={name: {0: "batch"} for name in [*names, *outputs]},
+                    opset_version=opset,
+                    dynamo=False,
+                )
+        finally:
+            predictor.method.to(predictor.device)
     return out
 
 

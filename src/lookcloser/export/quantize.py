@@ -24,6 +24,7 @@ import numpy as np
 from lookcloser.data.sources import Sample
 from lookcloser.errors import ConfigError, DataError, LookcloserError
 from lookcloser.export.onnx import export_onnx, input_names
+from lookcloser.fileio import atomic_path, atomic_write_text
 
 SCHEMES = ("int8",)
 QUANT_FORMATS = ("qdq", "qoperator")
@@ -206,8 +207,15 @@ def quantize_int8(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from lookcloser.modeldir import MODEL_JSON, is_model_dir
+
     settings = (settings or QuantizeSettings()).validate()
     out = Path(out)
+    if out.with_suffix(".json").name == MODEL_JSON and is_model_dir(out.parent):
+        raise ConfigError(
+            f"int8 --out {out}: its sidecar would replace {out.with_suffix('.json')}, the "
+            "model directory's own; choose another file name"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     calib, check, where = image_samples(
         predictor, calibration, settings.calibration_images, settings.check_images, settings.seed
@@ -269,7 +277,8 @@ def quantize_int8(
             agree += int((a.argmax(1) == b.argmax(1)).sum())
             diff = max(diff, float(np.abs(a - b).max()))
         bytes_fp32 = fp32.stat().st_size
-        int8.replace(out)
+        with atomic_path(out) as final:  # fsynced, the user's umask, never through a link
+            int8.replace(final)
     result = QuantizeResult(
         graph=graph,
         path=out,
@@ -288,7 +297,7 @@ def quantize_int8(
 
 
 def _write_sidecar(predictor, result: QuantizeResult) -> None:
-    from lookcloser.modeldir import atomic_write_text, file_sha256
+    from lookcloser.modeldir import file_sha256
 
     info: dict[str, Any] = predictor.info
     record = {

@@ -39,10 +39,9 @@ from torch import Tensor, nn
 
 from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
+from lookcloser.methods.options import ENTRY_POINT_GROUP, REGISTERED_OPTIONS, unknown_method
 from lookcloser.models.backbones import Backbone, BackboneFactory
 from lookcloser.models.heads import HeadSpec
-
-ENTRY_POINT_GROUP = "lookcloser.methods"
 
 
 @dataclass
@@ -325,6 +324,7 @@ METHODS: dict[str, MethodType] = {}
 def register_method(cls: MethodType) -> MethodType:
     """Class decorator: make a method selectable with `method.name=<cls.name>`."""
     METHODS[cls.name] = cls
+    REGISTERED_OPTIONS[cls.name] = cls.Options  # for the config check, which imports no method
     return cls
 
 
@@ -341,13 +341,7 @@ def method_class(name: str, module: str | None = None) -> MethodType:
     if name not in METHODS:
         _load_entry_point(name)
     if name not in METHODS:
-        plugins = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-        available = sorted(set(METHODS) | set(plugins))
-        where = f" (after importing {module!r})" if module else ""
-        raise ConfigError(
-            f"method.name: unknown method {name!r}{where}; available: {', '.join(available)}; "
-            "a method defined elsewhere needs method.module=<its module>"
-        )
+        raise unknown_method(name, METHODS, module)
     return METHODS[name]
 
 

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
 
 from torch import Tensor, nn
 
-from lookcloser.config import ranged
 from lookcloser.data.batch import Batch
 from lookcloser.methods.base import Method, register_method
+from lookcloser.methods.options import BaselineOptions
 from lookcloser.models.backbones import Backbone
 from lookcloser.models.heads import HeadSpec
-
-
-@dataclass
-class BaselineOptions:
-    """Options of the baseline method."""
-
-    label_smoothing: float = ranged(0.1, 0, 1, high_open=True)
-
-    HELP: ClassVar[dict[str, str]] = {"label_smoothing": "label smoothing of the cross-entropy"}
 
 
 @register_method

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method, register_method
+from lookcloser.methods.options import DCLOptions
 from lookcloser.models.backbones import Backbone
 from lookcloser.models.heads import HeadSpec
 from lookcloser.models.modes import eval_mode
@@ -163,68 +163,6 @@ def alignment_map(method: Method, alignment: RegionAlignment, images: Tensor) ->
 
 
 # ---- the training method ----------------------------------------------------------------------
-@dataclass
-class DCLOptions:
-    """Options of DCL; defaults are the paper's (CUB-200-2011 with ResNet-50 at 448 px)."""
-
-    # N: the image is cut into N x N regions (1 = no destruction: the baseline).
-    regions: int = 7
-    # k: a region moves by less than 2k along each axis (0 = no destruction).
-    neighbourhood: int = 2
-    # Destroyed images per original in a batch (1.0 = the paper's 1:1; 0.5 = one for every
-    # second original; 2.0 = two differently destroyed copies of each original).
-    destroy_ratio: float = 1.0
-    alpha: float = 1.0  # weight of the classification loss
-    beta: float = 1.0  # weight of the adversarial loss
-    gamma: float = 1.0  # weight of the alignment loss (paper: 0.01 for cars and aircraft)
-    adversarial_head: Literal["binary", "class_pairs"] = "binary"
-    alignment: AlignmentKind = "coords"
-    label_smoothing: float = 0.0  # on the classification loss only
-
-    HELP: ClassVar[dict[str, str]] = {
-        "regions": "N: images are cut into N x N regions (1 = no destruction)",
-        "neighbourhood": "k: a region moves by less than 2k along each axis",
-        "destroy_ratio": "destroyed images per original in a batch",
-        "alpha": "weight of the classification loss",
-        "beta": "weight of the adversarial (original vs destroyed) loss",
-        "gamma": "weight of the region-alignment loss (paper: 0.01 for cars and aircraft)",
-        "adversarial_head": "binary (paper) or class_pairs (released code)",
-        "alignment": "coords (paper: row, col) or index (released code: flattened index)",
-        "label_smoothing": "label smoothing of the classification loss",
-    }
-
-    def __post_init__(self) -> None:
-        if self.regions < 1:
-            raise ConfigError(f"method.regions: expected an integer >= 1, got {self.regions}")
-        if self.neighbourhood < 0:
-            raise ConfigError(
-                f"method.neighbourhood: expected an integer >= 0, got {self.neighbourhood}"
-            )
-        if self.destroy_ratio < 0:
-            raise ConfigError(
-                f"method.destroy_ratio: expected destroyed images per original >= 0, "
-                f"got {self.destroy_ratio}"
-            )
-        for name in ("alpha", "beta", "gamma"):
-            if getattr(self, name) < 0:
-                raise ConfigError(
-                    f"method.{name}: expected a weight >= 0, got {getattr(self, name)}"
-                )
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(
-                f"method.label_smoothing: expected a value in [0, 1), got {self.label_smoothing}"
-            )
-        if self.adversarial_head not in ("binary", "class_pairs"):
-            raise ConfigError(
-                f"method.adversarial_head: expected 'binary' or 'class_pairs', "
-                f"got {self.adversarial_head!r}"
-            )
-        if self.alignment not in ("coords", "index"):
-            raise ConfigError(
-                f"method.alignment: expected 'coords' or 'index', got {self.alignment!r}"
-            )
-
-
 @register_method
 class DCL(Method):
     """Destruction and Construction Learning: RCM + adversarial + region-alignment losses."""

@@ -27,16 +27,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lookcloser.config import ranged
 from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method, register_method
+from lookcloser.methods.options import DCNOptions
 from lookcloser.methods.ramstrans import draw_boxes
 from lookcloser.methods.tasn import AttentionNet
 from lookcloser.models.backbones import Backbone, BackboneFactory
@@ -133,39 +132,6 @@ def entropy_saliency(vectors: Tensor, top: nn.Linear, head: nn.Module) -> tuple[
 
 
 # ---- the method -------------------------------------------------------------------------------------
-@dataclass
-class DCNOptions:
-    """Options of DCN; the paper's networks are for 60-100 px digits, so sizes are ours."""
-
-    coarse_backbone: str = ""
-    coarse_scale: float = ranged(0.5, 0, 1, low_open=True)
-    coarse_stage: int = ranged(-1, -1, 16)
-    patch_size: int = ranged(32, 8, 1024)
-    glimpses: int = ranged(4, 1, 4096)
-    top_channels: int = ranged(512, 1, 8192)
-    hint_weight: float = ranged(1.0, 0, 100)
-    coarse_weight: float = ranged(0.0, 0, 100)
-    label_smoothing: float = ranged(0.0, 0, 1, high_open=True)
-
-    HELP: ClassVar[dict[str, str]] = {
-        "coarse_backbone": "timm CNN of the coarse network ('' = model.backbone's "
-        "architecture, its own weights)",
-        "coarse_scale": "the coarse network sees the image resized by this factor",
-        "coarse_stage": "take the coarse network's map from this stage (-1: its last; later "
-        "stages are dropped): a cheaper, finer map",
-        "patch_size": "side in pixels of the cells the input is cut into; the fine network "
-        "sees the chosen cells at full resolution (must divide data.image_size)",
-        "glimpses": "k: cells the fine network looks at (the paper's top-k salient patches)",
-        "top_channels": "width of the shared top layers g (a per-cell linear + ReLU before "
-        "the mean and the class head)",
-        "hint_weight": "weight of the hint term (coarse vectors pulled to the fine ones at "
-        "the chosen cells; trains the coarse path only)",
-        "coarse_weight": "weight of a cross-entropy on the coarse prediction (beyond the "
-        "paper, which trains the coarse path through the refined prediction and the hints: 0)",
-        "label_smoothing": "label smoothing of the cross-entropy losses",
-    }
-
-
 @dataclass
 class Glimpses:
     """One pass: coarse vectors (B x N x D), saliency (B x N), chosen cells (B x k), the fine

@@ -36,17 +36,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lookcloser.config import ranged
 from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.explain.cam import normalize_maps
 from lookcloser.methods.base import Method, register_method
+from lookcloser.methods.options import RACNNOptions
 from lookcloser.methods.ramstrans import compose_boxes, draw_boxes, paste
 from lookcloser.models.backbones import Backbone, BackboneFactory
 from lookcloser.models.heads import HeadSpec
@@ -178,60 +178,6 @@ class AttentionProposal(nn.Module):
 
 
 # ---- the method -----------------------------------------------------------------------------------
-@dataclass
-class RACNNOptions:
-    """Options of RA-CNN; where the paper gives no number (step counts, APN sizes), ours."""
-
-    scales: int = ranged(3, 2, 3)
-    margin: float = ranged(0.05, 0, 1)
-    sharpness: float = ranged(10.0, 0, 1000, low_open=True)
-    min_crop: float = ranged(1 / 3, 0.05, 1)
-    response_crop: float = ranged(0.5, 0.05, 1)
-    apn_channels: int = ranged(64, 1, 4096)
-    apn_grid: int = ranged(7, 1, 64)
-    apn_hidden: int = ranged(512, 1, 8192)
-    apn_pretrain_steps: int = ranged(200, 0)
-    apn_pretrain_weight: float = ranged(1.0, 0, 1000)
-    cls_steps: int = ranged(200, 1)
-    apn_steps: int = ranged(100, 1)
-    apn_lr_scale: float | None = None
-    predict_from: PredictFrom = "fusion"
-    label_smoothing: float = ranged(0.0, 0, 1, high_open=True)
-
-    HELP: ClassVar[dict[str, str]] = {
-        "scales": "how many scales (networks) look: 2 or 3 (the paper: 3)",
-        "margin": "margin of the pairwise ranking loss (the paper: 0.05)",
-        "sharpness": "k: slope of the boxcar mask's logistic edges, per pixel (large k: a "
-        "hard crop)",
-        "min_crop": "smallest square side, as a share of the scale's input side (ours)",
-        "response_crop": "side of the highest-response square the APN is pretrained on, as a "
-        "share of the input side (the paper: half)",
-        "apn_channels": "channels of the APN's 1x1 conv before its fully connected layers",
-        "apn_grid": "the APN resizes its map to this grid before flattening (fixed size for "
-        "any backbone and input)",
-        "apn_hidden": "width of the APN's first fully connected layer",
-        "apn_pretrain_steps": "first training steps: each APN regresses onto its scale's "
-        "highest-response square (the paper's APN initialisation; 0: none)",
-        "apn_pretrain_weight": "weight of that regression during the APN pretraining",
-        "cls_steps": "steps of each classification phase (APNs fixed)",
-        "apn_steps": "steps of each proposal phase (ranking loss; classifiers fixed)",
-        "apn_lr_scale": "the APNs' learning rate as a multiple of optim.lr (null: the new "
-        "modules' optim.head_lr_scale)",
-        "predict_from": "prediction: fusion (normalised scale features concatenated, one "
-        "linear layer: the paper), sum (the scales' summed logits) or last (finest scale)",
-        "label_smoothing": "label smoothing of the cross-entropy losses",
-    }
-
-    def __post_init__(self) -> None:
-        if self.apn_lr_scale is not None and not self.apn_lr_scale > 0:
-            raise ConfigError(f"method.apn_lr_scale: expected > 0 or null, got {self.apn_lr_scale}")
-        if self.response_crop < self.min_crop:
-            raise ConfigError(
-                f"method.response_crop={self.response_crop:g} is below method.min_crop="
-                f"{self.min_crop:g}: the APN could not propose its pretraining squares"
-            )
-
-
 @dataclass
 class Looks:
     """One pass through the scales: each scale's input, feature map, pooled feature and

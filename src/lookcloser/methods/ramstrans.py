@@ -25,16 +25,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lookcloser.config import ranged
 from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.methods.base import Method, register_method
+from lookcloser.methods.options import RAMSTransOptions
 from lookcloser.models.backbones import Backbone
 from lookcloser.models.heads import HeadSpec
 from lookcloser.models.modes import eval_mode
@@ -106,39 +106,6 @@ def jet(maps: Tensor) -> Tensor:
 
 
 # ---- the method -----------------------------------------------------------------------------------
-@dataclass
-class RAMSTransOptions:
-    """Options of RAMS-Trans; defaults follow the paper (ViT-B/16, best ablation)."""
-
-    scales: int = ranged(2, 2, 3)
-    alpha: float = ranged(1.3, 0, 100)
-    third_alpha: float = ranged(0.0, 0, 100)
-    importance: Importance = "auto"
-    rollout_query: RolloutQuery = "cls"
-    predict_from: PredictFrom = "sum"
-    zoom_loss_weight: float = ranged(1.0, 0, 100)
-    label_smoothing: float = ranged(0.0, 0, 1, high_open=True)
-
-    HELP: ClassVar[dict[str, str]] = {
-        "scales": "how many times the network looks: 2 (the paper: image, then one zoom) "
-        "or 3 (a second zoom into the first zoom's crop)",
-        "alpha": "DPPM threshold: patches above alpha x the mean importance are kept "
-        "(paper's best ablation: 1.3; released code: 1.2)",
-        "third_alpha": "the threshold for the third scale's box (0: alpha; released "
-        "code's optional third scale: 1.3)",
-        "importance": "patch importance: rollout (attention rollout of a ViT, the paper), "
-        "cam (class activation map of a CNN's last feature map; beyond the paper) or auto "
-        "(rollout on a ViT, cam otherwise)",
-        "rollout_query": "rollout row read as importance: cls (the class token's row, the "
-        "paper) or mean (the mean over all query rows, the released code)",
-        "predict_from": "prediction: sum (the scales' summed logits, the paper) or last "
-        "(the most zoomed scale's logits)",
-        "zoom_loss_weight": "weight of the cross-entropy of every zoomed scale (the paper: "
-        "1; the released trainer optimises the first scale's loss alone: 0)",
-        "label_smoothing": "label smoothing of the cross-entropy losses",
-    }
-
-
 @dataclass
 class Looks:
     """What one recurrent pass saw: per scale its input, logits and patch importance, and

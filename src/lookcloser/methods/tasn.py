@@ -21,18 +21,17 @@ Where a choice follows the released code rather than the paper, the option's HEL
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lookcloser.config import ranged
 from lookcloser.data.batch import Batch
 from lookcloser.errors import ConfigError
 from lookcloser.explain.cam import normalize_maps
 from lookcloser.methods.base import Method, register_method
+from lookcloser.methods.options import TASNOptions
 from lookcloser.models.backbones import Backbone, BackboneFactory
 from lookcloser.models.heads import HeadSpec
 from lookcloser.models.modes import eval_mode
@@ -234,60 +233,6 @@ class AttentionNet(nn.Module):
 
 
 # ---- the method -----------------------------------------------------------------------------------
-@dataclass
-class TASNOptions:
-    """Options of TASN; defaults follow the released code (CUB-200-2011, ResNet-50)."""
-
-    attention_backbone: str = "resnet18"
-    # 8 gives the paper's 28 x 28 maps at 224 px on a ResNet (0: the backbone's own stride).
-    attention_output_stride: int = ranged(8, 0, 32)
-    attention_stage: int = ranged(-1, -1, 16)
-    attention_channels: int = ranged(512, 0, 4096)
-    normalisation: Normalisation = "spatial_relation"
-    softmax_scale: float = ranged(7.0, 0, 1000, low_open=True)
-    input_size: int = ranged(0, 0, 4096)
-    max_zoom: float = ranged(4.0, 1, 64)
-    sampler_iterations: int = ranged(5, 0, 50)
-    structure_power: float = ranged(2.0, 0, 8, low_open=True)
-    share_fc: bool = False
-    temperature: float = ranged(10.0, 0, 100, low_open=True)
-    distill_weight: float = ranged(1.0, 0, 100)
-    part_weight: float = ranged(1.0, 0, 100)
-    attention_weight: float = ranged(1.0, 0, 100)
-    label_smoothing: float = ranged(0.0, 0, 1, high_open=True)
-
-    HELP: ClassVar[dict[str, str]] = {
-        "attention_backbone": "timm CNN of the attention network (paper: ResNet-18)",
-        "attention_output_stride": "output_stride of the attention CNN (8: 28x28 maps at "
-        "224 px, as the paper's dilated ResNet-18; 0: the CNN's own stride)",
-        "attention_stage": "take the attention CNN's map from this stage (-1: its last; its "
-        "later stages are dropped), a cheaper way to a high-resolution map",
-        "attention_channels": "channels of the dilated conv groups after the attention CNN "
-        "(released code: 512; 0: none)",
-        "normalisation": "none, spatial or spatial_relation (paper's ablation; default the "
-        "paper's N(N(X)X^T)X)",
-        "softmax_scale": "X is multiplied by this inside the spatial softmax (released: 7)",
-        "input_size": "size of the images the model takes (paper: 512); the sampler makes "
-        "data.image_size images from them (0: data.image_size, no zoom headroom)",
-        "max_zoom": "largest zoom the sampler gives any row or column (released: 4)",
-        "sampler_iterations": "cap-and-spread iterations on the marginals (released: 5)",
-        "structure_power": "the structure map is raised to this power (released code: 2; "
-        "the paper's plain channel mean: 1)",
-        "share_fc": "part-net and master-net share the classifier too (they always share "
-        "the conv weights)",
-        "temperature": "distillation temperature T (released: 10)",
-        "distill_weight": "lambda: weight of the soft-target cross-entropy (released: 1)",
-        "part_weight": "weight of the part-net's cross-entropy",
-        "attention_weight": "weight of the attention network's own classification loss "
-        "(released code trains the attention net with it)",
-        "label_smoothing": "label smoothing of the cross-entropy losses",
-    }
-
-    def __post_init__(self) -> None:
-        if not self.attention_backbone:
-            raise ConfigError("method.attention_backbone: expected a timm model name")
-
-
 @register_method
 class TASN(Method):
     """Trilinear attention -> attention sampling -> part-to-master distillation."""

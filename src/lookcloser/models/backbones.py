@@ -369,7 +369,7 @@ class Backbone(nn.Module):
     def plugin_views(self, images: Tensor) -> dict[str, Tensor]:
         """Pictures of the plug-ins (B x 3 x h x w in [0, 1]): the STN's warped input, and a
         bar chart of the attention blocks' channel (SK: branch) weights per stage."""
-        from lookcloser.explain.charts import weight_chart
+        from lookcloser.models.charts import weight_chart
 
         views = {}
         if self.stn is not None:

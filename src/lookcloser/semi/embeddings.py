@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from lookcloser.modeldir import atomic_write_text
+from lookcloser.fileio import atomic_write_bytes, atomic_write_text
 
 
 def cache_key(**parts) -> str:
@@ -27,7 +27,7 @@ def cached_embeddings(
     path: Path, key: str, compute: Callable[[], Tensor], log: Callable[[str], None] = print
 ) -> Tensor:
     """The embeddings stored at `path` under `key`, else `compute()`d and stored."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     meta = path.with_suffix(".json")
     try:
@@ -38,9 +38,8 @@ def cached_embeddings(
         pass
     embeddings = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"embeddings": embeddings.contiguous()}, str(tmp))
-    tmp.replace(path)
+    # Serialized here and written from Python: a full disk is a WriteError naming the file.
+    atomic_write_bytes(path, save({"embeddings": embeddings.contiguous()}))
     # The key last: a file without its key (an interrupted write) is recomputed.
     atomic_write_text(meta, json.dumps({"key": key, "count": len(embeddings)}) + "\n")
     return embeddings

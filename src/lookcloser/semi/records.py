@@ -15,7 +15,7 @@ from typing import Any
 
 from lookcloser.data.meta import same_path
 from lookcloser.errors import DataError
-from lookcloser.modeldir import atomic_write_text
+from lookcloser.fileio import atomic_open, atomic_write_text
 
 SEMI_DIR = "semi"
 STAGES_FILE = "stages.json"
@@ -34,12 +34,10 @@ def write_stage(run_dir: str | Path, record: dict[str, Any], rows: list[dict[str
     name = record["name"]
     record = {**record, "csv": f"{name}.csv" if rows else None}
     if rows:
-        tmp = folder / f"{name}.csv.tmp"
-        with tmp.open("w", newline="") as f:
+        with atomic_open(folder / f"{name}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        tmp.replace(folder / f"{name}.csv")
     stages = [s for s in read_stages(run_dir, missing_ok=True) if s["name"] != name]
     atomic_write_text(folder / STAGES_FILE, json.dumps([*stages, record], indent=2) + "\n")
 

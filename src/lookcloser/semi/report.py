@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from lookcloser.explain.overlay import literal_text
+from lookcloser.fileio import atomic_path, safe_name
 from lookcloser.semi.records import read_rows, read_stages, semi_dir
 
 KEPT_COLOUR, DROPPED_COLOUR = "#2e7d32", "#c62828"
@@ -32,7 +34,7 @@ def ood_report(run_dir: str | Path, per_row: int = 6, groups: int = 8) -> list[d
     summaries = []
     for record in read_stages(run_dir):
         rows = read_rows(run_dir, record)
-        picture = semi_dir(run_dir) / f"report-{record['name']}.png"
+        picture = semi_dir(run_dir) / f"report-{safe_name(record['name'])}.png"
         if record["kind"] == "online":
             _online_figure(record, picture)
         else:
@@ -117,6 +119,7 @@ def _thumbnail(path: str) -> np.ndarray:
         return np.full((THUMB, THUMB, 3), 200, dtype=np.uint8)
 
 
+@literal_text
 def _stage_figure(
     record: dict[str, Any], rows: list[dict[str, str]], out: Path, per_row: int, groups: int
 ) -> None:
@@ -181,7 +184,8 @@ def _stage_figure(
                 ax.set_xlabel(truth, fontsize=6)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def _histogram(ax, rows, values, threshold, score: str, title: str) -> None:
@@ -203,6 +207,7 @@ def _histogram(ax, rows, values, threshold, score: str, title: str) -> None:
     ax.legend(fontsize=7)
 
 
+@literal_text
 def _online_figure(record: dict[str, Any], out: Path) -> None:
     epochs = record.get("epochs", [])
     fig = _figure(7.0, 3.2)
@@ -225,4 +230,5 @@ def _online_figure(record: dict[str, Any], out: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")

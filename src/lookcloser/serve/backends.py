@@ -17,11 +17,12 @@ from PIL import Image
 from torch import Tensor
 
 from lookcloser.errors import ConfigError, ModelDirError
-from lookcloser.evaluation import CONFIDENCE_KEY
-from lookcloser.modeldir import is_model_dir
+from lookcloser.evaluation import CONFIDENCE_KEY, CONFIDENCE_NOTE_KEY, threshold_note
+from lookcloser.modeldir import backup_note, is_model_dir
 from lookcloser.predictor import Explanation, Predictor
 
-# Used when the model directory has no validation metrics to choose the threshold from.
+# Used when the model directory has no validation metrics to choose the threshold from, or
+# only ones from a split too small to set it (evaluation.MIN_CONFIDENCE_IMAGES): a floor.
 DEFAULT_UNSURE_BELOW = 0.5
 
 
@@ -36,6 +37,7 @@ class Backend:
         self.meta_keys = predictor.meta_keys
         self.max_pixels = predictor.max_pixels
         self._map_names: list[str] | None = None
+        self.model_dir: Path | None = None  # set by load_backend (where a gallery may be)
 
     def preprocess(self, image: Image.Image) -> Tensor:
         """A decoded RGB image as the 3 x S x S tensor the model takes."""
@@ -60,6 +62,13 @@ class Backend:
     ) -> Explanation:
         """The method's map for one image (runs the PyTorch model: Grad-CAM needs gradients)."""
         return self.predictor.explain(image, target, map_name, meta, part)
+
+    def embed(self, images: Tensor, meta: Tensor, meta_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits, L2-normalised embeddings) of preprocessed images, from the PyTorch model
+        of the directory (lookalikes.embed)."""
+        from lookcloser.lookalikes.embed import embed_tensors
+
+        return embed_tensors(self.predictor, images, meta, meta_mask)
 
     def map_names(self) -> list[str]:
         """The names of the maps `explain` can show, the default first (found by one dry run)."""
@@ -89,7 +98,15 @@ class Backend:
     def unsure_below(self) -> tuple[float, str]:
         """The top-1 probability under which an answer is flagged unsure, and where it came from."""
         val = self.predictor.info.get("metrics", {}).get("val", {})
-        if CONFIDENCE_KEY in val:
+        images = val.get("images")
+        # A model directory from before the minimum was enforced may hold a threshold set on a
+        # tiny split: the same rule applies to it.
+        too_few = val.get(CONFIDENCE_NOTE_KEY) or (
+            threshold_note(images, "val") if isinstance(images, int) else None
+        )
+        if CONFIDENCE_KEY in val and too_few:
+            return DEFAULT_UNSURE_BELOW, f"default {DEFAULT_UNSURE_BELOW}: {too_few}"
+        if val.get(CONFIDENCE_KEY) is not None:
             return float(val[CONFIDENCE_KEY]), (
                 f"validation split: predictions at or above it were right at least 90 % of the time "
                 f"({val.get('images', '?')} images, model.json metrics.val.{CONFIDENCE_KEY})"
@@ -176,10 +193,13 @@ def load_backend(
         raise ConfigError(f"--backend: expected 'torch' or 'onnx', got {backend!r}")
     if not is_model_dir(path):
         # Ensemble directories will be recognised here, with a Backend of their own.
-        raise ModelDirError(f"{path}: not a model directory (no model.json)")
+        raise ModelDirError(f"{path}: not a model directory (no model.json){backup_note(path)}")
     predictor = Predictor.load(path, device)
     if backend == "torch":
         if onnx_file is not None:
             raise ConfigError("--onnx: only with --backend onnx")
-        return TorchBackend(predictor)
-    return OnnxBackend(predictor, onnx_file or Path(path) / "model.onnx", threads)
+        served: Backend = TorchBackend(predictor)
+    else:
+        served = OnnxBackend(predictor, onnx_file or Path(path) / "model.onnx", threads)
+    served.model_dir = Path(path)
+    return served

@@ -7,7 +7,7 @@ from typing import Any
 
 from lookcloser.config import DataConfig
 from lookcloser.data.download import check_not_incomplete
-from lookcloser.data.sources import require_root
+from lookcloser.data.samples import require_root
 from lookcloser.errors import DataError
 
 

@@ -13,7 +13,7 @@ from lookcloser.data.datasets._common import (
     to_float,
     train_split,
 )
-from lookcloser.data.sources import DatasetSplits, Sample, register_source
+from lookcloser.data.samples import DatasetSplits, Sample, register_source
 from lookcloser.errors import DataError
 
 LEVELS = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}

@@ -8,7 +8,7 @@ import numpy as np
 
 from lookcloser.config import DataConfig
 from lookcloser.data.datasets._common import corner_box, load_mat, locate, mat_field, no_level
-from lookcloser.data.sources import DatasetSplits, Sample, register_source
+from lookcloser.data.samples import DatasetSplits, Sample, register_source
 from lookcloser.errors import DataError
 
 _FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lookcloser.config import DataConfig
 from lookcloser.data.datasets._common import locate, no_level, read_map, read_rows, to_float
-from lookcloser.data.sources import DatasetSplits, Sample, register_source
+from lookcloser.data.samples import DatasetSplits, Sample, register_source
 from lookcloser.errors import DataError
 
 

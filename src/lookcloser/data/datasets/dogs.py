@@ -9,7 +9,7 @@ import numpy as np
 
 from lookcloser.config import DataConfig
 from lookcloser.data.datasets._common import corner_box, load_mat, locate, mat_field, no_level
-from lookcloser.data.sources import DatasetSplits, Sample, register_source
+from lookcloser.data.samples import DatasetSplits, Sample, register_source
 from lookcloser.errors import DataError
 
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from lookcloser.config import DataConfig
 from lookcloser.data.datasets._common import load_mat, locate, mat_field, no_level, train_split
-from lookcloser.data.sources import DatasetSplits, Sample, register_source
+from lookcloser.data.samples import DatasetSplits, Sample, register_source
 from lookcloser.errors import DataError
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from lookcloser.config import DataConfig
 from lookcloser.data.datasets._common import require_file, train_split
 from lookcloser.data.download import check_not_incomplete
-from lookcloser.data.sources import DatasetSplits, Sample, register_source, require_root
+from lookcloser.data.samples import DatasetSplits, Sample, register_source, require_root
 from lookcloser.errors import DataError
 
 RANKS = ("kingdom", "phylum", "class", "order", "family", "genus")

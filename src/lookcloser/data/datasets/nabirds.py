@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from lookcloser.config import DataConfig
 from lookcloser.data.datasets._common import locate, no_level, read_map, read_rows, to_float
-from lookcloser.data.sources import DatasetSplits, Sample, register_source
+from lookcloser.data.samples import DatasetSplits, Sample, register_source
 from lookcloser.errors import DataError
 
 

@@ -28,6 +28,7 @@ reused.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
@@ -37,13 +38,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lookcloser.checks import check_config
 from lookcloser.config import Config
 from lookcloser.data.sources import Sample
 from lookcloser.errors import ConfigError, DataError
-from lookcloser.modeldir import WEIGHTS, atomic_write_text, is_model_dir, read_model_json
+from lookcloser.fileio import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
+from lookcloser.modeldir import WEIGHTS, is_model_dir, read_model_json
 from lookcloser.rundir import RunDir, has_checkpoint
 from lookcloser.semi.records import ground_truth, read_rows, read_stages, semi_dir, truth_columns
 from lookcloser.semi.records import write_stage as _write_stage
+from lookcloser.training import TrainResult, run_dir_for, train
 
 PIPELINE_FILE = "pipeline.json"
 MODEL_FILES = (WEIGHTS, "metrics.json", "confusion.png", "confusion.csv", "model.json")
@@ -51,13 +55,20 @@ BACKBONE_PREFIX = "backbone.model."  # the method's main network inside a saved 
 
 
 def run_cluster_pretrain(cfg: Config, progress: bool = True, callbacks: list | None = None):
-    """Run every round's stages; the best round's fine-tuned model becomes the run's model."""
-    from lookcloser.api import TrainResult, _run_dir
+    """Run every round's stages; the best round's fine-tuned model becomes the run's model.
+    A second start with the same `out=` is refused while this one holds the run."""
+    from lookcloser.rundir import RunLock
+
+    with RunLock(run_dir_for(cfg, True)) if cfg.out else contextlib.nullcontext():
+        return _run_cluster_pretrain(cfg, progress, callbacks)
+
+
+def _run_cluster_pretrain(cfg: Config, progress: bool, callbacks: list | None):
     from lookcloser.data.prepare import prepare_data
     from lookcloser.semi import check_validation
 
     _check_devices(cfg)
-    run_dir = _run_dir(cfg, True)
+    run_dir = run_dir_for(cfg, True)
     resume = cfg.trainer.resume
     if resume not in (None, "last"):
         raise ConfigError(
@@ -187,7 +198,9 @@ def _round_model(cfg: Config, previous: Path | None, num_classes: int):
         return build_method(cfg, num_classes)
     from lookcloser.predictor import Predictor
 
-    return Predictor.load(previous).method
+    # The previous stage is this run's own model: its method's module is the user's own.
+    own = [cfg.method["module"]] if cfg.method.get("module") else []
+    return Predictor.load(previous, trust_modules=own).method
 
 
 def _device(cfg: Config) -> str:
@@ -330,14 +343,12 @@ def _cluster(
     if result.kept.sum() < 2:
         return None
     ids = {int(c): i for i, c in enumerate(np.flatnonzero(result.kept))}  # dense class names
-    tmp = out.with_name(".clusters.csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_open(out, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "split"])
         for s, label in zip(samples, result.labels.tolist(), strict=True):
             if label in ids:
                 writer.writerow([str(Path(s.path).resolve()), f"cluster{ids[label]:03d}", "train"])
-    tmp.replace(out)
     return out
 
 
@@ -352,8 +363,6 @@ def _sub_run(
 ) -> Path:
     """Train a stage in `out` (skipped when it already holds a model; resumed from its
     checkpoint if it has one); returns its model directory."""
-    from lookcloser.api import train
-
     if is_model_dir(out):
         return out
     sub = Config.from_dict(cfg.to_dict())
@@ -373,13 +382,13 @@ def _sub_run(
     resuming = has_checkpoint(out)
     sub.trainer.resume = "last" if resuming else None
     sub.overwrite = not resuming
-    train(sub, progress=progress, callbacks=callbacks)
+    train(check_config(sub), progress=progress, callbacks=callbacks)
     return out
 
 
 def _backbone_file(model_dir: Path, out: Path) -> Path:
     """The main backbone's weights of a model directory as a timm state dict (safetensors)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     state = load_file(str(Path(model_dir) / WEIGHTS))
     backbone = {
@@ -387,9 +396,7 @@ def _backbone_file(model_dir: Path, out: Path) -> Path:
     }
     if not backbone:
         raise DataError(f"{model_dir}: no {BACKBONE_PREFIX}* tensors to start the next stage from")
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.contiguous() for k, v in backbone.items()}, str(tmp))
-    tmp.replace(out)
+    atomic_write_bytes(out, save({k: v.contiguous() for k, v in backbone.items()}))
     return out
 
 
@@ -405,9 +412,8 @@ def _copy_model(model_dir: Path, run_dir: Path) -> None:
     for name in MODEL_FILES:
         source = model_dir / name
         if source.is_file():
-            tmp = run_dir / f".{name}.tmp"
-            shutil.copyfile(source, tmp)
-            tmp.replace(run_dir / name)
+            with atomic_path(run_dir / name) as tmp:
+                shutil.copyfile(source, tmp)
 
 
 def _done(run_dir: Path) -> list[dict]:

@@ -1,0 +1,684 @@
+"""Look-alikes (issue 26): enrollment, retrieval, open set and cost, on the shared real sets.
+
+Stages (each keeps its results in OUT/results.json, so a later stage or a rerun reuses them):
+
+    python benchmarks/lookalikes.py train --data-root DATA --out OUT --seeds 0
+    python benchmarks/lookalikes.py measure --data-root DATA --out OUT --seeds 0
+    python benchmarks/lookalikes.py cost --data-root DATA --out OUT
+    python benchmarks/lookalikes.py report --out OUT       # the docs section and records
+
+Every model fine-tunes ImageNet-pretrained EfficientNet-Lite0 at 128 px for 5 epochs with the
+common settings of docs/benchmarks.md, except that 10 % of each class's training images are
+carved off as the validation split (`data.val_fraction=0.1`): the open-set threshold is
+calibrated there, and every model of this benchmark has it so they compare.
+
+- cars50: the 50 cars66 classes that are not held out; the 16 held-out classes (every fourth
+  class in name order, from the fourth) are enrolled from 1, 5 and 10 training images each.
+- cars66: the same schedule on all 66 classes (the ceiling enrollment is compared with, and
+  the retrieval models with the linear, ArcFace and prototype heads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SECTION = "lookalikes"
+COMMON = [
+    "data.source=imagefolder",
+    "model.backbone=tf_efficientnet_lite0",
+    "model.pretrained=true",
+    "data.image_size=128",
+    "data.batch_size=32",
+    "data.num_workers=2",
+    "optim.name=adamw",
+    "optim.lr=0.002",
+    "optim.head_lr_scale=5",
+    "optim.warmup_epochs=0.5",
+    "method.name=baseline",
+    "method.label_smoothing=0.1",
+    "trainer.epochs=5",
+    "trainer.val_every_n_epochs=0",
+    "data.val_fraction=0.1",
+    f"trainer.cpu_threads={torch.get_num_threads()}",
+    "trainer.progress=none",
+]
+HEADS = {"linear": [], "arcface": ["model.head=arcface"], "prototype": ["model.head=prototype"]}
+HELD_OUT_EVERY, HELD_OUT_FROM = 4, 3  # cars66 classes 3, 7, ..., 63 in name order: 16 classes
+SHOTS = (1, 5, 10)
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def cars_classes(data_root: Path) -> list[str]:
+    return sorted(p.name for p in (data_root / "cars66" / "train").iterdir() if p.is_dir())
+
+
+def held_out(data_root: Path) -> list[str]:
+    classes = cars_classes(data_root)
+    return [c for i, c in enumerate(classes) if i % HELD_OUT_EVERY == HELD_OUT_FROM]
+
+
+def subset_tree(data_root: Path, classes: list[str], out: Path) -> Path:
+    """An ImageFolder tree of links to some cars66 class folders (the images stay where they
+    are: never copied)."""
+    for split in ("train", "test"):
+        folder = out / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in classes:
+            link = folder / name
+            if not link.exists():
+                link.symlink_to(data_root / "cars66" / split / name, target_is_directory=True)
+    return out
+
+
+def dataset_root(name: str, data_root: Path, work: Path) -> Path:
+    if name == "cars50":
+        kept = [c for c in cars_classes(data_root) if c not in held_out(data_root)]
+        return subset_tree(data_root, kept, work / "data" / "cars50")
+    if name == "cars16":
+        return subset_tree(data_root, held_out(data_root), work / "data" / "cars16")
+    return data_root / name
+
+
+# ---- training --------------------------------------------------------------------------------------
+def train(dataset: str, head: str, seed: int, data_root: Path, work: Path) -> Path:
+    """The run directory of one model (trained unless it is there already)."""
+    from lookcloser import api
+
+    out = work / "runs" / f"{dataset}-{head}-s{seed}"
+    if (out / "model.json").is_file():
+        return out
+    overrides = [
+        *COMMON,
+        *HEADS[head],
+        f"data.root={dataset_root(dataset, data_root, work)}",
+        f"seed={seed}",
+        f"out={out}",
+        "overwrite=true",
+    ]
+    start = time.perf_counter()
+    result = api.train(None, overrides=overrides, progress=False)
+    print(
+        f"trained {out.name}: test top-1 {result.metrics['test']['top1']:.4f} in "
+        f"{time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
+    return out
+
+
+def planned_runs(seeds: list[int], sets: list[str]) -> list[tuple[str, str, int]]:
+    """Cheapest and most telling first: enrollment and its ceiling, then the retrieval heads."""
+    runs = []
+    for seed in seeds:
+        runs += [("cars50", "linear", seed), ("cars66", "linear", seed)]
+    for name in sets:
+        for head in ("linear", "arcface", "prototype"):
+            runs.append((name, head, seeds[0]))
+    seen, ordered = set(), []
+    for run in runs:
+        if run not in seen:
+            seen.add(run)
+            ordered.append(run)
+    return ordered
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+def load_results(work: Path) -> dict:
+    path = work / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_results(work: Path, results: dict) -> None:
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def split_files(root: Path, split: str, classes: list[str] | None = None):
+    """(files, class names) of root/split/<class>/*, in name order."""
+    from lookcloser.data.images import list_image_files
+
+    files, labels = [], []
+    for folder in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+        if classes is not None and folder.name not in classes:
+            continue
+        for f in list_image_files(folder):
+            files.append(str(f))
+            labels.append(folder.name)
+    return files, labels
+
+
+def features(predictor, files: list[str], batch_size: int = 64):
+    """(raw decision features N x D, logits N x C) of image files, batch by batch."""
+    from lookcloser.lookalikes.embed import method_logits_and_features
+
+    feats, logits = [], []
+    for start in range(0, len(files), batch_size):
+        images = torch.stack([predictor.preprocess(f) for f in files[start : start + batch_size]])
+        with torch.inference_mode():
+            out, raw, _, _ = method_logits_and_features(predictor.method, images)
+        feats.append(raw.float())
+        logits.append(out.float())
+    return torch.cat(feats), torch.cat(logits)
+
+
+def top1(logits: torch.Tensor, labels: list[str], classes: list[str]) -> float:
+    predicted = [classes[i] for i in logits.argmax(1).tolist()]
+    return sum(p == t for p, t in zip(predicted, labels, strict=True)) / max(len(labels), 1)
+
+
+def measure_enrollment(seed: int, data_root: Path, work: Path) -> dict:
+    """Top-1 of the enrolled classes in the 66-way decision and of the trained 50 before
+    and after, against the model trained on all 66 classes (the ceiling)."""
+    import random
+
+    from lookcloser.lookalikes.enroll import enroll
+    from lookcloser.lookalikes.gallery import GALLERY_DIR  # noqa: F401  (the package loads)
+    from lookcloser.predictor import Predictor
+
+    base_dir = train("cars50", "linear", seed, data_root, work)
+    ceiling_dir = train("cars66", "linear", seed, data_root, work)
+    held = held_out(data_root)
+    files, labels = split_files(data_root / "cars66", "test")
+    is_new = [t in held for t in labels]
+    new_labels = [t for t, n in zip(labels, is_new, strict=True) if n]
+    old_labels = [t for t, n in zip(labels, is_new, strict=True) if not n]
+    base = Predictor.load(base_dir)
+    raw, base_logits = features(base, files)
+    old_idx = [i for i, n in enumerate(is_new) if not n]
+    new_idx = [i for i, n in enumerate(is_new) if n]
+    out = {
+        "seed": seed,
+        "test_images_enrolled_classes": len(new_idx),
+        "test_images_trained_classes": len(old_idx),
+        "trained_before": top1(base_logits[old_idx], old_labels, base.classes),
+    }
+    ceiling = Predictor.load(ceiling_dir)
+    _, ceiling_logits = features(ceiling, files)
+    out["ceiling_enrolled_classes"] = top1(ceiling_logits[new_idx], new_labels, ceiling.classes)
+    out["ceiling_trained_classes"] = top1(ceiling_logits[old_idx], old_labels, ceiling.classes)
+    out["ceiling_all"] = top1(ceiling_logits, labels, ceiling.classes)
+    rng = random.Random(seed)
+    train_files = {c: split_files(data_root / "cars66", "train", [c])[0] for c in held}
+    picks = {c: rng.sample(f, len(f)) for c, f in train_files.items()}  # one order per class
+    for shots in SHOTS:
+        target = work / "enrolled" / f"cars50-s{seed}-{shots}shot"
+        if not (target / "model.json").is_file():
+            if target.exists():
+                import shutil
+
+                shutil.rmtree(target)
+            start = time.perf_counter()
+            enroll(base_dir, {c: picks[c][:shots] for c in held}, target)
+            out[f"enroll_seconds_{shots}"] = time.perf_counter() - start
+        enrolled = Predictor.load(target)
+        name = "head"  # the baseline's classifier: its logits from the base model's features
+        logits = enrolled.method.get_submodule(name)(raw)
+        check = enrolled.logits(torch.stack([enrolled.preprocess(f) for f in files[:8]]))
+        assert torch.allclose(check, logits[:8], atol=1e-3), "enrolled head != model"
+        out[f"enrolled_classes_{shots}"] = top1(logits[new_idx], new_labels, enrolled.classes)
+        out[f"trained_after_{shots}"] = top1(logits[old_idx], old_labels, enrolled.classes)
+        out[f"all_{shots}"] = top1(logits, labels, enrolled.classes)
+    return out
+
+
+def measure_open_set(seed: int, data_root: Path, work: Path) -> dict:
+    """AUROC of each score telling cars50's test images from the held-out 16 classes and
+    from flowers12, and the accuracy / coverage of the calibrated default."""
+    from lookcloser.lookalikes.gallery import build_gallery, class_means, load_gallery
+    from lookcloser.lookalikes.openset import (
+        DEFAULT_SCORE,
+        auroc,
+        classifier_rows,
+        open_set_scores,
+    )
+    from lookcloser.predictor import Predictor
+
+    base_dir = train("cars50", "linear", seed, data_root, work)
+    p = Predictor.load(base_dir)
+    folder = base_dir / "gallery"
+    built = build_gallery(p, dataset_root("cars50", data_root, work), folder)
+    g = load_gallery(folder, p)
+    info = g.record["model"]["embedding"]
+    rows = classifier_rows(p.method, info["classifier"])
+    protos = class_means(g.embeddings, g.labels, len(p.classes))
+
+    def scores(files):
+        raw, logits = features(p, files)
+        emb = torch.nn.functional.normalize(raw, dim=1).numpy()
+        return open_set_scores(logits.numpy(), emb, rows, protos, g.embeddings), logits
+
+    known_files, known_labels = split_files(data_root / "cars66", "test")
+    held = set(held_out(data_root))
+    unknown_cars = [f for f, t in zip(known_files, known_labels, strict=True) if t in held]
+    keep = [(f, t) for f, t in zip(known_files, known_labels, strict=True) if t not in held]
+    known, known_logits = scores([f for f, _ in keep])
+    correct = np.array(
+        [p.classes[i] == t for i, (_, t) in zip(known_logits.argmax(1).tolist(), keep, strict=True)]
+    )
+    cars, _ = scores(unknown_cars)
+    flowers, _ = scores(split_files(data_root / "flowers12", "test")[0])
+    out = {
+        "seed": seed,
+        "known_images": len(keep),
+        "unknown_cars_images": len(unknown_cars),
+        "unknown_flowers_images": len(flowers["energy"]),
+        "gallery_references": built.references,
+        "gallery_seconds": built.seconds,
+        "gallery_bytes": built.bytes,
+        "val_images": built.val_images,
+        "auroc_cars": {k: auroc(known[k], cars[k]) for k in known},
+        "auroc_flowers": {k: auroc(known[k], flowers[k]) for k in known},
+        "default": DEFAULT_SCORE,
+    }
+    calibration = built.open_set
+    for name in known:
+        t = calibration["thresholds"][name]
+        kept = known[name] >= t
+        out.setdefault("calibrated", {})[name] = {
+            "threshold": t,
+            "known_kept": float(kept.mean()),
+            "accuracy_kept": float(correct[kept].mean()) if kept.any() else float("nan"),
+            "cars_rejected": float((cars[name] < t).mean()),
+            "flowers_rejected": float((flowers[name] < t).mean()),
+        }
+    curve = []
+    for name in known:
+        order = np.argsort(-known[name])
+        for coverage in (1.0, 0.9, 0.8, 0.7, 0.5):
+            n = max(1, int(round(coverage * len(order))))
+            curve.append(
+                {"score": name, "coverage": coverage, "accuracy": float(correct[order[:n]].mean())}
+            )
+    out["accuracy_coverage"] = curve
+    out["accuracy_all"] = float(correct.mean())
+    return out
+
+
+def measure_retrieval(dataset: str, head: str, seed: int, data_root: Path, work: Path) -> dict:
+    """Recall@1 and @5: queries = test images, gallery = training images."""
+    from lookcloser.lookalikes.openset import nearest_similarity  # noqa: F401
+    from lookcloser.predictor import Predictor
+
+    p = Predictor.load(train(dataset, head, seed, data_root, work))
+    gallery_files, gallery_labels = split_files(data_root / dataset, "train")
+    query_files, query_labels = split_files(data_root / dataset, "test")
+    g = torch.nn.functional.normalize(features(p, gallery_files)[0], dim=1)
+    q = torch.nn.functional.normalize(features(p, query_files)[0], dim=1)
+    top = (q @ g.T).topk(5, dim=1).indices.tolist()
+    hits1 = [gallery_labels[t[0]] == y for t, y in zip(top, query_labels, strict=True)]
+    hits5 = [any(gallery_labels[i] == y for i in t) for t, y in zip(top, query_labels, strict=True)]
+    return {
+        "dataset": dataset,
+        "head": head,
+        "seed": seed,
+        "recall@1": sum(hits1) / len(hits1),
+        "recall@5": sum(hits5) / len(hits5),
+        "queries": len(query_files),
+        "references": len(gallery_files),
+        "dim": int(g.shape[1]),
+    }
+
+
+def measure_cost(data_root: Path, work: Path, rounds: int = 2) -> dict:
+    """Embedding throughput against predict's (same model, images and batch, interleaved);
+    nearest-neighbour lookup at 10k and 1M synthetic entries."""
+    import tempfile
+
+    from lookcloser.lookalikes.embed import write_embeddings
+    from lookcloser.lookalikes.openset import nearest_similarity
+    from lookcloser.predictor import Predictor
+
+    p = Predictor.load(train("cars50", "linear", 0, data_root, work))
+    files = split_files(data_root / "cars66", "test")[0][:320]
+    times = {"predict": [], "embed": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            p.predict(files, batch_size=32)
+            times["predict"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            write_embeddings(p.embed(files, 32), Path(tmp) / "e.parquet", p.classes)
+            times["embed"].append(time.perf_counter() - start)
+    out = {
+        "images": len(files),
+        "predict_seconds": min(times["predict"]),
+        "embed_seconds": min(times["embed"]),
+    }
+    out["embed_vs_predict"] = out["embed_seconds"] / out["predict_seconds"]
+    dim = 1280
+    rng = np.random.default_rng(0)
+    lookups = {}
+    for entries in (10_000, 1_000_000):
+        gallery = np.empty((entries, dim), dtype=np.float32)
+        for start in range(0, entries, 100_000):
+            block = rng.standard_normal((min(100_000, entries - start), dim), dtype=np.float32)
+            gallery[start : start + len(block)] = block / np.linalg.norm(
+                block, axis=1, keepdims=True
+            )
+        for batch in (1, 64):
+            queries = gallery[:batch] + 0.01
+            nearest_similarity(queries, gallery)  # warm
+            start = time.perf_counter()
+            nearest_similarity(queries, gallery)
+            lookups[f"{entries}x{batch}"] = time.perf_counter() - start
+        del gallery
+    out["lookup_seconds"] = lookups
+    out["lookup_dim"] = dim
+    return out
+
+
+# ---- the docs section -----------------------------------------------------------------------------
+def pct(values: list[float]) -> str:
+    """mean ± sd in percent (one value: the value alone)."""
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+COMMAND = "python benchmarks/lookalikes.py {stage} --data-root DATA --out OUT --seeds {seeds}"
+
+
+def report(results: dict, args) -> None:
+    from report import append_records, machine, markdown_table, write_section
+
+    from lookcloser.lookalikes.openset import DEFAULT_SCORE
+
+    parts = [
+        "## Look-alikes: enrollment, retrieval, open set (`lookalikes`)",
+        "",
+        f"`benchmarks/lookalikes.py` (issue 26); {machine()}. EfficientNet-Lite0 (ImageNet "
+        "weights), 128 px, 5 epochs, the common settings except that 10 % of each class's "
+        "training images are carved off as the validation split (`data.val_fraction=0.1`, for "
+        "the open-set calibration; every model here has it). cars50: the 50 cars66 classes "
+        "that are not held out; the 16 held-out classes are every fourth class in name order "
+        "from the fourth (`004.Acura TL Type-S 2008`, ...).",
+    ]
+    records = []
+    enrollment = results.get("enrollment", {})
+    if enrollment:
+        runs = list(enrollment.values())
+        seeds = ", ".join(str(r["seed"]) for r in runs)
+        rows = [
+            [
+                "trained on 66 classes (the ceiling)",
+                pct([r["ceiling_enrolled_classes"] for r in runs]),
+                "",
+                pct([r["ceiling_trained_classes"] for r in runs]),
+                pct([r["ceiling_all"] for r in runs]),
+            ]
+        ]
+        for shots in SHOTS:
+            rows.append(
+                [
+                    f"trained on 50, 16 enrolled from {shots} image(s) each",
+                    pct([r[f"enrolled_classes_{shots}"] for r in runs]),
+                    pct([r["trained_before"] for r in runs]),
+                    pct([r[f"trained_after_{shots}"] for r in runs]),
+                    pct([r[f"all_{shots}"] for r in runs]),
+                ]
+            )
+        earlier = [
+            ("enrollment_plain_mean", "first version: rows along the plain mean"),
+            ("enrollment_centred_only", "second version: the centred mean, no common part"),
+        ]
+        for key, label in earlier:
+            for r, shots in ((r, n) for r in results.get(key, {}).values() for n in SHOTS):
+                rows.append(
+                    [
+                        f"{label}, {shots} image(s)",
+                        pct([r[f"enrolled_classes_{shots}"]]),
+                        pct([r["trained_before"]]),
+                        pct([r[f"trained_after_{shots}"]]),
+                        pct([r[f"all_{shots}"]]),
+                    ]
+                )
+        first = runs[0]
+        parts += [
+            "",
+            f"### Enrollment on cars66 (seeds: {seeds})",
+            "",
+            "Test top-1 % in the 66-way decision. Enrolled: the 16 held-out classes' test "
+            f"images ({first['test_images_enrolled_classes']}); trained: the other 50 classes' "
+            f"({first['test_images_trained_classes']}), before enrollment in the 50-way "
+            "decision, after it in the 66-way one. The enrolled images are drawn from each "
+            "held-out class's training images with the seed. A new linear row is the trained "
+            "rows' mean plus the direction of the class's mean embedding less the gallery's "
+            "mean embedding (cars50's gallery), at the trained rows' mean distance from their "
+            "mean; its bias the trained biases' mean. The last rows are the earlier versions, "
+            "kept to show why: pooled features share one large direction, and the trained "
+            "rows share a large part of their own (their sum points against the mean feature, "
+            "cosine -0.81); a row without either correction outscored every trained class on "
+            "nearly every image.",
+            "",
+            markdown_table(
+                [
+                    "model",
+                    "enrolled classes",
+                    "trained classes before",
+                    "trained classes after",
+                    "all 66",
+                ],
+                rows,
+            ),
+            "",
+            f"Command: `{COMMAND.format(stage='measure', seeds=seeds)}` (after `train`).",
+        ]
+        for r in runs:
+            records.append(
+                {
+                    "kind": "lookalikes",
+                    "measure": "enrollment",
+                    "dataset": "cars66",
+                    **{k: v for k, v in r.items() if not k.startswith("enroll_seconds")},
+                }
+            )
+    retrieval = results.get("retrieval", {})
+    if retrieval:
+        rows = [
+            [
+                r["dataset"],
+                r["head"],
+                f"{100 * r['recall@1']:.1f}",
+                f"{100 * r['recall@5']:.1f}",
+                str(r["queries"]),
+                str(r["references"]),
+                str(r["seed"]),
+            ]
+            for r in retrieval.values()
+        ]
+        parts += [
+            "",
+            "### Retrieval (recall@k of the embeddings)",
+            "",
+            "Query: a test image; gallery: every training image of the set (cosine similarity "
+            "of the L2-normalised embeddings, the feature the class head reads); a hit: a "
+            "reference of the query's class among the k nearest.",
+            "",
+            markdown_table(
+                ["set", "head", "recall@1 %", "recall@5 %", "queries", "references", "seed"], rows
+            ),
+        ]
+        records += [{"kind": "lookalikes", "measure": "retrieval", **r} for r in retrieval.values()]
+    open_set = results.get("open_set", {})
+    if open_set:
+        r = next(iter(open_set.values()))
+        names = list(r["auroc_cars"])
+        rows = []
+        for name in names:
+            c = r["calibrated"][name]
+            rows.append(
+                [
+                    f"`{name}`" + (" (default)" if name == DEFAULT_SCORE else ""),
+                    f"{r['auroc_cars'][name]:.3f}",
+                    f"{r['auroc_flowers'][name]:.3f}",
+                    f"{100 * c['known_kept']:.1f}",
+                    f"{100 * c['accuracy_kept']:.1f}",
+                    f"{100 * c['cars_rejected']:.1f}",
+                    f"{100 * c['flowers_rejected']:.1f}",
+                ]
+            )
+        curve = {(c["score"], c["coverage"]): c["accuracy"] for c in r["accuracy_coverage"]}
+        coverages = sorted({c["coverage"] for c in r["accuracy_coverage"]}, reverse=True)
+        curve_rows = [
+            [f"`{name}`", *(f"{100 * curve[(name, cov)]:.1f}" for cov in coverages)]
+            for name in names
+        ]
+        parts += [
+            "",
+            f"### Open set (cars50 model, seed {r['seed']})",
+            "",
+            f"Known: the 50 trained classes' test images ({r['known_images']}); unknown: the 16 "
+            f"held-out cars66 classes' test images ({r['unknown_cars_images']}, never enrolled) "
+            f"and flowers12's test images ({r['unknown_flowers_images']}). Scores from the "
+            f"gallery built by `lookcloser gallery build` on cars50 ({r['gallery_references']} "
+            f"references; thresholds keep 95 % of its {r['val_images']} validation images). "
+            "AUROC: the chance that a known image scores above an unknown one.",
+            "",
+            markdown_table(
+                [
+                    "score",
+                    "AUROC vs held-out cars",
+                    "AUROC vs flowers12",
+                    "known kept %",
+                    "top-1 % of kept",
+                    "held-out cars rejected %",
+                    "flowers12 rejected %",
+                ],
+                rows,
+            ),
+            "",
+            f"Accuracy / coverage on the known images (top-1 % of the most confident share by "
+            f"each score; all: {100 * r['accuracy_all']:.1f}):",
+            "",
+            markdown_table(["score", *(f"{100 * c:.0f} % kept" for c in coverages)], curve_rows),
+        ]
+        records += [
+            {
+                "kind": "lookalikes",
+                "measure": "open_set",
+                "dataset": "cars66",
+                **{k: v for k, v in r.items() if k not in ("gallery_seconds",)},
+            }
+        ]
+    cost = results.get("cost")
+    if cost or open_set:
+        parts += ["", "### Cost", ""]
+    if open_set:
+        r = next(iter(open_set.values()))
+        per = 1000 / r["gallery_references"]
+        parts.append(
+            f"- Gallery build (cars50: {r['gallery_references']} references, plus the "
+            f"{r['val_images']} validation images embedded for the calibration): "
+            f"{r['gallery_seconds']:.0f} s, {r['gallery_bytes'] / 2**20:.2f} MiB; per 1,000 "
+            f"references {r['gallery_seconds'] * per:.0f} s and {r['gallery_bytes'] * per / 2**20:.1f} "
+            "MiB (1280 float32 per reference, paths in the JSON)."
+        )
+    if cost:
+        look = cost["lookup_seconds"]
+        parts += [
+            f"- Embedding throughput: `embed` to Parquet took {cost['embed_seconds']:.1f} s for "
+            f"{cost['images']} cars66 test images against {cost['predict_seconds']:.1f} s for "
+            f"`predict` (same model, batch 32, best of 2 interleaved rounds, beside other jobs): "
+            f"**{cost['embed_vs_predict']:.2f}x** predict's time.",
+            f"- Nearest-neighbour lookup over a synthetic gallery of unit {cost['lookup_dim']}-wide "
+            "float32 rows, a plain matrix product over chunks of 65,536 rows (torch, "
+            "`lookalikes.openset.nearest_similarity`): 10k entries "
+            f"{1000 * look['10000x1']:.1f} ms for one query, {1000 * look['10000x64']:.1f} ms for "
+            f"64; 1M entries {look['1000000x1']:.2f} s for one query, {look['1000000x64']:.2f} s "
+            "for 64 (measured beside two other jobs on the 2 cores: an upper bound). A plain "
+            "matrix product rather than faiss-cpu: exact, no index to build or keep in step "
+            "with the gallery, and a gallery of labelled references is rarely past 100k "
+            "entries (a tenth of the 1M scan above). faiss-cpu was not measured: "
+            "only pyarrow could be added to this environment; past a million entries queried "
+            "one by one, an approximate index (faiss IVF or HNSW) is the next step.",
+            f"- Command: `{COMMAND.format(stage='cost', seeds=0)}`.",
+        ]
+        records.append({"kind": "lookalikes", "measure": "cost", **cost})
+    missing = []
+    if len(enrollment) < 3:
+        missing.append(
+            f"enrollment and its ceiling on seeds 1 and 2 (the issue asks for 3 seeds; "
+            f"{len(enrollment)} measured)"
+        )
+    for name in ("cars66", "fish23"):
+        for head in HEADS:
+            if not any(r["dataset"] == name and r["head"] == head for r in retrieval.values()):
+                missing.append(f"retrieval on {name} with the {head} head")
+    if missing:
+        parts += [
+            "",
+            "**Not run** (a 2-core CPU shared with other jobs: one Lite0 training on cars66 "
+            "took about 35 minutes here): " + "; ".join(missing) + ". `train` and `measure` "
+            "with more `--seeds` and `--sets cars66 fish23` run them; every figure above is "
+            "one seed.",
+        ]
+    parts += ["", *results.get("notes", [])]
+    write_section(SECTION, "\n".join(parts))
+    if args.records:
+        append_records("lookalikes", records)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["train", "measure", "cost", "report"])
+    parser.add_argument("--data-root", type=Path, default=os.environ.get("LOOKCLOSER_DATA"))
+    parser.add_argument("--out", type=Path, required=True, help="runs and results (not the repo)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--sets", nargs="+", default=["cars66"], help="retrieval sets")
+    parser.add_argument(
+        "--records", action="store_true", help="report: also append benchmarks/records/"
+    )
+    args = parser.parse_args()
+    work = args.out
+    if args.stage == "train":
+        for dataset, head, seed in planned_runs(args.seeds, args.sets):
+            train(dataset, head, seed, args.data_root, work)
+    if args.stage == "measure":
+        runs = work / "runs"
+        for seed in args.seeds:
+            results = load_results(work)
+            done = str(seed) in results.get("open_set", {})
+            if (runs / f"cars50-linear-s{seed}" / "model.json").is_file() and not done:
+                results.setdefault("open_set", {})[str(seed)] = measure_open_set(
+                    seed, args.data_root, work
+                )
+                save_results(work, results)
+            if all(
+                (runs / f"{d}-linear-s{seed}" / "model.json").is_file()
+                for d in ("cars50", "cars66")
+            ) and str(seed) not in results.get("enrollment", {}):
+                results.setdefault("enrollment", {})[str(seed)] = measure_enrollment(
+                    seed, args.data_root, work
+                )
+                save_results(work, results)
+        for name in args.sets:
+            for head in HEADS:
+                key = f"{name}-{head}-s{args.seeds[0]}"
+                trained = (runs / key / "model.json").is_file()
+                if trained and key not in load_results(work).get("retrieval", {}):
+                    results = load_results(work)
+                    results.setdefault("retrieval", {})[key] = measure_retrieval(
+                        name, head, args.seeds[0], args.data_root, work
+                    )
+                    save_results(work, results)
+    if args.stage == "cost":
+        results = load_results(work)
+        results["cost"] = measure_cost(args.data_root, work)
+        save_results(work, results)
+    if args.stage == "report":
+        report(load_results(work), args)
+
+
+if __name__ == "__main__":
+    main()

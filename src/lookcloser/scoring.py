@@ -1,0 +1,154 @@
+"""A model's outputs over a split of its data: the one evaluation path of training's final
+report, `eval` and `compare` (folders, CSVs and datasets through the Predictor, shards
+through the same transform, ensembles as the mixture of their members)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lookcloser.config import Config
+from lookcloser.data.prepare import SHARDS
+from lookcloser.data.sources import build_source
+from lookcloser.errors import ConfigError, DataError
+from lookcloser.loader import load_model
+from lookcloser.predictor import Predictor
+
+
+def split_outputs(predictor: Predictor, cfg: Config, progress: bool, split: str, index, samples):
+    """The Predictor's logits over one split of a source or of shards (None if empty); for an
+    ensemble, the log of its members' mixture."""
+    from lookcloser.ensemble import EnsemblePredictor
+
+    if isinstance(predictor, EnsemblePredictor):
+        outputs = [
+            split_outputs(member, cfg, progress, split, index, samples)
+            for member in predictor.members
+        ]
+        return None if outputs[0] is None else predictor.combine_outputs(outputs)
+    if index is None:
+        if not samples:
+            return None
+        from lookcloser.engine.datamodule import split_boxes
+
+        return predictor.run_samples(
+            samples,
+            cfg.data.batch_size,
+            cfg.data.num_workers,
+            progress,
+            f"evaluate {split}",
+            boxes=split_boxes(cfg, samples, split),
+        )
+    if not index.urls.get(split):
+        return None
+    from torch.utils.data import DataLoader
+
+    from lookcloser.data.shards import ShardDataset
+
+    # The same decoded images and eval transform as the folder path, so the same logits.
+    dataset = ShardDataset.from_index(
+        index,
+        split,
+        transform=predictor.item_transform,
+        meta_keys=predictor.meta_keys,
+        max_pixels=predictor.max_pixels,
+        on_bad_image=cfg.data.on_bad_image,
+        rank=0,
+        world_size=1,
+        with_name=True,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        collate_fn=_collate_named,
+    )
+    # len(loader) counts batches as if one reader made them all; each worker makes its own.
+    total = dataset.batch_count(cfg.data.batch_size, cfg.data.num_workers)
+    named = _Named(loader)
+    batches = iter(named) if total is None else _Counted(named, total)  # no total: none shown
+    out = predictor.run_batches(batches, progress, f"evaluate {split}")
+    # Each output's sample name (its packed relative path or source file), in output order:
+    # DataLoader workers interleave shards, and skipped images leave gaps.
+    out.paths = named.names
+    return out
+
+
+def _collate_named(items):
+    """A Batch of (..., name) items and their names (a module function: workers pickle it)."""
+    from lookcloser.data.batch import collate
+
+    return collate([item[:-1] for item in items]), [item[-1] for item in items]
+
+
+class _Named:
+    """The Batches of a loader of (Batch, names) pairs, keeping the names in order."""
+
+    def __init__(self, loader):
+        self.loader, self.names = loader, []
+
+    def __iter__(self):
+        for batch, names in self.loader:
+            self.names.extend(names)
+            yield batch
+
+
+class _Counted:
+    """A loader with the number of batches it really yields as its length (the progress
+    bar's total)."""
+
+    def __init__(self, loader, total: int):
+        self.loader, self.total = loader, total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def outputs_on_test(
+    model_dir: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    progress: bool = True,
+    device: str = "cpu",
+    tta: str | None = None,
+):
+    """The loaded Predictor (or EnsemblePredictor) and its logits, labels and image paths on
+    the model's test split (or on data.* overrides); for shards, the paths are the samples'
+    names (`data.shards.sample_name`: their packed relative path or source file)."""
+    from lookcloser.data.prepare import verified
+
+    predictor = load_model(model_dir, device, tta)
+    cfg = Config.from_dict(predictor.info["config"])
+    for item in overrides or []:
+        if not item.startswith("data."):
+            raise ConfigError(f"eval takes data.* overrides only, got {item!r}")
+        if item.startswith("data.meta_keys="):
+            raise ConfigError("eval: data.meta_keys is the model's own; it cannot be overridden")
+    cfg.apply_overrides(overrides or [])
+    predictor.max_pixels = cfg.data.max_image_pixels  # an override applies to evaluation too
+    test, index = [], None
+    if cfg.data.source == SHARDS:
+        from lookcloser.data.shards import open_shards
+
+        index = open_shards(cfg.data.root)
+        check_same_classes(index.classes, predictor.classes)
+    else:
+        splits = build_source(cfg.data)
+        check_same_classes(splits.classes, predictor.classes)
+        test = verified(splits.replace_samples([], splits.test, []), cfg.data)[0].test
+    out = split_outputs(predictor, cfg, progress, "test", index, test)
+    if out is None:
+        raise DataError(f"data.root={cfg.data.root}: no test split to evaluate")
+    return predictor, out
+
+
+def check_same_classes(data_classes: list[str], model_classes: list[str]) -> None:
+    """DataError unless the data's classes are the model's, in the same order."""
+    if data_classes != model_classes:
+        missing = sorted(set(data_classes) - set(model_classes))
+        raise DataError(
+            "the data's classes differ from the model's"
+            + (f" (not in the model: {', '.join(missing[:5])})" if missing else " (order or names)")
+        )
