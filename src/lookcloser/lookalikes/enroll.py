@@ -118,7 +118,9 @@ def _class_inputs(
     return sums, counts, decision, skipped
 
 
-def _grown_rows(module: nn.Module, direction: Tensor | None, new: int) -> dict[str, Tensor]:
+def _grown_rows(
+    module: nn.Module, direction: Tensor | None, new: int, means: Tensor | None = None
+) -> dict[str, Tensor]:
     """The classifier's tensors with `new` classes' rows appended (from `direction`: a
     (new x D) matrix of mean embeddings; None: the mean of the trained rows).
 
@@ -140,6 +142,10 @@ def _grown_rows(module: nn.Module, direction: Tensor | None, new: int) -> dict[s
     elif isinstance(module, nn.Linear):
         common = weight.mean(0, keepdim=True)
         spread = (weight - common).norm(dim=1).mean()
+        if means is not None:  # the trained rows' reach along their own classes' directions
+            known = means.norm(dim=1) > 0
+            own = F.normalize(means[known] - means[known].mean(0, keepdim=True), dim=1)
+            spread = ((weight[known] - common) * own).sum(1).mean().clamp_min(1e-6)
         rows = common + F.normalize(direction, dim=1) * spread
     else:
         scale = weight.norm(dim=1).mean()
@@ -157,6 +163,7 @@ def enrolled_state(
     batch_size: int = 32,
     on_bad_image: str = "error",
     reference_mean: Tensor | None = None,
+    reference_means: Tensor | None = None,
 ):
     """The base model's weights with the new classes' rows added to its classifiers; the
     images each class was enrolled from; the files skipped; the new class list
@@ -212,7 +219,8 @@ def enrolled_state(
                 rows = rows - rows.mean(0, keepdim=True)
                 if layer == decision:
                     centred = "the mean of the enrolled classes' mean embeddings"
-        for key, tensor in _grown_rows(module, rows, len(new)).items():
+        means = reference_means if isinstance(module, nn.Linear) and layer == decision else None
+        for key, tensor in _grown_rows(module, rows, len(new), means).items():
             # the class rows in the new class order (each class's sub-centres together)
             blocks = tensor.reshape(len(order), -1, *tensor.shape[1:])[order]
             grown[f"{layer}.{key}" if layer else key] = blocks.reshape(tensor.shape)
@@ -281,8 +289,9 @@ def enroll(
     predictor = Predictor.load(model_dir, tta="none")
     check_new_classes(predictor.classes, new, str(model_dir / "model.json"))
     files = {name: image_files(paths) for name, paths in new.items()}
+    mean, means = _gallery_means(model_dir, predictor)
     state, used, skipped, classes, centred = enrolled_state(
-        predictor, files, batch_size, on_bad_image, _gallery_mean(model_dir, predictor)
+        predictor, files, batch_size, on_bad_image, mean, means
     )
     record = dict(predictor.info)
     for key in ("format", "format_version", "weights", "versions", "created"):
@@ -303,20 +312,26 @@ def enroll(
     return EnrollResult(out, used, skipped)
 
 
-def _gallery_mean(model_dir: Path, predictor) -> Tensor | None:
-    """The mean embedding of the model directory's gallery (None without a usable one)."""
+def _gallery_means(model_dir: Path, predictor) -> tuple[Tensor | None, Tensor | None]:
+    """The mean embedding of the model directory's gallery and its per-class means (rows of
+    0 for classes without references); (None, None) without a usable gallery."""
     from lookcloser.lookalikes.gallery import find_gallery, load_gallery
 
     folder = find_gallery(model_dir)
     if folder is None:
-        return None
+        return None, None
     try:
         gallery = load_gallery(folder, predictor)
     except ModelDirError:
-        return None
+        return None, None
     if not len(gallery):
-        return None
-    return torch.from_numpy(gallery.embeddings.mean(axis=0))
+        return None, None
+    embeddings = torch.from_numpy(gallery.embeddings)
+    labels = torch.from_numpy(gallery.labels)
+    sums = torch.zeros(len(predictor.classes), embeddings.shape[1])
+    sums.index_add_(0, labels, embeddings)
+    counts = torch.bincount(labels, minlength=len(predictor.classes)).clamp_min(1)
+    return embeddings.mean(0), sums / counts[:, None]
 
 
 def _check_loads(out: Path) -> None:
