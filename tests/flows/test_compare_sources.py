@@ -11,23 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flowkit import SCRATCH
 
 from lookcloser import api
 from lookcloser.cli import main
 from lookcloser.errors import DataError
 
-# Seconds per run: a tiny random backbone on 32 px images (plumbing, not learning).
+# Seconds per run: flowkit's tiny random backbone on 32 px images (plumbing, not learning),
+# one epoch without validation.
 TINY = [
-    "model.backbone=test_efficientnet",
-    "model.pretrained=false",
-    "data.image_size=32",
-    "data.crop_pct=1.0",
-    "data.batch_size=8",
-    "data.num_workers=0",
+    *SCRATCH,
     "data.val_fraction=0",
     "trainer.epochs=1",
     "trainer.val_every_n_epochs=0",
-    "trainer.progress=none",
     "trainer.cpu_threads=1",
 ]
 
