@@ -159,7 +159,7 @@ def split_files(root: Path, split: str, classes: list[str] | None = None):
 
 def features(predictor, files: list[str], batch_size: int = 64):
     """(raw decision features N x D, logits N x C) of image files, batch by batch."""
-    from lookcloser.lookalikes.embed import method_logits_and_features
+    from lookcloser.models.embedding import method_logits_and_features
 
     feats, logits = [], []
     for start in range(0, len(files), batch_size):

@@ -8,12 +8,16 @@ the row. Then a short guide: which method for which data, from those figures. Th
 depends on the records only (and on the headings of docs/benchmarks.md, for the links), so a
 second run changes nothing.
 
-Records (benchmarks/report.py, append_records) are of three kinds:
+Records (benchmarks/report.py, append_records) are of five kinds:
 - `run`: one trained model's test figures (or one ensemble's), written by accuracy.py and
   tta_ensemble.py as each run finishes;
 - `summary`: figures over seeds where the per-seed ones were never printed (imported from the
   docs: means of TTA, ECE means);
-- `cost`: training / inference ratios against the baseline (method_cost.py, tta_ensemble.py).
+- `cost`: training / inference ratios against the baseline (method_cost.py, tta_ensemble.py);
+- `scale`: wall time and peak RSS of each command against classes and images (scale.py),
+  shown in the page's last tables;
+- `longtail`: one class head's test figures on a long-tailed set, with the head-versus-tail
+  breakdown (longtail.py), shown in that set's section and the guide.
 A run is keyed by (dataset, entry, TTA, ensemble, backbone, size, epochs, validation share,
 seed); where a key was measured more than once the newest record counts, except records
 marked `current: false` (the spine re-check), which are only noted.
@@ -35,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import DOC, RECORDS, markdown_table, read_records  # noqa: E402
+from scale import scale_section  # noqa: E402
 
 SECTION = "results"
 LITE0 = "tf_efficientnet_lite0"
@@ -473,6 +478,161 @@ def leaderboard(rows: list[Row], every: dict, costs: list[dict], anchors) -> tup
     return markdown_table(header, lines), notes
 
 
+def longtail_runs(records: list[dict], dataset: str) -> dict[str, dict[int, dict]]:
+    """longtail.py's records of a set: entry -> seed -> the newest record."""
+    runs: dict[str, dict[int, dict]] = {}
+    for r in records:  # oldest first: later ones replace earlier ones
+        if r["kind"] == "longtail" and r["dataset"] == dataset:
+            runs.setdefault(r["entry"], {})[r["seed"]] = r
+    return runs
+
+
+def mean_sd(values: list[float], bold: bool = False) -> str:
+    """Percentages from fractions: mean ± sample sd (the mean alone for one value)."""
+    values = [100 * v for v in values]
+    mean = one_decimal(statistics.mean(values))
+    mean = f"**{mean}**" if bold else mean
+    if len(values) == 1:
+        return mean
+    return f"{mean} ± {one_decimal(statistics.stdev(values))}"
+
+
+def paired_text(runs: dict[int, dict], base: dict[int, dict], key: str) -> str:
+    """Mean over shared seeds of (runs - base) in points, and how many seeds are higher."""
+    diffs = [100 * (runs[s][key] - base[s][key]) for s in runs if s in base]
+    if not diffs:
+        return ""
+    higher = sum(d > 0 for d in diffs)
+    return f"{one_decimal(statistics.mean(diffs), True)} (higher on {higher} of {len(diffs)} seeds)"
+
+
+def longtail_lines(records: list[dict], dataset: str, anchors: dict[str, str]) -> list[str]:
+    """The long-tail table of a set (benchmarks/longtail.py): class-head variants on frozen
+    features against `plain`, best mean per-class accuracy first; [] without records."""
+    runs = longtail_runs(records, dataset)
+    if "plain" not in runs:
+        return []
+    base = runs["plain"]
+    first = next(iter(base.values()))
+    section = link(f"`{first['section']}`", first["section"], anchors)
+    groups = {
+        g: f"{first[f'{g}_classes']} classes, {first[f'{g}_test_images']:,} test images"
+        for g in ("many", "medium", "few")
+    }
+    order = sorted(
+        runs,
+        key=lambda e: (
+            -round(statistics.mean(r["mean_per_class_accuracy"] for r in runs[e].values()), 5)
+        ),
+    )
+    header = [
+        "",
+        "variant",
+        "mean per-class %",
+        "top-1 %",
+        f"many-shot % ({groups['many']})",
+        f"medium % ({groups['medium']})",
+        f"few-shot % ({groups['few']})",
+        "mean per-class vs plain, paired",
+        "top-1 vs plain, paired",
+        "seeds",
+        "settings (chosen on val)",
+        "from",
+    ]
+    lines = []
+    for rank, entry in enumerate(order, 1):
+        these = runs[entry]
+        seeds = sorted(these)
+
+        def figure(key: str, bold: bool = False, these: dict = these, seeds: list = seeds) -> str:
+            return mean_sd([these[s][key] for s in seeds], bold)
+
+        versus_plain = entry != "plain"
+        lines.append(
+            [
+                str(rank),
+                f"`{entry}`",
+                figure("mean_per_class_accuracy", bold=True),
+                figure("top1"),
+                figure("many"),
+                figure("medium"),
+                figure("few"),
+                paired_text(these, base, "mean_per_class_accuracy") if versus_plain else "",
+                paired_text(these, base, "top1") if versus_plain else "",
+                f"{len(seeds)} ({', '.join(map(str, seeds))})",
+                longtail_settings(these[seeds[-1]]),
+                section,
+            ]
+        )
+    return [
+        f"**The long tail, class head only** (`{first['command']} --record`; the protocol and "
+        f"each variant's settings are in {section}): "
+        f"ImageNet `{first['backbone']}` frozen, its pooled features at {first['size']} px, only "
+        "the class head trained, each variant's learning rate and epochs chosen on a validation "
+        "split carved from train. Mean per-class accuracy is the figure to read: top-1 is "
+        f"mostly the many-shot classes' ({first['many_test_images']:,} of "
+        f"{first['test_images']:,} test images). A shot group's figure is the mean of its "
+        "classes' accuracies; the few-shot one rests on "
+        f"{first['few_test_images']} test images.",
+        "",
+        markdown_table(header, lines),
+        "",
+        "Variants: "
+        + "; ".join(
+            f"`{e}`: {runs[e][max(runs[e])]['what']}"
+            for e in order
+            if "what" in runs[e][max(runs[e])]
+        )
+        + ".",
+        "",
+    ]
+
+
+def longtail_advice(records: list[dict], anchors: dict[str, str]) -> str:
+    """The guide's line on long-tailed sets from fish23's long-tail records ('' without the
+    variants it names)."""
+    runs = longtail_runs(records, "fish23")
+    named = ("plain", "balanced", "sqrt", "twostage", "arcface", "arcface-tuned", "prototype")
+    named += ("arcface-balanced", "prototype-balanced", "balanced@plain")
+    if any(e not in runs for e in named):
+        return ""
+
+    def vs(entry: str, key: str = "mean_per_class_accuracy") -> str:
+        return paired_text(runs[entry], runs["plain"], key).split(" ", 1)[0]
+
+    def acc(entry: str, key: str = "mean_per_class_accuracy") -> str:
+        return mean_sd([r[key] for r in runs[entry].values()])
+
+    first = next(iter(runs["plain"].values()))
+    return (
+        "- **Long-tailed sets (fish23): sample the classes evenly.** Measured so far with the "
+        f"class head alone on frozen ImageNet Lite0 features at {first['size']} px "
+        f"({link('`' + first['section'] + '`', first['section'], anchors)}; no fine-tune yet). "
+        f"Mean per-class accuracy, plain head {acc('plain')}: class-balanced sampling "
+        f"{vs('balanced')} points (top-1 {vs('balanced', 'top1')}; {vs('balanced@plain')} at "
+        f"plain's lr and epochs), square-root sampling {vs('sqrt')}. ArcFace at its defaults "
+        f"(s = 30, m = 0.3) costs the tail ({vs('arcface')}) while raising top-1 "
+        f"({vs('arcface', 'top1')}); with s = 64, m = 0.1 it gains both ({vs('arcface-tuned')}, "
+        f"{vs('arcface-tuned', 'top1')}). The prototype head gives the best top-1 "
+        f"({vs('prototype', 'top1')}) but nothing to the tail ({vs('prototype')}) unless sampled "
+        f"evenly (`prototype-balanced` {vs('prototype-balanced')}, top-1 "
+        f"{vs('prototype-balanced', 'top1')}); `arcface-balanced` is the tail's best "
+        f"({vs('arcface-balanced')}) at {vs('arcface-balanced', 'top1')} top-1. The two-stage "
+        f"schedule adds {vs('twostage')}: on frozen features its first stage learns no "
+        "representation, so it is only a short balanced touch-up of the plain head."
+    )
+
+
+def longtail_settings(record: dict) -> str:
+    """A long-tail record's training settings: lr and epochs, and what else it has."""
+    parts = [f"lr {record['lr']:g}, {record['epochs']} epochs"]
+    if record.get("stage2_epochs"):
+        parts.append(f"then balanced lr {record['stage2_lr']:g}, {record['stage2_epochs']} epochs")
+    if record.get("scale") is not None:
+        parts.append(f"s = {record['scale']:g}, m = {record['margin']:g}")
+    return "; ".join(parts)
+
+
 # ----------------------------------------------------------------------------- page
 
 
@@ -522,12 +682,15 @@ def render(records: list[dict], anchors: dict[str, str]) -> str:
         )
         size = f" {counts[0]:,} train / {counts[1]:,} test images." if counts else ""
         out += [f"### {name}", "", f"{text[0].upper()}{text[1:]}.{size}", ""]
+        tail = longtail_lines(records, name, anchors)
         if not members:
             out += [
-                f"No runs yet. The first one: `python benchmarks/accuracy.py --methods "
-                f"baseline --datasets {name} --seeds 0 1 2 --data-root DATA` (it records mean "
-                "per-class accuracy too, the figure to read on a long-tailed set).",
+                f"No {'fine-tuning ' if tail else ''}runs yet. The first one: "
+                f"`python benchmarks/accuracy.py --methods baseline --datasets {name} --seeds "
+                "0 1 2 --data-root DATA` (it records mean per-class accuracy too, the figure to "
+                "read on a long-tailed set).",
                 "",
+                *tail,
             ]
             continue
         # Best mean first (to 0.001, under float32 noise); at the same mean, more seeds first.
@@ -558,8 +721,10 @@ def render(records: list[dict], anchors: dict[str, str]) -> str:
         if twice:
             notes += ["Measured twice with different figures: " + " ".join(twice)]
         out += [n + "\n" for n in notes]
-    out += guide(rows, costs, anchors)
+        out += tail
+    out += guide(rows, costs, anchors, longtail_advice(records, anchors))
     out += glossary(rows)
+    out += ["", *scale_section(records)]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -574,8 +739,11 @@ def glossary(rows: dict[tuple, Row]) -> list[str]:
     return lines
 
 
-def guide(rows: dict[tuple, Row], costs: list[dict], anchors: dict[str, str]) -> list[str]:
-    """Which method for which data, every figure taken from the rows above."""
+def guide(
+    rows: dict[tuple, Row], costs: list[dict], anchors: dict[str, str], longtail: str = ""
+) -> list[str]:
+    """Which method for which data, every figure taken from the rows above (`longtail`: the
+    long-tailed sets' line, from longtail.py's records)."""
 
     def row(dataset, entry, tta=None, ensemble=None, size=COMMON_SIZE, epochs=COMMON_EPOCHS,
             backbone=LITE0):  # fmt: skip
@@ -655,7 +823,8 @@ def guide(rows: dict[tuple, Row], costs: list[dict], anchors: dict[str, str]) ->
         f"`fusion` gives {acc(meta)}, {vs(meta)} over the image-only model"
         + see("accuracy-heads")
         + ".",
-        "- **Long-tailed sets (fish23): not measured yet.** Start with the baseline and read "
+        longtail
+        or "- **Long-tailed sets (fish23): not measured yet.** Start with the baseline and read "
         "mean per-class accuracy beside top-1.",
         "- **Few labels and many unlabelled images:** see the semi-supervised strategies"
         + see("semi")

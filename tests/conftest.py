@@ -11,6 +11,22 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory):
+    """The suite's own cache folder (generated data, image verdicts): never the user's,
+    shared by the whole session and by the commands it starts."""
+    import os
+
+    folder = tmp_path_factory.mktemp("lookcloser-cache")
+    previous = os.environ.get("LOOKCLOSER_CACHE")
+    os.environ["LOOKCLOSER_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("LOOKCLOSER_CACHE", None)
+    else:
+        os.environ["LOOKCLOSER_CACHE"] = previous
+
+
 class _RangeHandler(BaseHTTPRequestHandler):
     """Serves files under the server's root with HTTP Range support and injectable faults."""
 

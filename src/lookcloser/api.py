@@ -16,8 +16,13 @@ from lookcloser.checks import check_config
 from lookcloser.config import Config, as_config
 from lookcloser.errors import ConfigError, DataError
 from lookcloser.modeldir import trusting_modules
-from lookcloser.predictor import Predictor
-from lookcloser.scoring import check_same_classes, outputs_on_test, split_outputs
+from lookcloser.predictor import PredictionStream, Predictor
+from lookcloser.scoring import (
+    check_same_classes,
+    outputs_on_test,  # noqa: F401  (public: api.outputs_on_test, whole arrays)
+    split_stream,
+    stream_on_test,
+)
 from lookcloser.training import TrainResult
 
 log = logging.getLogger(__name__)
@@ -28,6 +33,7 @@ __all__ = [
     "load",
     "evaluate",
     "predict",
+    "predict_stream",
     "explain",
     "export",
     "serve",
@@ -107,14 +113,17 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of a saved model or ensemble on its test split (or on data.* overrides);
     `tta` as for `load`."""
-    from lookcloser.evaluation import compute_metrics, summary, write_confusion
+    from lookcloser.evaluation import StreamingMetrics, summary, write_confusion
 
-    predictor, out = outputs_on_test(
+    predictor, stream = stream_on_test(
         model_dir, overrides, progress=progress, device=device, tta=tta
     )
-    metrics = compute_metrics(out.logits, out.labels, predictor.classes, split="test")
+    counts = StreamingMetrics(predictor.classes)
+    for batch in stream:  # batch by batch: memory flat in the number of test images
+        counts.update(batch.logits, batch.labels)
+    metrics = counts.compute("test")
     if write_to is not None:
-        write_confusion(metrics["confusion"], predictor.classes, write_to)
+        write_confusion(metrics["confusion_counts"], predictor.classes, write_to)
     return {**summary(metrics), "most_confused": metrics["most_confused"]}
 
 
@@ -137,6 +146,25 @@ def predict(
     -> [x, y, w, h] in original pixels) or such a mapping; left out, the model's attention
     chooses the crops (images without a box: see `.without_box`).
     """
+    stream = predict_stream(model_dir, paths, top_k, batch_size, on_bad_image, meta, tta, boxes)
+    return stream.collect()
+
+
+def predict_stream(
+    model_dir: str | Path,
+    paths: list[str | Path],
+    top_k: int = 5,
+    batch_size: int = 32,
+    on_bad_image: str = "error",
+    meta: str | Path | dict | list | None = None,
+    tta: str | None = None,
+    boxes: str | Path | dict | None = None,
+) -> PredictionStream:
+    """`predict` batch by batch (arguments as for `predict`): a PredictionStream to iterate
+    once, yielding each batch's list of Predictions as it is predicted, so memory stays flat
+    in the number of images. Files, metadata and boxes are checked before the first batch;
+    `.skipped` grows as bad files are met. With on_bad_image="error" the batches before the
+    first bad file are yielded, then a BadImagesError names every bad file."""
     if isinstance(boxes, str | Path):
         from lookcloser.data.boxes import read_box_file
 
@@ -144,7 +172,7 @@ def predict(
     predictor = load(model_dir, tta=tta)
     if boxes is not None and not getattr(predictor, "crop_fusion", False):
         raise ConfigError(f"boxes: {model_dir} has no crop fusion (model.crop_fusion=none)")
-    return predictor.predict(
+    return predictor.predict_stream(
         paths,
         top_k=top_k,
         batch_size=batch_size,
@@ -418,6 +446,7 @@ def fit_ensemble(
     from lookcloser.data.prepare import prepare_data
     from lookcloser.ensemble import fit_weights, write_ensemble_dir
     from lookcloser.predictor import Predictor as Single
+    from lookcloser.records import RunRecord
 
     if not model_dirs:
         raise ConfigError("ensemble fit: no model directories")
@@ -456,17 +485,21 @@ def fit_ensemble(
     data = prepare_data(replace_dc(cfg.data, unlabelled=None))
     for m in members:
         check_same_classes(data.classes, m.classes)
-    outputs = [split_outputs(m, cfg, progress, "val", data.index, data.val) for m in members]
-    if outputs[0] is None or len(outputs[0].labels) == 0:
+    # One streamed pass per member, kept as a RunRecord (top-K classes per image and the
+    # label's probability): never M x N x C probabilities.
+    streams = [split_stream(m, cfg, progress, "val", data.index, data.val) for m in members]
+    records = [
+        None if s is None else RunRecord.from_stream(s, len(m.classes))
+        for s, m in zip(streams, members, strict=True)
+    ]
+    if records[0] is None or records[0].images == 0:
         raise DataError(
             f"ensemble fit: no validation split (data.root={cfg.data.root}, "
             f"data.val_fraction={cfg.data.val_fraction}): weights must be fitted on images the "
             "members did not train on; train the members with data.val_fraction > 0, or pass "
             "data.root=<a labelled set with a val/ folder>"
         )
-    fit = fit_weights(
-        [o.logits.float().softmax(dim=1) for o in outputs], outputs[0].labels, seed, maxiter
-    )
+    fit = fit_weights(records, seed=seed, maxiter=maxiter)
     info = {
         "classes": members[0].classes,
         "validation": {"split": split, "val_split": data.val_split},

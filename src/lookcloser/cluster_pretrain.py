@@ -45,7 +45,7 @@ from lookcloser.errors import ConfigError, DataError
 from lookcloser.fileio import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
 from lookcloser.modeldir import WEIGHTS, is_model_dir, read_model_json
 from lookcloser.rundir import RunDir, has_checkpoint
-from lookcloser.semi.records import ground_truth, read_rows, read_stages, semi_dir, truth_columns
+from lookcloser.semi.records import ground_truth, iter_rows, read_stages, semi_dir, truth_columns
 from lookcloser.semi.records import write_stage as _write_stage
 from lookcloser.training import TrainResult, run_dir_for, train
 
@@ -221,7 +221,7 @@ def _select(cfg: Config, run_dir: Path, name: str, model, data, progress: bool) 
 
     done = {s["name"]: s for s in read_stages(run_dir, missing_ok=True)}
     if name in done:
-        kept = {r["path"] for r in read_rows(run_dir, done[name]) if r["kept"] == "True"}
+        kept = {r["path"] for r in iter_rows(run_dir, done[name]) if r["kept"] == "True"}
         return [s for s in data.unlabelled if s.path in kept]
     transform, _ = _transform(cfg, model)
     record, rows, kept = filter_stage(
@@ -244,7 +244,7 @@ def _embeddings(
     cfg: Config, folder: Path, model, previous: Path | None, samples: list[Sample], progress: bool
 ) -> np.ndarray:
     from lookcloser.semi.embeddings import cache_key, cached_embeddings
-    from lookcloser.semi.scoring import run_model
+    from lookcloser.semi.scoring import embed
 
     transform, size = _transform(cfg, model)
     if previous is None:
@@ -254,7 +254,7 @@ def _embeddings(
     key = cache_key(**identity, size=size, crop=cfg.data.crop_pct, paths=[s.path for s in samples])
 
     def compute() -> torch.Tensor:
-        return run_model(
+        return embed(
             model,
             samples,
             transform,
@@ -264,8 +264,7 @@ def _embeddings(
             progress,
             "embed",
             _device(cfg),
-            logits=False,
-        ).embeddings
+        )
 
     return cached_embeddings(
         folder / "embeddings.safetensors", key, compute, _Say(progress)

@@ -21,16 +21,19 @@ import hashlib
 import html
 import io
 import json
+import logging
 import math
 import re
 import shutil
 import statistics
 import sys
 import time
-from collections import Counter
+import warnings
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +41,11 @@ import numpy as np
 
 from lookcloser.errors import ConfigError, DataError
 from lookcloser.explain.overlay import literal_text
-from lookcloser.fileio import atomic_open, atomic_write_bytes, atomic_write_text
+from lookcloser.fileio import atomic_write_bytes, atomic_write_text
 from lookcloser.modeldir import is_model_dir, read_model_json
+from lookcloser.records import RunRecord
+
+log = logging.getLogger(__name__)
 
 MARKER = ".lookcloser-compare"
 # Config keys that do not change what a run learns: runs differing only in these are seeds
@@ -78,10 +84,9 @@ class Run:
     key: str  # the group key: the config that defines the method
     flat_config: dict[str, str]
     group: str = ""
-    # Filled by `evaluate_runs`: predictions on the test split.
-    labels: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    logits: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
-    paths: list[str] = field(default_factory=list)
+    # Filled by `evaluate_runs`: the run's record of its test split (top-K classes per image,
+    # per-class counts: never its images x classes outputs), and its metrics computed here.
+    outputs: RunRecord | None = None
     computed: dict[str, Any] = field(default_factory=dict)
     # Filled by `align_runs`: each test image's key (data.samples.image_key), and whether
     # the outputs are in the first run's image order (False: old shards matched by counts).
@@ -98,17 +103,30 @@ class Run:
         return self.recorded if self.recorded is not None else self.computed
 
     @property
+    def labels(self) -> np.ndarray:
+        """Each test image's class."""
+        return self._outputs.labels
+
+    @property
+    def paths(self) -> list[str]:
+        """Each test image's path (or shard sample name)."""
+        return self._outputs.paths
+
+    @property
     def predictions(self) -> np.ndarray:
-        return self.logits.argmax(1)
+        """Each test image's top-1 class."""
+        return self._outputs.predictions
 
     @property
     def per_class(self) -> np.ndarray:
         """Accuracy per class on the test split (NaN for a class with no test image)."""
-        classes = self.logits.shape[1]
-        right = np.bincount(self.labels, self.predictions == self.labels, classes)
-        count = np.bincount(self.labels, minlength=classes)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, right / np.maximum(count, 1), np.nan)
+        return self._outputs.per_class_accuracy
+
+    @property
+    def _outputs(self) -> RunRecord:
+        if self.outputs is None:
+            raise ValueError(f"{self.path}: not evaluated yet (evaluate_runs)")
+        return self.outputs
 
 
 @dataclass
@@ -136,9 +154,13 @@ class Group:
         """The run whose model is timed and explained: the lowest seed."""
         return min(self.runs, key=lambda r: (r.seed, str(r.path)))
 
-    @property
+    @cached_property
     def per_class(self) -> np.ndarray:
-        return np.nanmean(np.stack([r.per_class for r in self.runs]), axis=0)
+        """Accuracy per class, mean over the runs (computed once: the runs are evaluated and
+        aligned before they are grouped)."""
+        with warnings.catch_warnings():  # a class without test images is NaN, as it should
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(np.stack([r.per_class for r in self.runs]), axis=0)
 
 
 @dataclass
@@ -252,7 +274,9 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
 
 
 # ---- predictions on the test split -----------------------------------------------------------
-CACHE_VERSION = 2  # 2: shard outputs carry their samples' names
+# 2: shard outputs carry their samples' names; 3: a RunRecord (top-K classes per image and
+# the metrics of the same pass), no longer every logit (4 GB a run at 100k x 10k).
+CACHE_VERSION = 3
 
 
 def _cache_file(run: Run, cache: Path) -> Path:
@@ -262,39 +286,48 @@ def _cache_file(run: Run, cache: Path) -> Path:
     return cache / f"{digest[:24]}.npz"
 
 
+def _cached(run: Run, file: Path, max_images: int | None) -> RunRecord | None:
+    """The run's cached record, if the file holds one that fits the run (else None)."""
+    record = RunRecord.load(file, max_images)
+    if record is None:
+        return None
+    wanted = ("images", *METRICS)
+    if record.num_classes != len(run.record["classes"]) or not all(
+        isinstance(record.metrics.get(k), int | float) for k in wanted
+    ):
+        log.warning("%s: ignored, rebuilt (a record of another run, or without its metrics)", file)
+        return None
+    return record
+
+
 def evaluate_runs(
-    runs: Sequence[Run], cache: Path, progress: bool, device: str = "cpu"
+    runs: Sequence[Run],
+    cache: Path,
+    progress: bool,
+    device: str = "cpu",
+    tests: Sequence[TestSet] | None = None,
 ) -> list[str]:
-    """Each run's test-split logits (from the cache or through the Predictor);
-    returns notes on runs whose re-evaluation differs from their metrics.json."""
-    from lookcloser.evaluation import compute_metrics, summary
-    from lookcloser.scoring import outputs_on_test
+    """Each run's record of its test split (from the cache, else one streamed pass through
+    the Predictor: top-K classes per image and the metrics); `tests` (each run's listing)
+    bounds what a cache file may hold. Returns notes on runs whose re-evaluation differs
+    from their metrics.json."""
+    from lookcloser.evaluation import StreamingMetrics, summary
+    from lookcloser.scoring import stream_on_test
 
     cache.mkdir(parents=True, exist_ok=True)
     notes = []
-    for run in runs:
+    for i, run in enumerate(runs):
         file = _cache_file(run, cache)
-        if file.is_file():
-            with np.load(file, allow_pickle=False) as saved:
-                run.logits, run.labels = saved["logits"], saved["labels"]
-                run.paths = [str(p) for p in saved["paths"]]
-        else:
+        bound = len(tests[i].keys) if tests is not None else None
+        record = _cached(run, file, bound)
+        if record is None:
             _say(progress, f"evaluating {run.path} on its test split")
-            predictor, out = outputs_on_test(run.path, progress=progress, device=device)
-            run.logits = out.logits.float().numpy()
-            run.labels = out.labels.numpy().astype(np.int64)
-            run.paths = [str(p) for p in out.paths]
-            # A file object: np.savez given a name would add ".npz" to the temporary one.
-            with atomic_open(file, "wb") as f:
-                np.savez(
-                    f, logits=run.logits, labels=run.labels, paths=np.array(run.paths, dtype=str)
-                )
-        import torch
-
-        metrics = compute_metrics(
-            torch.from_numpy(run.logits), torch.from_numpy(run.labels), run.record["classes"]
-        )
-        run.computed = summary(metrics)
+            predictor, stream = stream_on_test(run.path, progress=progress, device=device)
+            counts = StreamingMetrics(predictor.classes)
+            record = RunRecord.from_stream(stream, len(predictor.classes), observe=counts.update)
+            record.metrics = summary(counts.compute())
+            record.save(file)
+        run.outputs, run.computed = record, dict(record.metrics)
         if run.recorded is not None:
             diff = abs(run.computed["top1"] - run.recorded["top1"])
             if run.computed["images"] != run.recorded["images"] or diff > 1e-6:
@@ -409,7 +442,8 @@ def check_comparable(runs: Sequence[Run]) -> tuple[list[TestSet], list[str]]:
 def _check_classes(a: Run, b: Run) -> None:
     mine, theirs = list(a.record["classes"]), list(b.record["classes"])
     for have, lack, has, not_has in ((b, a, theirs, mine), (a, b, mine, theirs)):
-        extra = [c for c in has if c not in not_has]
+        known = set(not_has)  # a set: at 10k classes a list scan per class is 10^8 steps
+        extra = [c for c in has if c not in known]
         if extra:
             raise DataError(
                 f"compare: {b.path} and {a.path} have different classes: {have.path} has "
@@ -492,11 +526,8 @@ def align_runs(runs: Sequence[Run], tests: Sequence[TestSet]) -> list[str]:
             for name, label in zip(run.paths, run.labels, strict=True)
         ]
         if classes != first_classes:  # the same classes in another order: by name
-            order = [classes.index(c) for c in first_classes]
-            run.logits = run.logits[:, order]
-            run.labels = np.array(
-                [first_classes.index(classes[int(i)]) for i in run.labels], dtype=np.int64
-            )
+            position = {name: i for i, name in enumerate(first_classes)}
+            run.outputs = run._outputs.renumber(np.array([position[c] for c in classes]))
     aligned = [r for r in runs if r.aligned]
     if not runs[0].paths or any(not r.keys for r in aligned):
         return []
@@ -513,8 +544,7 @@ def align_runs(runs: Sequence[Run], tests: Sequence[TestSet]) -> list[str]:
     for run in aligned:
         position = {k: i for i, k in enumerate(run.keys)}
         order = np.array([position[k] for k in wanted], dtype=np.int64)
-        run.logits, run.labels = run.logits[order], run.labels[order]
-        run.paths = [run.paths[i] for i in order]
+        run.outputs = run._outputs.take(order)
         run.keys = list(wanted)
     return notes
 
@@ -582,14 +612,19 @@ def measure_cost(
 
 # ---- choosing and explaining images ------------------------------------------------------------
 def _spread_classes(indices: list[int], labels: np.ndarray) -> list[int]:
-    """The indices reordered so that successive ones come from different classes."""
-    seen: dict[int, int] = {}
-    ranked = []
-    for i in indices:
-        rank = seen.get(int(labels[i]), 0)
-        seen[int(labels[i])] = rank + 1
-        ranked.append((rank, i))
-    return [i for _, i in sorted(ranked)]
+    """The indices reordered so that successive ones come from different classes: each
+    class's first image (in index order), then each class's second, and so on."""
+    index = np.asarray(indices, dtype=np.int64)
+    if not len(index):
+        return []
+    classes = np.asarray(labels)[index]
+    by_class = np.argsort(classes, kind="stable")
+    sorted_classes = classes[by_class]
+    starts = np.flatnonzero(np.r_[True, sorted_classes[1:] != sorted_classes[:-1]])
+    # An image's rank among the images of its class before it.
+    rank = np.empty(len(index), dtype=np.int64)
+    rank[by_class] = np.arange(len(index)) - np.repeat(starts, np.diff(np.r_[starts, len(index)]))
+    return index[np.lexsort((index, rank))].tolist()
 
 
 def pick_images(
@@ -597,21 +632,23 @@ def pick_images(
 ) -> list[tuple[int, str]]:
     """Test images to explain: about two thirds where the methods disagree (the reference
     wrong first, then the reference right), the rest right for every method."""
-    ref, others = predictions[0], predictions[1:]
-    n = len(labels)
-    disagree = [i for i in range(n) if len({int(p[i]) for p in predictions}) > 1]
-    ref_wrong = [i for i in disagree if ref[i] != labels[i]]
-    ref_right = [i for i in disagree if ref[i] == labels[i]]
-    all_right = [i for i in range(n) if all(p[i] == labels[i] for p in predictions)]
-    all_wrong = [i for i in range(n) if i not in disagree and ref[i] != labels[i]]
+    others = predictions[1:]
+    # Masks over the images (linear in images x methods; a list scan per image was quadratic).
+    stacked = np.stack([np.asarray(p) for p in predictions])
+    ref_is_right = stacked[0] == labels
+    disagree = (stacked != stacked[0]).any(axis=0)
+    ref_wrong = np.flatnonzero(disagree & ~ref_is_right).tolist()
+    ref_right = np.flatnonzero(disagree & ref_is_right).tolist()
+    all_right = np.flatnonzero((stacked == labels).all(axis=0)).tolist()
+    all_wrong = np.flatnonzero(~disagree & ~ref_is_right).tolist()
     quota = count - count // 3 if others else 0
     chosen: list[tuple[int, str]] = []
-    pools = [_spread_classes(ref_wrong, labels), _spread_classes(ref_right, labels)]
+    pools = [deque(_spread_classes(ref_wrong, labels)), deque(_spread_classes(ref_right, labels))]
     whys = [f"methods disagree; {reference} wrong", f"methods disagree; {reference} right"]
     while len(chosen) < quota and any(pools):
         for pool, why in zip(pools, whys, strict=True):
             if pool and len(chosen) < quota:
-                chosen.append((pool.pop(0), why))
+                chosen.append((pool.popleft(), why))
     # The rest: images every method gets right, and one that every method gets wrong.
     right = _spread_classes(all_right, labels)
     wrong = _spread_classes(all_wrong, labels)
@@ -1255,7 +1292,7 @@ def build_report(
     tests, notes = check_comparable(runs)
     out = Path(out)
     prepare_out(out)
-    notes += evaluate_runs(runs, out / "cache", progress, device)
+    notes += evaluate_runs(runs, out / "cache", progress, device, tests)
     notes += align_runs(runs, tests)
     groups = group_runs(runs)
     classes = list(runs[0].record["classes"])

@@ -113,3 +113,14 @@ def safe_name(text: str, limit: int = 64) -> str:
     text = re.sub(r"[\x00-\x1f\x7f/\\:]", "_", str(text)).replace("..", "__")
     text = text.encode("utf-8", "backslashreplace")[:limit].decode("utf-8", "ignore")
     return text if text not in ("", ".") else "_"
+
+
+def cache_root() -> Path:
+    """Where lookcloser keeps what it can rebuild (generated data, image verdicts):
+    $LOOKCLOSER_CACHE, else $XDG_CACHE_HOME/lookcloser, else ~/.cache/lookcloser."""
+    env = os.environ.get("LOOKCLOSER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "lookcloser"

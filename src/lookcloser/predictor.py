@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lookcloser.data.batch import Batch, collate, stack_images
-from lookcloser.data.boxes import crop_to_box, parse_box, report_missing
+from lookcloser.data.boxes import parse_box, report_missing
+from lookcloser.data.files import FileDataset, check_predict_arguments, collate_files
 from lookcloser.data.images import (
     DEFAULT_MAX_PIXELS,
     image_errors,
@@ -27,7 +28,6 @@ from lookcloser.data.sources import Sample
 from lookcloser.data.transforms import eval_transform
 from lookcloser.errors import (
     SKIP_BAD_IMAGES_HINT,
-    BadImageError,
     BadImagesError,
     ConfigError,
     ModelDirError,
@@ -74,50 +74,6 @@ class Predictions(list):
         self.without_box: list[str] = []
 
 
-class _FileDataset(torch.utils.data.Dataset):
-    """Image files for prediction: (position, tensor, None), or (position, None, reason); with
-    `boxes` (one per file, data/boxes.py) the tensor is (image, crop)."""
-
-    def __init__(self, files: Sequence[str], transform, max_pixels: int, boxes=None):
-        self.files = files
-        self.transform = transform
-        self.max_pixels = max_pixels
-        self.boxes = boxes
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        path = self.files[index]
-        try:
-            image = load_image(path, self.max_pixels)
-            if self.boxes is None:
-                with image_errors(path):  # a transform's MemoryError etc.: a bad image
-                    return index, self.transform(image), None
-        except BadImageError as err:
-            return index, None, err.reason
-        crop = crop_to_box(image, self.boxes[index], f"{path} (boxes)")
-        try:
-            with image_errors(path):
-                return index, (self.transform(image), self.transform(crop)), None
-        except BadImageError as err:
-            return index, None, err.reason
-
-
-def _collate_files(items):
-    """(positions of good images, their stacked tensors (or (images, crops)), [(path,
-    reason)] of bad ones)."""
-    good = [(i, t) for i, t, _ in items if t is not None]
-    bad = [(i, r) for i, t, r in items if t is None]
-    if good and isinstance(good[0][1], tuple):
-        images = tuple(
-            torch.stack(list(parts)) for parts in zip(*(t for _, t in good), strict=True)
-        )
-    else:
-        images = stack_images([t for _, t in good]) if good else torch.empty(0)
-    return [i for i, _ in good], images, bad
-
-
 def top_predictions(
     files: Sequence[str], positions: Sequence[int], probs: Tensor, classes: Sequence[str], k: int
 ) -> list[Prediction]:
@@ -129,14 +85,75 @@ def top_predictions(
     ]
 
 
-def check_predict_arguments(top_k: int, batch_size: int, on_bad_image: str) -> None:
-    """ConfigError for a bad top_k, batch_size or on_bad_image."""
-    if on_bad_image not in ("error", "skip"):
-        raise ConfigError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
-    if top_k < 1:
-        raise ConfigError(f"top_k: expected an integer >= 1, got {top_k}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size}")
+# One batch of image files: (positions of its files read, their B x C probabilities or None
+# when not predicted, [(position, reason)] of its files not read).
+ProbabilityBatch = tuple[list[int], Tensor | None, list[tuple[int, str]]]
+
+
+def collect_probabilities(
+    files: Sequence[str], batches: Iterable[ProbabilityBatch], num_classes: int
+) -> tuple[list[int], Tensor, list[tuple[str, str]]]:
+    """(positions read, N x C probabilities, [(path, reason)] not read) of a whole stream."""
+    positions: list[int] = []
+    probs: list[Tensor] = []
+    skipped: list[tuple[str, str]] = []
+    for indices, batch, failures in batches:
+        skipped += [(files[i], reason) for i, reason in failures]
+        if batch is not None and indices:
+            probs.append(batch)
+            positions += indices
+    return positions, torch.cat(probs) if probs else torch.empty(0, num_classes), skipped
+
+
+class PredictionStream:
+    """Top-k predictions of image files, one list per batch in input order (iterate once):
+    each batch's probabilities are cut to its top-k at once, so memory is flat in the number
+    of images.
+
+    `files`: every image file found; `without_box`: those a box mapping had no box for;
+    `skipped` grows with the (path, reason) of files not read. With on_bad_image="error" it
+    yields nothing from the first batch holding an unreadable file on, reads on to name every
+    one, and raises a BadImagesError at its end: batches yielded before stay valid.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        batches: Iterable[ProbabilityBatch],
+        classes: Sequence[str],
+        top_k: int,
+        on_bad_image: str,
+        without_box: Sequence[str] = (),
+    ):
+        self.files = files
+        self.classes = classes
+        self.top_k = top_k
+        self.on_bad_image = on_bad_image
+        self.without_box = list(without_box)
+        self.skipped: list[tuple[str, str]] = []
+        self._batches: Iterable[ProbabilityBatch] | None = batches
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[list[Prediction]]:
+        if self._batches is None:
+            raise ConfigError("a PredictionStream is iterated once; call predict_stream again")
+        batches, self._batches = self._batches, None
+        for positions, probs, failures in batches:
+            self.skipped += [(self.files[i], reason) for i, reason in failures]
+            if probs is None or not positions or (self.skipped and self.on_bad_image == "error"):
+                continue  # nothing (more) to predict; reading goes on to name every bad file
+            yield top_predictions(self.files, positions, probs, self.classes, self.top_k)
+        if self.skipped and self.on_bad_image == "error":
+            raise BadImagesError(self.skipped, len(self.files), SKIP_BAD_IMAGES_HINT)
+
+    def collect(self) -> Predictions:
+        """Every prediction in one Predictions list, with `.skipped` and `.without_box`."""
+        results = Predictions(p for batch in self for p in batch)
+        results.skipped = list(self.skipped)
+        results.without_box = list(self.without_box)
+        return results
 
 
 @dataclass
@@ -161,6 +178,29 @@ class EvalOutput:
     logits: Tensor
     labels: Tensor
     paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OutputBatch:
+    """One batch of a split's outputs, in sample order: logits (log-probabilities with TTA or
+    for an ensemble), labels and the samples' paths (or shard sample names)."""
+
+    logits: Tensor
+    labels: Tensor
+    paths: list[str]
+
+
+def collect_outputs(stream: Iterable[OutputBatch], num_classes: int) -> EvalOutput:
+    """One EvalOutput from a stream of batches (for callers that want whole arrays; what
+    grows with the split should consume the stream instead)."""
+    logits, labels, paths = [], [], []
+    for batch in stream:
+        logits.append(batch.logits)
+        labels.append(batch.labels)
+        paths += batch.paths
+    if not logits:
+        return EvalOutput(torch.empty(0, num_classes), torch.empty(0, dtype=torch.long))
+    return EvalOutput(torch.cat(logits), torch.cat(labels), paths)
 
 
 # Compat: model directories written before training-only parts existed name DCL's saved
@@ -430,19 +470,33 @@ class Predictor:
         as their crop and are listed in `.without_box`. Left out, the model's attention
         chooses the crops.
         """
+        return self.predict_stream(
+            paths, top_k, batch_size, num_workers, on_bad_image, meta, boxes
+        ).collect()
+
+    def predict_stream(
+        self,
+        paths: Iterable[str | Path],
+        top_k: int = 5,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        on_bad_image: str = "error",
+        meta: Mapping[str, Mapping] | Sequence[Mapping] | None = None,
+        boxes: Mapping[str, Sequence[float]] | None = None,
+    ) -> PredictionStream:
+        """`predict` batch by batch: a PredictionStream yielding each batch's top-k
+        predictions as it is predicted (memory flat in the number of images). Arguments,
+        files, metadata and boxes are checked here, before the first batch; with
+        on_bad_image="error" the batches before the first bad image are yielded, then the
+        stream reads on and raises a BadImagesError naming every bad file."""
         check_predict_arguments(top_k, batch_size, on_bad_image)
         files = [str(f) for p in paths for f in list_image_files(p)]
         per_file = self._file_boxes(files, boxes)
-        positions, probs, skipped = self.file_probabilities(
+        batches = self.file_probability_batches(
             files, batch_size, num_workers, on_bad_image, meta, per_file
         )
-        results = Predictions(top_predictions(files, positions, probs, self.classes, top_k))
-        results.skipped = skipped
-        if per_file is not None:
-            results.without_box = report_missing(files, per_file, "boxes")
-        if skipped and on_bad_image == "error":
-            raise BadImagesError(skipped, len(files), SKIP_BAD_IMAGES_HINT)
-        return results
+        without_box = report_missing(files, per_file, "boxes") if per_file is not None else []
+        return PredictionStream(files, batches, self.classes, top_k, on_bad_image, without_box)
 
     def _file_boxes(self, files: Sequence[str], boxes: Mapping | None) -> list | None:
         """One box (or None) per file from a path -> box mapping; None without boxes."""
@@ -472,28 +526,46 @@ class Predictor:
         probabilities, [(path, reason)] of the files not read). With `on_bad_image="error"`,
         prediction stops at the first bad file but reading goes on, to name them all.
         `boxes`: one [x, y, w, h] or None per file, for crop-fusion models."""
+        batches = self.file_probability_batches(
+            files, batch_size, num_workers, on_bad_image, meta, boxes
+        )
+        return collect_probabilities(files, batches, len(self.classes))
+
+    def file_probability_batches(
+        self,
+        files: Sequence[str],
+        batch_size: int = 32,
+        num_workers: int = 0,
+        on_bad_image: str = "error",
+        meta: Mapping[str, Mapping] | Sequence[Mapping] | None = None,
+        boxes: Sequence | None = None,
+    ) -> Iterator[ProbabilityBatch]:
+        """`file_probabilities` batch by batch: (positions of the batch's files read, their
+        B x C probabilities, [(position, reason)] of its files not read). With
+        `on_bad_image="error"` the probabilities are None from the first batch holding a bad
+        file on. Metadata and boxes are checked on the call, before the first batch."""
         values, mask = self._file_meta(files, meta)
         self._check_boxes(boxes)
         loader = DataLoader(
-            _FileDataset(files, self.item_transform, self.max_pixels, boxes),
+            FileDataset(files, self.item_transform, self.max_pixels, boxes),
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=_collate_files,
+            collate_fn=collate_files,
         )
-        positions: list[int] = []
-        probs: list[Tensor] = []
-        skipped: list[tuple[str, str]] = []
+        return self._probability_batches(loader, on_bad_image, values, mask)
+
+    def _probability_batches(
+        self, loader: DataLoader, on_bad_image: str, values: Tensor, mask: Tensor
+    ) -> Iterator[ProbabilityBatch]:
+        bad = False
         for indices, images, failures in loader:
-            skipped += [(files[i], reason) for i, reason in failures]
-            if (skipped and on_bad_image == "error") or not indices:
-                continue  # no more predictions, but keep reading to name every bad file
+            bad = bad or bool(failures)
+            if (bad and on_bad_image == "error") or not indices:
+                yield indices, None, failures  # keep reading to name every bad file
+                continue
             images, crops = images if isinstance(images, tuple) else (images, None)
-            probs.append(
-                self.batch_probabilities(images, values[indices], mask[indices], crops).cpu()
-            )
-            positions += indices
-        empty = torch.empty(0, len(self.classes))
-        return positions, torch.cat(probs) if probs else empty, skipped
+            probs = self.batch_probabilities(images, values[indices], mask[indices], crops)
+            yield indices, probs.cpu(), failures
 
     def embed(
         self,
@@ -508,7 +580,7 @@ class Predictor:
         (the plain view: no TTA). Returns a `lookalikes.embed.EmbeddingStream` yielding
         batches (memory flat in the number of images); `on_bad_image` as for `predict`.
         A folder without images is a DataError naming it."""
-        from lookcloser.lookalikes.embed import embed_files
+        from lookcloser.embeddings import embed_files
 
         return embed_files(self, paths, batch_size, num_workers, on_bad_image, meta)
 
@@ -550,29 +622,48 @@ class Predictor:
     ) -> EvalOutput:
         """Logits for labelled samples (the inference path that `eval` measures); `boxes`:
         one [x, y, w, h] or None per sample, for crop-fusion models (data/boxes.py)."""
+        stream = self.stream_samples(samples, batch_size, num_workers, progress, description, boxes)
+        return collect_outputs(stream, len(self.classes))
+
+    def stream_samples(
+        self,
+        samples: Sequence[Sample],
+        batch_size: int = 32,
+        num_workers: int = 0,
+        progress: bool = True,
+        description: str = "evaluate",
+        boxes: Sequence | None = None,
+    ) -> Iterator[OutputBatch]:
+        """`run_samples` batch by batch: memory flat in the number of samples."""
         loader = self._loader(samples, batch_size, num_workers, boxes)
-        out = self.run_batches(loader, progress, description)
-        out.paths = [s.path for s in samples]
-        return out
+        done = 0
+        for logits, labels in self.stream_batches(loader, progress, description):
+            # The loader keeps the samples' order and skips none (they were verified).
+            paths = [s.path for s in samples[done : done + len(labels)]]
+            done += len(labels)
+            yield OutputBatch(logits, labels, paths)
 
     def run_batches(
         self, batches: Iterable[Batch], progress: bool = True, description: str = "evaluate"
     ) -> EvalOutput:
         """Logits for Batches made with `self.item_transform` (labels from their targets)."""
+        stream = (
+            OutputBatch(*out, []) for out in self.stream_batches(batches, progress, description)
+        )
+        return collect_outputs(stream, len(self.classes))
+
+    def stream_batches(
+        self, batches: Iterable[Batch], progress: bool = True, description: str = "evaluate"
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """(logits, labels) of each Batch made with `self.item_transform`, as they come."""
         from lookcloser.progress import track
 
-        logits, labels = [], []
         for batch in track(batches, description, enabled=progress):
             if isinstance(batch.images, Tensor):
                 out = self.logits(batch.images, batch.meta, batch.meta_mask, batch.crops)
             else:  # test-time views: the log of the averaged probabilities
                 out = self.batch_probabilities(batch.images, batch.meta, batch.meta_mask).log()
-            logits.append(out.float().cpu())
-            labels.append(batch.targets)
-        if not logits:
-            empty = torch.empty(0, len(self.classes))
-            return EvalOutput(empty, torch.empty(0, dtype=torch.long))
-        return EvalOutput(torch.cat(logits), torch.cat(labels))
+            yield out.float().cpu(), batch.targets
 
     def explain(
         self,

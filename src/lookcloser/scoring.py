@@ -4,6 +4,7 @@ through the same transform, ensembles as the mixture of their members)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from lookcloser.config import Config
@@ -11,26 +12,35 @@ from lookcloser.data.prepare import SHARDS
 from lookcloser.data.sources import build_source
 from lookcloser.errors import ConfigError, DataError
 from lookcloser.loader import load_model
-from lookcloser.predictor import Predictor
+from lookcloser.predictor import OutputBatch, Predictor, collect_outputs
 
 
 def split_outputs(predictor: Predictor, cfg: Config, progress: bool, split: str, index, samples):
     """The Predictor's logits over one split of a source or of shards (None if empty); for an
-    ensemble, the log of its members' mixture."""
+    ensemble, the log of its members' mixture. Whole arrays: `split_stream` streams."""
+    stream = split_stream(predictor, cfg, progress, split, index, samples)
+    return None if stream is None else collect_outputs(stream, len(predictor.classes))
+
+
+def split_stream(
+    predictor: Predictor, cfg: Config, progress: bool, split: str, index, samples
+) -> Iterator[OutputBatch] | None:
+    """The Predictor's outputs over one split of a source or of shards, batch by batch (None
+    if the split is empty); for an ensemble, the log of its members' mixture per batch."""
     from lookcloser.ensemble import EnsemblePredictor
 
     if isinstance(predictor, EnsemblePredictor):
-        outputs = [
-            split_outputs(member, cfg, progress, split, index, samples)
-            for member in predictor.members
+        streams = [
+            split_stream(member, cfg, progress and i == 0, split, index, samples)
+            for i, member in enumerate(predictor.members)
         ]
-        return None if outputs[0] is None else predictor.combine_outputs(outputs)
+        return None if streams[0] is None else _mixture(predictor, streams)
     if index is None:
         if not samples:
             return None
         from lookcloser.engine.datamodule import split_boxes
 
-        return predictor.run_samples(
+        return predictor.stream_samples(
             samples,
             cfg.data.batch_size,
             cfg.data.num_workers,
@@ -40,6 +50,18 @@ def split_outputs(predictor: Predictor, cfg: Config, progress: bool, split: str,
         )
     if not index.urls.get(split):
         return None
+    return _shard_stream(predictor, cfg, progress, split, index)
+
+
+def _mixture(ensemble, streams: list[Iterator[OutputBatch]]) -> Iterator[OutputBatch]:
+    """The members' streams in lockstep (same samples, same batches), mixed batch by batch."""
+    for batches in zip(*streams, strict=True):
+        yield ensemble.combine_outputs(batches)
+
+
+def _shard_stream(
+    predictor: Predictor, cfg: Config, progress: bool, split: str, index
+) -> Iterator[OutputBatch]:
     from torch.utils.data import DataLoader
 
     from lookcloser.data.shards import ShardDataset
@@ -66,11 +88,10 @@ def split_outputs(predictor: Predictor, cfg: Config, progress: bool, split: str,
     total = dataset.batch_count(cfg.data.batch_size, cfg.data.num_workers)
     named = _Named(loader)
     batches = iter(named) if total is None else _Counted(named, total)  # no total: none shown
-    out = predictor.run_batches(batches, progress, f"evaluate {split}")
     # Each output's sample name (its packed relative path or source file), in output order:
     # DataLoader workers interleave shards, and skipped images leave gaps.
-    out.paths = named.names
-    return out
+    for logits, labels in predictor.stream_batches(batches, progress, f"evaluate {split}"):
+        yield OutputBatch(logits, labels, named.take(len(labels)))
 
 
 def _collate_named(items):
@@ -90,6 +111,11 @@ class _Named:
         for batch, names in self.loader:
             self.names.extend(names)
             yield batch
+
+    def take(self, count: int) -> list[str]:
+        """The names of the next `count` outputs (the names are not kept after)."""
+        taken, self.names = self.names[:count], self.names[count:]
+        return taken
 
 
 class _Counted:
@@ -116,7 +142,24 @@ def outputs_on_test(
 ):
     """The loaded Predictor (or EnsemblePredictor) and its logits, labels and image paths on
     the model's test split (or on data.* overrides); for shards, the paths are the samples'
-    names (`data.shards.sample_name`: their packed relative path or source file)."""
+    names (`data.shards.sample_name`: their packed relative path or source file). Whole
+    arrays: `stream_on_test` streams."""
+    predictor, stream = stream_on_test(
+        model_dir, overrides, progress=progress, device=device, tta=tta
+    )
+    return predictor, collect_outputs(stream, len(predictor.classes))
+
+
+def stream_on_test(
+    model_dir: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    progress: bool = True,
+    device: str = "cpu",
+    tta: str | None = None,
+) -> tuple[Predictor, Iterator[OutputBatch]]:
+    """The loaded Predictor (or EnsemblePredictor) and its outputs on the model's test split
+    (or on data.* overrides), batch by batch; every check runs before this returns."""
     from lookcloser.data.prepare import verified
 
     predictor = load_model(model_dir, device, tta)
@@ -138,10 +181,10 @@ def outputs_on_test(
         splits = build_source(cfg.data)
         check_same_classes(splits.classes, predictor.classes)
         test = verified(splits.replace_samples([], splits.test, []), cfg.data)[0].test
-    out = split_outputs(predictor, cfg, progress, "test", index, test)
-    if out is None:
+    stream = split_stream(predictor, cfg, progress, "test", index, test)
+    if stream is None:
         raise DataError(f"data.root={cfg.data.root}: no test split to evaluate")
-    return predictor, out
+    return predictor, stream
 
 
 def check_same_classes(data_classes: list[str], model_classes: list[str]) -> None:

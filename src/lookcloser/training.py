@@ -18,7 +18,7 @@ from typing import Any
 from lookcloser.config import Config
 from lookcloser.errors import ConfigError, DataError, unwrapped
 from lookcloser.predictor import Predictor
-from lookcloser.scoring import split_outputs
+from lookcloser.scoring import split_stream
 from lookcloser.tta import TTA
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def _train(
 
     # Shards: classes and counts from the index; bad images are handled while decoding
     # (data.on_bad_image), as no up-front pass over millions of files is made.
-    data = prepare_data(cfg.data)
+    data = prepare_data(cfg.data, progress)
     record = data_record(data)
     if resume is not None:  # refused before anything is written if the data changed
         check_resume_data(resume[1], record, resume[0])
@@ -258,20 +258,23 @@ def evaluate_and_write(
     predictor: Predictor, cfg: Config, data, run_dir: Path, progress: bool
 ) -> dict[str, Any]:
     """metrics.json: the final model on the val split and on the test split (read only now)."""
-    from lookcloser.evaluation import compute_metrics, summary, write_confusion
+    from lookcloser.evaluation import StreamingMetrics, summary, write_confusion
     from lookcloser.fileio import atomic_write_text
 
     full = {}
     for split in ("val", "test"):
-        out = split_outputs(predictor, cfg, progress, split, data.index, getattr(data, split))
-        if out is None:
+        stream = split_stream(predictor, cfg, progress, split, data.index, getattr(data, split))
+        if stream is None:
             continue
-        metrics = compute_metrics(out.logits, out.labels, predictor.classes, split=split)
+        counts = StreamingMetrics(predictor.classes)
+        for batch in stream:
+            counts.update(batch.logits, batch.labels)
+        metrics = counts.compute(split)
         full[split] = {**summary(metrics), "most_confused": metrics["most_confused"]}
         if predictor.tta is not None:
             full[split]["tta"] = predictor.tta.spec()
         if split == "test":
-            write_confusion(metrics["confusion"], predictor.classes, run_dir)
+            write_confusion(metrics["confusion_counts"], predictor.classes, run_dir)
     atomic_write_text(run_dir / "metrics.json", json.dumps(full, indent=2) + "\n")
     return full
 

@@ -175,7 +175,8 @@ def test_second_report_uses_the_cache(trained, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("evaluated again despite the cache")
 
-    # compare imports it from scoring at call time: patched there, a second evaluation fails
+    # compare imports them from scoring at call time: patched there, a second evaluation fails
+    monkeypatch.setattr(lookcloser.scoring, "stream_on_test", fail)
     monkeypatch.setattr(lookcloser.scoring, "outputs_on_test", fail)
     runs = trained["runs"]
     again = api.compare(
@@ -186,6 +187,65 @@ def test_second_report_uses_the_cache(trained, monkeypatch):
         progress=False,
     )
     assert [g.label for g in again.groups] == ["baseline", "dcl"]
+
+
+def test_report_figures_are_the_dense_outputs(trained):
+    """Per-class accuracy and predictions, now from each run's RunRecord, are those of its
+    model's whole logits (argmax, per-class counts) on the same images."""
+    from lookcloser.scoring import outputs_on_test
+
+    report = trained["report"]
+    for group in report.groups:
+        for run in group.runs:
+            _, out = outputs_on_test(run.path, progress=False)
+            dense = dict(zip(out.paths, out.logits.argmax(dim=1).tolist(), strict=True))
+            assert [dense[p] for p in run.paths] == run.predictions.tolist()
+            labels = out.labels.numpy()
+            right = out.logits.argmax(dim=1).numpy() == labels
+            counts = np.bincount(labels, minlength=len(report.classes))
+            expected = np.bincount(labels[right], minlength=len(report.classes)) / counts
+            np.testing.assert_allclose(run.per_class, expected)
+
+
+def test_a_tampered_cache_file_is_ignored_and_rebuilt(trained, tmp_path, caplog):
+    import logging
+
+    from lookcloser.records import RunRecord
+
+    run = trained["runs"] / "baseline-s0"
+    out = tmp_path / "again"
+    first = api.compare([run], out, cost_rounds=1, images=0, progress=False)
+    (cached,) = (out / "cache").glob("*.npz")
+    per_class = first.csv["per_class"].read_text()
+    cached.write_bytes(cached.read_bytes()[:200])  # cut short
+    with caplog.at_level(logging.WARNING):
+        again = api.compare([run], out, cost_rounds=1, images=0, progress=False)
+    assert f"{cached}: ignored, rebuilt" in caplog.text
+    assert again.csv["per_class"].read_text() == per_class
+    assert RunRecord.load(cached).images == 12  # written again, whole
+
+
+def test_pick_images_is_linear_in_images():
+    """100,000 test images and three methods: the choice takes a fraction of a second (a
+    list scan per image took hours)."""
+    import time
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 1000, size=100_000)
+    predictions = [np.where(rng.random(100_000) < 0.7, labels, (labels + 1) % 1000)]
+    predictions += [np.where(rng.random(100_000) < 0.8, labels, rng.integers(0, 1000, 100_000))]
+    predictions += [labels.copy()]
+    start = time.perf_counter()
+    chosen = pick_images(labels, predictions, 6, "baseline")
+    assert time.perf_counter() - start < 2.0
+    assert len({i for i, _ in chosen}) == 6
+    assert [why for _, why in chosen[:2]] == [
+        "methods disagree; baseline wrong",
+        "methods disagree; baseline right",
+    ]
+    # Successive images of one kind come from different classes.
+    right = [i for i, why in chosen if why == "every method right"]
+    assert len({int(labels[i]) for i in right}) == len(right)
 
 
 def test_not_a_run_dir_is_named(trained, tmp_path, capsys):

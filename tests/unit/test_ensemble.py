@@ -117,13 +117,13 @@ def members(image_set, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ensemble_dir(members, tmp_path_factory, image_set):
     read = []
-    original = Predictor.run_samples
+    original = Predictor.stream_samples
 
     def recording(self, samples, *args, **kwargs):
         read.extend(s.path for s in samples)
         return original(self, samples, *args, **kwargs)
 
-    Predictor.run_samples = recording
+    Predictor.stream_samples = recording
     try:
         result = api.fit_ensemble(
             members, tmp_path_factory.mktemp("ens") / "ens", progress=False, maxiter=20
@@ -241,3 +241,61 @@ def test_cli_fits_an_ensemble(members, tmp_path, capsys):
     with pytest.raises(ModelDirError, match="an ensemble directory"):
         Predictor.load(tmp_path / "e")
     assert cli.main(["eval", str(tmp_path / "e"), "--format", "json", "--no-progress"]) == 0
+
+
+# ---- fitting on RunRecords (issue 25: no M x N x C probabilities) -----------------------------
+def member_logits(seed: int, members: int, images: int, classes: int):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (images,), generator=gen)
+    logits = [torch.randn(images, classes, generator=gen) * 2 for _ in range(members)]
+    for lg in logits:  # the label raised by a random amount: members right on different images
+        lg[torch.arange(images), labels] += torch.rand(images, generator=gen) * 3
+    return logits, labels
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_records_keeping_every_class_fit_the_dense_weights(seed):
+    from lookcloser.records import RunRecord
+
+    logits, labels = member_logits(seed, 3, 50, 6)
+    records = [RunRecord.from_logits(lg, labels) for lg in logits]
+    assert records[0].k == 6  # K >= C: every class kept
+    dense = fit_weights([lg.softmax(dim=1) for lg in logits], labels, seed=seed, maxiter=15)
+    fit = fit_weights(records, seed=seed, maxiter=15)
+    assert fit.weights == dense.weights
+    assert fit.fitted_score == dense.fitted_score and fit.equal_score == dense.equal_score
+    assert fit.member_scores == dense.member_scores and fit.images == 50
+
+
+def test_top_k_records_score_the_mixture_over_the_members_candidates():
+    """With K < C: the log-loss is the dense one (the label's probability is stored); top-1 is
+    the dense top-1 of the members' probabilities outside their own top-K (and not the
+    label) set to 0, the approximation the docstring states."""
+    from lookcloser.records import RunRecord
+
+    logits, labels = member_logits(7, 3, 80, 30)
+    k = 3
+    records = [RunRecord.from_logits(lg, labels, top_k=k) for lg in logits]
+    probs = np.stack([lg.softmax(dim=1).numpy().astype(np.float64) for lg in logits])
+    y = labels.numpy()
+    kept = np.zeros_like(probs)
+    rows = np.arange(len(y))
+    for m, record in enumerate(records):
+        for j in range(k):
+            kept[m, rows, record.top_classes[:, j]] = probs[m, rows, record.top_classes[:, j]]
+        kept[m, rows, y] = probs[m, rows, y]
+    rng = np.random.default_rng(0)
+    for w in [np.full(3, 1 / 3), np.eye(3)[0], *rng.dirichlet(np.ones(3), size=20)]:
+        got = score(w, records)
+        assert got["log_loss"] == pytest.approx(score(w, probs, y)["log_loss"], rel=1e-12)
+        assert got["correct"] == score(w, kept, y)["correct"]
+
+
+def test_records_of_other_images_are_refused():
+    from lookcloser.records import RunRecord
+
+    logits, labels = member_logits(1, 2, 20, 4)
+    a = RunRecord.from_logits(logits[0], labels)
+    b = RunRecord.from_logits(logits[1], labels.flip(0))
+    with pytest.raises(ConfigError, match="member 1 was scored on other images"):
+        fit_weights([a, b])

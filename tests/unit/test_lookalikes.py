@@ -14,14 +14,9 @@ from PIL import Image
 
 from lookcloser.config import Config
 from lookcloser.data.prepare import TrainingData
+from lookcloser.embeddings import embed_tensors, embedding_info
 from lookcloser.errors import BadImagesError, ConfigError, DataError, ModelDirError
-from lookcloser.lookalikes.embed import (
-    embed_tensors,
-    embedding_info,
-    onnx_differences,
-    read_embeddings,
-    write_embeddings,
-)
+from lookcloser.lookalikes.embed import onnx_differences, read_embeddings, write_embeddings
 from lookcloser.lookalikes.enroll import enroll
 from lookcloser.lookalikes.gallery import GALLERY_JSON, build_gallery, load_gallery
 from lookcloser.lookalikes.openset import auroc, calibrate

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from PIL import Image
@@ -66,20 +64,24 @@ def test_batch_count_unknown_for_training_streams(packed):
     assert train.batch_count(2, 2) is None
 
 
-def test_split_outputs_gives_the_progress_bar_the_real_total(packed):
-    """split_outputs hands run_batches an iterable whose length is the real batch count."""
+def test_split_stream_gives_the_progress_bar_the_real_total(packed):
+    """split_stream hands stream_batches an iterable whose length is the real batch count."""
     seen = {}
 
     class Recorder:
         item_transform = staticmethod(lambda image: torch.zeros(3, 4, 4))
         meta_keys: list[str] = []
         max_pixels = sh.DEFAULT_MAX_PIXELS
+        classes = ["a", "b"]
 
-        def run_batches(self, batches, progress, description):
+        def stream_batches(self, batches, progress, description):
             seen["total"], seen["description"] = len(batches), description
-            seen["yielded"] = sum(1 for _ in batches)
-            return SimpleNamespace()
+            seen["yielded"] = 0
+            for batch in batches:
+                seen["yielded"] += 1
+                yield torch.zeros(len(batch.targets), 2), batch.targets
 
     cfg = Config.load(None, ["data.batch_size=32", "data.num_workers=2"])
-    split_outputs(Recorder(), cfg, True, "test", packed[4], [])
+    out = split_outputs(Recorder(), cfg, True, "test", packed[4], [])
     assert seen == {"total": 2, "description": "evaluate test", "yielded": 2}
+    assert len(out.labels) == len(out.paths) > 0  # every output named, batch by batch

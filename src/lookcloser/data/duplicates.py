@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from lookcloser.data.table import sample_paths
 
 _CHUNK = 1 << 20
 SHOWN = 5  # files named in a one-line report; the rest are counted
@@ -27,13 +29,18 @@ def normal_path(path: str | os.PathLike) -> str:
 
 
 def file_keys(
-    paths: Iterable[str], sides: Sequence[Hashable] | None = None, content: bool = True
+    paths: Iterable[str],
+    sides: Sequence[Hashable] | None = None,
+    content: bool = True,
+    known: Callable[[str], str | None] | None = None,
 ) -> dict[str, Hashable]:
     """A key per path, equal for paths that name the same file or files with the same bytes.
 
     Files that cannot be read keep a key of their own path. With `sides` (one per path, e.g.
     the split of each), only files of equal size on different sides are hashed: enough to
     find what two splits share, and far less reading than hashing every equal-size group.
+    `known(path)` may give a file's digest without reading it (the image verification cache,
+    data/verify_cache.py: the same BLAKE2b-160 of the unchanged file), else None.
     """
     paths = list(paths)
     sides_of_path: dict[str, set] = defaultdict(set)
@@ -65,7 +72,7 @@ def file_keys(
                 continue
             groups: dict[str, list[tuple[int, int]]] = defaultdict(list)
             for inode, path in inodes.items():
-                digest = _digest(path)
+                digest = (known(path) if known is not None else None) or _digest(path)
                 if digest is not None:
                     groups[digest].append(inode)
             for digest, group in groups.items():
@@ -119,28 +126,35 @@ class SplitOverlap:
         }
 
 
-def split_overlaps(splits: dict[str, Sequence[Any]], content: bool = True) -> list[SplitOverlap]:
+def split_overlaps(
+    splits: dict[str, Sequence[Any]],
+    content: bool = True,
+    known: Callable[[str], str | None] | None = None,
+) -> list[SplitOverlap]:
     """What each pair of splits (name -> samples with `.path`) shares, train/test first.
 
-    Checked: train-test, val-test and train-val, by file identity and (with `content`) bytes.
+    Checked: train-test, val-test and train-val, by file identity and (with `content`) bytes
+    (`known`: digests already known, as for `file_keys`).
     """
     names = [n for n in ("train", "val", "test") if splits.get(n)]
-    paths = [s.path for n in names for s in splits[n]]
-    sides = [n for n in names for _ in splits[n]]
-    keys = file_keys(paths, sides, content)
+    # Each split's paths read once (a SampleTable builds them, without building samples).
+    split_paths = {n: list(sample_paths(splits[n])) for n in names}
+    paths = [p for n in names for p in split_paths[n]]
+    sides = [n for n in names for _ in split_paths[n]]
+    keys = file_keys(paths, sides, content, known)
     first_path: dict[str, dict[Hashable, str]] = {
-        n: {keys[s.path]: s.path for s in reversed(splits[n])} for n in names
+        n: {keys[p]: p for p in reversed(split_paths[n])} for n in names
     }
     overlaps = []
     for a, b in (("train", "test"), ("val", "test"), ("train", "val")):
         if a not in first_path or b not in first_path:
             continue
         seen, pairs = set(), []
-        for sample in splits[b]:
-            key = keys[sample.path]
+        for path in split_paths[b]:
+            key = keys[path]
             if key in first_path[a] and key not in seen:
                 seen.add(key)
-                pairs.append((first_path[a][key], sample.path))
+                pairs.append((first_path[a][key], path))
         if pairs:
             overlaps.append(SplitOverlap(a, b, pairs))
     return overlaps

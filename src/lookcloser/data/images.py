@@ -12,7 +12,10 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
+import stat
 import struct
+import time
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,7 +28,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lookcloser.data.duplicates import SplitOverlap
 from lookcloser.data.sources import Sample, is_image_file
+from lookcloser.data.table import FieldView, SampleTable, sample_paths, take
+from lookcloser.data.verify_cache import (
+    DIGEST_SIZE,
+    RACY_NS,
+    VerifyCache,
+    path_key,
+    stat_row,
+)
 from lookcloser.errors import BadImageError, DataError, LookcloserError
+from lookcloser.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -217,16 +229,38 @@ def check_dataset(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Che
 
 
 def verify_samples(
-    samples: Sequence[Sample], on_bad_image: str, max_pixels: int, workers: int = 4
-) -> tuple[list[Sample], list[ImageReport]]:
-    """Decode every sample's image; raise on bad ones ("error") or drop them ("skip")."""
+    samples: Sequence[Sample],
+    on_bad_image: str,
+    max_pixels: int,
+    workers: int = 4,
+    cache: VerifyCache | None = None,
+    progress: bool = False,
+    what: str = "images",
+) -> tuple[Sequence[Sample], list[ImageReport]]:
+    """Decode every sample's image; raise on bad ones ("error") or drop them ("skip").
+
+    With `cache` (data/verify_cache.py), an image whose file is unchanged since it was last
+    verified is not read again: its verdict (fine, or bad with its reason) comes from the
+    cache, and the new verdicts are recorded there (the caller saves it). Paths are taken in
+    chunks, so memory holds a few machine words per sample, not a report per image; a
+    progress bar (`progress`) counts the images that must be decoded. A SampleTable is
+    returned as a SampleTable (the good rows).
+    """
     if on_bad_image not in ("error", "skip"):
         raise DataError(f"data.on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
-    unique = list(dict.fromkeys(s.path for s in samples))
-    reports = _inspect_all(unique, max_pixels, workers)
-    bad = [r for r in reports if not r.ok]
-    if not bad:
-        return list(samples), []
+    paths = sample_paths(samples)
+    keys = np.fromiter((path_key(p) for p in paths), dtype=np.uint64, count=len(paths))
+    first = _first_of_each_path(keys, paths)
+    unique = np.flatnonzero(first == np.arange(len(first)))
+    problems: dict[int, str] = {}  # representative sample -> why its image is unreadable
+    misses = _cached_verdicts(unique, keys, paths, cache, problems, workers)
+    if len(misses):
+        known = len(unique) - len(misses)
+        log.info("verifying %d %s (%d known from the cache)", len(misses), what, known)
+        _verify_misses(misses, keys, paths, max_pixels, workers, cache, problems, progress, what)
+    if not problems:
+        return (samples if isinstance(samples, SampleTable) else list(samples)), []
+    bad = [ImageReport(paths[i], ok=False, problem=problems[i]) for i in sorted(problems)]
     if on_bad_image == "error":
         # One line (the CLI prints errors as one line); `lookcloser data check` lists them all.
         shown = "; ".join(f"{r.path} ({r.problem})" for r in bad[:3])
@@ -235,8 +269,9 @@ def verify_samples(
             f"{len(bad)} unreadable image(s) out of {len(unique)}: {shown}{more}. "
             "Set data.on_bad_image=skip to skip them, or run `lookcloser data check` for the full list"
         )
-    bad_paths = {r.path for r in bad}
-    good = [s for s in samples if s.path not in bad_paths]
+    is_bad = np.zeros(len(first), dtype=bool)
+    is_bad[list(problems)] = True
+    good = take(samples, np.flatnonzero(~is_bad[first]))
     log.warning("skipping %d unreadable image(s) of %d", len(bad), len(unique))
     return good, bad
 
@@ -264,6 +299,172 @@ def _inspect_all(paths: list[str], max_pixels: int, workers: int) -> list[ImageR
     # Decoding releases the GIL for most of its time, so threads do overlap; map keeps order.
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda p: inspect_image(p, max_pixels), paths))
+
+
+VERIFY_CHUNK = 1024  # images verified (and held in flight) at a time
+_STAT_CHUNK = 256  # paths stat-ed per thread task (a task per stat costs more than the stat)
+# Bump when what load_image / decode_bytes accept changes: cached verdicts then expire.
+DECODER_REVISION = 1
+
+
+def verify_settings(max_pixels: int) -> dict[str, object]:
+    """What a verdict depends on besides the file: the verification cache's key."""
+    from PIL import __version__ as pillow
+
+    return {
+        "max_pixels": int(max_pixels),
+        "max_aspect_ratio": MAX_ASPECT_RATIO,
+        "pillow": pillow,
+        "decoder": DECODER_REVISION,
+    }
+
+
+def _first_of_each_path(keys: np.ndarray, paths: Sequence[str]) -> np.ndarray:
+    """For each sample, the first sample with the same path."""
+    n = len(keys)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]] if n else np.zeros(0, bool)
+    group = np.cumsum(starts) - 1
+    first = np.empty(n, dtype=np.int64)
+    first[order] = order[np.flatnonzero(starts)][group]
+    # Equal keys are a path listed twice; a true 64-bit collision keeps its paths apart.
+    for i in np.flatnonzero(first != np.arange(n)).tolist():
+        if paths[i] != paths[first[i]]:
+            same = [j for j in np.flatnonzero(keys == keys[i]).tolist() if j < i]
+            first[i] = next((j for j in same if paths[j] == paths[i]), i)
+    return first
+
+
+def _stats(paths: list[str]) -> np.ndarray:
+    """Rows of (dev, ino, size, mtime_ns) per path; -1 where it is not a readable file."""
+    out = np.full((len(paths), 4), -1, dtype=np.int64)
+    for i, path in enumerate(paths):
+        with contextlib.suppress(OSError, ValueError):
+            st = os.stat(path)
+            if stat.S_ISREG(st.st_mode):
+                out[i] = stat_row(st)
+    return out
+
+
+def _cached_verdicts(
+    unique: np.ndarray,
+    keys: np.ndarray,
+    paths: FieldView,
+    cache: VerifyCache | None,
+    problems: dict[int, str],
+    workers: int,
+) -> np.ndarray:
+    """The samples of `unique` whose verdict the cache does not hold; the bad ones it holds
+    are added to `problems`."""
+    if cache is None or not len(unique):
+        return unique
+    misses = []
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        for start in range(0, len(unique), 16 * VERIFY_CHUNK):
+            chunk = unique[start : start + 16 * VERIFY_CHUNK]
+            names = paths.at(chunk)
+            # Threads: on a network file system each stat is a round trip.
+            parts = [names[j : j + _STAT_CHUNK] for j in range(0, len(names), _STAT_CHUNK)]
+            st = np.concatenate(list(pool.map(_stats, parts)))
+            rows = cache.lookup(keys[chunk], st[:, 0], st[:, 1], st[:, 2], st[:, 3])
+            rows[st[:, 0] < 0] = -1
+            bad = rows >= 0
+            bad[bad] = cache.arrays["problem"][rows[bad]] >= 0  # known bad images
+            for i, row in zip(chunk[bad].tolist(), rows[bad].tolist(), strict=True):
+                problems[i] = cache.problem(row)
+            misses.append(chunk[rows < 0])
+    return np.concatenate(misses)
+
+
+def _verify_misses(
+    misses: np.ndarray,
+    keys: np.ndarray,
+    paths: FieldView,
+    max_pixels: int,
+    workers: int,
+    cache: VerifyCache | None,
+    problems: dict[int, str],
+    progress: bool,
+    what: str,
+) -> None:
+    """Decode the images of `misses`, a chunk in flight at a time; add the bad ones to
+    `problems` and record the verdicts that may be kept in `cache`."""
+    now = time.time_ns()
+
+    def verdicts() -> Iterator[tuple[int, tuple]]:
+        # Decoding releases the GIL for most of its time, so threads do overlap; map keeps order.
+        with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+            for start in range(0, len(misses), VERIFY_CHUNK):
+                chunk = misses[start : start + VERIFY_CHUNK]
+                names = paths.at(chunk)
+                results = pool.map(lambda p: _verify_one(p, max_pixels, now), names)
+                yield from zip(chunk.tolist(), results, strict=True)
+
+    kept: list[tuple[int, tuple[int, int, int, int], bytes, str | None]] = []
+
+    def record() -> None:
+        if kept and cache is not None:
+            key_col, stat_rows, digests, texts = zip(*kept, strict=True)
+            cache.record(
+                np.array(key_col, dtype=np.uint64),
+                np.array(stat_rows, dtype=np.int64),
+                np.frombuffer(b"".join(digests), dtype=np.uint8),
+                list(texts),
+            )
+        kept.clear()
+
+    try:
+        for i, (problem, file_stat, digest) in track(
+            verdicts(), f"verify {what}", enabled=progress, total=len(misses)
+        ):
+            if problem is not None:
+                problems[i] = problem
+            if file_stat is not None:
+                kept.append((int(keys[i]), file_stat, digest, problem))
+            if len(kept) >= VERIFY_CHUNK:
+                record()
+    finally:  # an interrupted pass keeps what it verified
+        record()
+
+
+def _verify_one(
+    path: str, max_pixels: int, now_ns: int
+) -> tuple[str | None, tuple[int, int, int, int] | None, bytes]:
+    """(why the image is unreadable or None, its stat row if the verdict may be cached, digest).
+
+    A verdict is kept only when it is the file's: the file did not change while it was read,
+    its modification time is not within RACY_NS of now, and the failure (if any) is not one
+    of the moment (a missing file, no permission, out of memory).
+    """
+    try:
+        before = os.stat(path)
+    except (OSError, ValueError):
+        before = None
+    try:
+        data = _read_bytes(path)
+    except BadImageError as e:
+        cacheable = e.reason == "empty file" and before is not None and before.st_size == 0
+        return e.reason, (stat_row(before) if cacheable else None), bytes(DIGEST_SIZE)
+    digest = hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+    problem = None
+    try:
+        decode_bytes(path, data, max_pixels)
+    except BadImageError as e:
+        problem = e.reason
+    del data
+    try:
+        after = os.stat(path)
+    except (OSError, ValueError):
+        return problem, None, digest
+    stable = (
+        before is not None
+        and stat_row(before) == stat_row(after)
+        and stat.S_ISREG(after.st_mode)
+        and now_ns - after.st_mtime_ns >= RACY_NS
+        and (problem is None or "out of memory" not in problem)
+    )
+    return problem, (stat_row(after) if stable else None), digest
 
 
 def _read_bytes(path: str | Path) -> bytes:

@@ -22,6 +22,7 @@ from lookcloser.data.boxes import Box, crop_to_box
 from lookcloser.data.images import image_errors, load_image
 from lookcloser.data.meta import meta_tensors
 from lookcloser.data.sources import Sample
+from lookcloser.data.table import FieldView, SampleTable, sample_paths
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -50,7 +51,8 @@ class ImageDataset(Dataset):
         boxes: Sequence[Box | None] | None = None,
         box_source: str = "boxes",
     ):
-        self.samples = list(samples)
+        # A SampleTable stays one (arrays, not an object per sample for workers to copy).
+        self.samples = samples if isinstance(samples, SampleTable) else list(samples)
         self.transform = transform
         self.max_pixels = max_pixels
         self.meta_keys = list(meta_keys)
@@ -59,7 +61,7 @@ class ImageDataset(Dataset):
         self.boxes = boxes
         self.box_source = box_source  # names the boxes' origin in errors
         self.meta, self.meta_mask = meta_tensors(
-            [s.meta for s in self.samples], self.meta_keys, [s.path for s in self.samples]
+            FieldView(self.samples, "meta"), self.meta_keys, sample_paths(self.samples)
         )
 
     def __len__(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from lookcloser.data.samples import (
     require_root,
     stratified_split,
 )
+from lookcloser.data.table import SampleTable
 from lookcloser.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,12 @@ log = logging.getLogger(__name__)
 
 def _labelled(
     pairs: list[tuple[str, str]], classes: list[str], metas: list[dict] | None = None
-) -> list[Sample]:
+) -> Sequence[Sample]:
     index = {name: i for i, name in enumerate(classes)}
+    if metas is None and pairs:
+        # Arrays, not an object per sample (data/table.py): a folder of millions of images
+        # stays small, and DataLoader workers share it instead of copying it page by page.
+        return SampleTable.build((p for p, _ in pairs), [index[c] for _, c in pairs])
     metas = metas or [{}] * len(pairs)
     return [Sample(p, index[c], m) for (p, c), m in zip(pairs, metas, strict=True)]
 

@@ -9,12 +9,15 @@ is the source's own where it has one, else a seeded, stratified share of train
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lookcloser.config import DataConfig
 from lookcloser.data.duplicates import SplitOverlap, file_keys, split_overlaps
-from lookcloser.data.images import list_image_files, verify_samples
+from lookcloser.data.images import list_image_files, verify_samples, verify_settings
 from lookcloser.data.meta import check_meta_keys, check_meta_present, meta_value
 from lookcloser.data.shards import ShardIndex, open_shards
 from lookcloser.data.sources import (
@@ -25,6 +28,8 @@ from lookcloser.data.sources import (
     source_names,
     stratified_split,
 )
+from lookcloser.data.table import SampleTable, sample_labels, sample_paths, take
+from lookcloser.data.verify_cache import VerifyCache, open_cache
 from lookcloser.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -42,10 +47,11 @@ class TrainingData:
     """
 
     classes: list[str]
-    train: list[Sample] = field(default_factory=list)
-    val: list[Sample] = field(default_factory=list)
-    test: list[Sample] = field(default_factory=list)
-    unlabelled: list[Sample] = field(default_factory=list)
+    # Lists, or SampleTables (data/table.py) for sources that hold millions of samples.
+    train: Sequence[Sample] = field(default_factory=list)
+    val: Sequence[Sample] = field(default_factory=list)
+    test: Sequence[Sample] = field(default_factory=list)
+    unlabelled: Sequence[Sample] = field(default_factory=list)
     index: ShardIndex | None = None
     skipped: list[str] = field(default_factory=list)
     val_split: str = "none"
@@ -68,9 +74,15 @@ class TrainingData:
         }
 
 
-def prepare_data(cfg: DataConfig) -> TrainingData:
-    """Load, check and split the data of a training run (DataError / ConfigError if unfit)."""
+def prepare_data(cfg: DataConfig, progress: bool | None = None) -> TrainingData:
+    """Load, check and split the data of a training run (DataError / ConfigError if unfit).
+
+    `progress`: a bar while images are verified (default: when stderr is a terminal).
+    """
+    if progress is None:
+        progress = sys.stderr.isatty()
     keys = check_meta_keys(cfg.meta_keys)
+    known = None  # digests of files unchanged since they were verified
     if cfg.source == SHARDS:
         index = shard_index(cfg)
         check_classes(index.classes, cfg)
@@ -88,9 +100,10 @@ def prepare_data(cfg: DataConfig) -> TrainingData:
         check_classes(splits.classes, cfg)
         check_meta_numbers(keys, splits.train)
         check_meta_present(keys, numeric_meta_keys(splits.train), f"data.source={cfg.source}")
-        splits, skipped = verified(splits, cfg)
-        splits, val_split = with_validation(splits, cfg)
-        warn_overlaps(splits, cfg)
+        splits, skipped, cache = verify_splits(splits, cfg, progress)
+        known = cache.digest if cache is not None else None
+        splits, val_split = with_validation(splits, cfg, known)
+        warn_overlaps(splits, cfg, known)
         data = TrainingData(
             splits.classes,
             splits.train,
@@ -100,34 +113,48 @@ def prepare_data(cfg: DataConfig) -> TrainingData:
             val_split=val_split,
         )
     if cfg.unlabelled:
-        data.unlabelled, bad = unlabelled_samples(cfg, data.val + data.test)
+        held_out = [*data.val, *data.test]
+        data.unlabelled, bad = unlabelled_samples(cfg, held_out, progress, known)
         data.skipped += bad
     return data
 
 
-def with_validation(splits: DatasetSplits, cfg: DataConfig) -> tuple[DatasetSplits, str]:
-    """The splits with a val split (the source's own, else carved) and where it came from."""
+def with_validation(
+    splits: DatasetSplits, cfg: DataConfig, known: Callable[[str], str | None] | None = None
+) -> tuple[DatasetSplits, str]:
+    """The splits with a val split (the source's own, else carved) and where it came from.
+
+    `known`: file digests already known (see `data.duplicates.file_keys`).
+    """
     if splits.val:
         return splits, "official"
     if cfg.val_fraction == 0:
         return splits, "none"
+    # Carved by position, so a SampleTable stays one (two row indices over its arrays).
+    paths = list(sample_paths(splits.train))  # built once: file_keys keys its dict by them
+    labels = sample_labels(splits.train)
+    keys = file_keys(paths, known=known)  # copies of an image stay on one side
     # A seed of its own, so the val carve does not mirror the test carve of the same seed.
-    keys = file_keys(s.path for s in splits.train)  # copies of an image stay on one side
     train, val = stratified_split(
-        splits.train,
+        range(len(paths)),
         cfg.val_fraction,
         f"val-{cfg.split_seed}",
-        label=lambda s: s.label,
-        order=lambda s: s.path,
+        label=lambda i: int(labels[i]),
+        order=lambda i: paths[i],
         key="data.val_fraction",
-        group=lambda s: keys[s.path],
+        group=lambda i: keys[paths[i]],
     )
-    return splits.replace_samples(train, splits.test, val), "carved" if val else "none"
+    train_part, val_part = take(splits.train, train), take(splits.train, val)
+    return splits.replace_samples(train_part, splits.test, val_part), "carved" if val else "none"
 
 
-def warn_overlaps(splits: DatasetSplits, cfg: DataConfig) -> list[SplitOverlap]:
+def warn_overlaps(
+    splits: DatasetSplits, cfg: DataConfig, known: Callable[[str], str | None] | None = None
+) -> list[SplitOverlap]:
     """Warn about files that the given splits share (the user's split: not refused)."""
-    overlaps = split_overlaps({"train": splits.train, "val": splits.val, "test": splits.test})
+    overlaps = split_overlaps(
+        {"train": splits.train, "val": splits.val, "test": splits.test}, known=known
+    )
     for overlap in overlaps:
         log.warning(
             "data.root=%s: %s; the %s figures count images the model trained on or was "
@@ -140,7 +167,7 @@ def warn_overlaps(splits: DatasetSplits, cfg: DataConfig) -> list[SplitOverlap]:
     return overlaps
 
 
-def check_meta_numbers(keys: list[str], samples: list[Sample]) -> None:
+def check_meta_numbers(keys: list[str], samples: Sequence[Sample]) -> None:
     """DataError naming the first sample whose declared metadata value is not a number
     (rather than calling the key absent, as `check_meta_present` would)."""
     for key in keys:
@@ -148,16 +175,50 @@ def check_meta_numbers(keys: list[str], samples: list[Sample]) -> None:
             meta_value(sample.meta, key, sample.path)  # raises, naming sample, key and value
 
 
-def verified(splits: DatasetSplits, cfg: DataConfig) -> tuple[DatasetSplits, list[str]]:
+def verified(
+    splits: DatasetSplits, cfg: DataConfig, progress: bool = False
+) -> tuple[DatasetSplits, list[str]]:
     """Splits without bad images (or a DataError listing them, per data.on_bad_image)."""
+    return verify_splits(splits, cfg, progress)[:2]
+
+
+def verify_splits(
+    splits: DatasetSplits, cfg: DataConfig, progress: bool = False
+) -> tuple[DatasetSplits, list[str], VerifyCache | None]:
+    """`verified`, plus the verification cache it used (None when images are not verified
+    or the cache cannot be used): images unchanged since a previous run are not decoded."""
     if not cfg.verify_images:
-        return splits, []
+        return splits, [], None
+    parts = {"train": splits.train, "test": splits.test, "val": splits.val}
+    cache = open_cache(sample_folders(*parts.values()), verify_settings(cfg.max_image_pixels))
     kept, skipped = [], []
-    for samples in (splits.train, splits.test, splits.val):
-        good, bad = verify_samples(samples, cfg.on_bad_image, cfg.max_image_pixels)
-        kept.append(good)
-        skipped += [f"{r.path}: {r.problem}" for r in bad]
-    return splits.replace_samples(*kept), skipped
+    try:
+        for name, samples in parts.items():
+            good, bad = verify_samples(
+                samples,
+                cfg.on_bad_image,
+                cfg.max_image_pixels,
+                cache=cache,
+                progress=progress,
+                what=f"{name} images",
+            )
+            kept.append(good)
+            skipped += [f"{r.path}: {r.problem}" for r in bad]
+    finally:  # kept even when a bad image stops the run: the next start reads only what changed
+        if cache is not None:
+            cache.save()
+    return splits.replace_samples(*kept), skipped, cache
+
+
+def sample_folders(*parts: Sequence[Sample]) -> set[str]:
+    """The folders the samples' files are in."""
+    folders: set[str] = set()
+    for samples in parts:
+        if isinstance(samples, SampleTable):
+            folders.update(samples.folders)
+        else:
+            folders.update(os.path.dirname(s.path) for s in samples)
+    return folders
 
 
 def check_classes(classes: list[str], cfg: DataConfig) -> None:
@@ -186,7 +247,12 @@ def shard_index(cfg: DataConfig) -> ShardIndex:
     return index
 
 
-def unlabelled_samples(cfg: DataConfig, held_out: list[Sample]) -> tuple[list[Sample], list[str]]:
+def unlabelled_samples(
+    cfg: DataConfig,
+    held_out: Sequence[Sample],
+    progress: bool = False,
+    known: Callable[[str], str | None] | None = None,
+) -> tuple[Sequence[Sample], list[str]]:
     """The images of `data.unlabelled` (labels set to UNLABELLED) and the skipped bad ones.
 
     `data.unlabelled` is a folder, read recursively with sub-folders not taken as classes,
@@ -201,7 +267,10 @@ def unlabelled_samples(cfg: DataConfig, held_out: list[Sample]) -> tuple[list[Sa
         )
     if sep and name in source_names():
         train = build_source(replace(cfg, source=name, root=root)).train
-        samples = [Sample(s.path, UNLABELLED, s.meta) for s in train]
+        if isinstance(train, SampleTable):
+            samples: Sequence[Sample] = train.with_label(UNLABELLED)
+        else:
+            samples = [Sample(s.path, UNLABELLED, s.meta) for s in train]
     else:
         folder = Path(spec).expanduser()
         if not folder.is_dir():
@@ -212,11 +281,20 @@ def unlabelled_samples(cfg: DataConfig, held_out: list[Sample]) -> tuple[list[Sa
         samples = [Sample(str(p), UNLABELLED) for p in list_image_files(folder)]
     if not samples:
         raise DataError(f"data.unlabelled: no images found in {spec}")
+    cache = None
+    if cfg.verify_images:
+        cache = open_cache(sample_folders(samples), verify_settings(cfg.max_image_pixels))
+
+    def digest(path: str) -> str | None:  # unchanged files need not be read again
+        own = cache.digest(path) if cache is not None else None
+        return own or (known(path) if known is not None else None)
+
     # The same file under another name, or the same bytes, counts as the same image.
-    paths = [s.path for s in held_out] + [s.path for s in samples]
-    keys = file_keys(paths, ["held"] * len(held_out) + ["unlabelled"] * len(samples))
+    paths = [s.path for s in held_out] + list(sample_paths(samples))
+    sides = ["held"] * len(held_out) + ["unlabelled"] * len(samples)
+    keys = file_keys(paths, sides, known=digest)
     held = {keys[s.path] for s in held_out}
-    shared = [s.path for s in samples if keys[s.path] in held]
+    shared = [p for p in sample_paths(samples) if keys[p] in held]
     if shared:
         raise DataError(
             f"data.unlabelled: {len(shared)} image(s) are also in the val or test split "
@@ -224,5 +302,16 @@ def unlabelled_samples(cfg: DataConfig, held_out: list[Sample]) -> tuple[list[Sa
         )
     if not cfg.verify_images:
         return samples, []
-    good, bad = verify_samples(samples, cfg.on_bad_image, cfg.max_image_pixels)
+    try:
+        good, bad = verify_samples(
+            samples,
+            cfg.on_bad_image,
+            cfg.max_image_pixels,
+            cache=cache,
+            progress=progress,
+            what="unlabelled images",
+        )
+    finally:
+        if cache is not None:
+            cache.save()
     return good, [f"{r.path}: {r.problem}" for r in bad]

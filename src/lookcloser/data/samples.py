@@ -8,7 +8,7 @@ import math
 import os
 import random
 from collections import defaultdict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +53,14 @@ class DatasetSplits:
         return DatasetSplits(self.classes, train, test, self.name, list(self.annotations), val)
 
 
-def numeric_meta_keys(samples: list[Sample]) -> list[str]:
+def numeric_meta_keys(samples: Sequence[Sample]) -> list[str]:
     """Meta keys that can be declared in `data.meta_keys`: a single number in at least one
     sample, and a number or missing (absent, empty, NaN) in every other; plus `day_of_year`
     where samples carry a `date` (see data.meta)."""
+    # A SampleTable (data/table.py, which imports this module) answers from its columns.
+    from_columns = getattr(samples, "numeric_meta_keys", None)
+    if from_columns is not None and (found := from_columns()) is not None:
+        return found
     kinds: dict[str, bool] = {}  # key -> seen with a number (False: missing only so far)
     refused: set[str] = set()
     for sample in samples:

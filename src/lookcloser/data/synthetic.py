@@ -560,9 +560,10 @@ def _is_unlabelled_set(folder: Path) -> bool:
 
 
 def cache_dir() -> Path:
-    """Where generated data is cached: $LOOKCLOSER_CACHE, else ~/.cache/lookcloser."""
-    env = os.environ.get("LOOKCLOSER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lookcloser"
+    """Where generated data is cached: lookcloser's cache folder (`fileio.cache_root`)."""
+    from lookcloser.fileio import cache_root
+
+    return cache_root()
 
 
 def default_root(classes: int, per_class: int, test_per_class: int, size: int, seed: int) -> Path:

@@ -29,6 +29,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
+from lookcloser.data.table import sample_labels, sample_paths
 from lookcloser.errors import ConfigError
 from lookcloser.fileio import WriteError, atomic_open
 
@@ -210,7 +211,9 @@ def data_record(data) -> dict:
         # Shards: the training shards' names; their samples are not listed up front.
         items = [(url.rsplit("/", 1)[-1], -1) for url in data.index.urls.get("train", [])]
     else:
-        items = [(str(s.path), s.label) for s in data.train]
+        # Paths and labels only: a SampleTable builds no Sample for them.
+        labels = sample_labels(data.train).tolist()
+        items = [(str(p), y) for p, y in zip(sample_paths(data.train), labels, strict=True)]
     prefix = os.path.commonprefix([p for p, _ in items]) if items else ""
     cut = max(prefix.rfind("/"), prefix.rfind(os.sep)) + 1  # 0 without a separator
     total = 0

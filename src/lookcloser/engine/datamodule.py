@@ -22,6 +22,7 @@ from lookcloser.data.loading import EpochSampler, ImageDataset, drops_last, samp
 from lookcloser.data.prepare import TrainingData
 from lookcloser.data.shards import ShardDataset, ShardIndex
 from lookcloser.data.sources import Sample
+from lookcloser.data.table import sample_labels
 from lookcloser.errors import ConfigError
 
 
@@ -62,7 +63,7 @@ def build_datamodule(
             on_bad_image=d.on_bad_image,
             **common,
         )
-    weights = _sampling_weights(cfg, [s.label for s in data.train])
+    weights = _sampling_weights(cfg, sample_labels(data.train).tolist())  # no Sample built
     return FGVCDataModule(
         data.train,
         data.val,

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from lookcloser.data.meta import same_path
+from lookcloser.embeddings import EmbeddingStream
 from lookcloser.errors import BadImageError, ConfigError
-from lookcloser.lookalikes.embed import EmbeddingStream
 from lookcloser.lookalikes.gallery import Lookalikes, find_gallery, load_gallery
 
 THUMB = 160  # thumbnail side in the explain figure and the server's /gallery answers
@@ -35,6 +36,65 @@ def open_lookalikes(
     return Lookalikes(load_gallery(folder, predictor), predictor)
 
 
+class Annotator:
+    """Look-alike answers of predictions, one batch at a time (`predict --neighbours /
+    --reject-unknown` call it on each batch as it is predicted). Built before predicting:
+    with `reject_unknown` an uncalibrated gallery is a ConfigError; `meta` (image path ->
+    dict) is indexed once, not per batch."""
+
+    def __init__(
+        self,
+        predictor,
+        lookalikes: Lookalikes,
+        k: int,
+        reject_unknown: bool,
+        batch_size: int = 32,
+        meta: Mapping[str, Mapping] | None = None,
+    ):
+        if reject_unknown and not lookalikes.calibrated:
+            lookalikes.open_set(np.zeros((1, 1)), np.zeros((1, 1)))  # raises, naming the fix
+        self.predictor = predictor
+        self.lookalikes = lookalikes
+        self.k = k
+        self.batch_size = batch_size
+        self.meta = None if meta is None else {same_path(p): v for p, v in meta.items()}
+
+    def __call__(
+        self, predictions: Sequence, meta: Sequence[Mapping] | None = None
+    ) -> list[dict[str, Any]]:
+        """For each prediction (in order): its `neighbours` (k references of its top class
+        and of its runner-up) and, when the gallery is calibrated, `unknown` and `open_set`.
+        One embedding pass over the predicted files (the plain view); `meta`: one dict per
+        prediction (else looked up in the Annotator's mapping)."""
+        if not predictions:
+            return []
+        lookalikes, k = self.lookalikes, self.k
+        files = [p.path for p in predictions]
+        if meta is None and self.meta is not None:
+            meta = [self.meta.get(same_path(f), {}) for f in files]
+        by_path: dict[str, dict[str, Any]] = {}
+        stream = EmbeddingStream(self.predictor, files, self.batch_size, 0, "skip", meta)
+        top_of = {p.path: p.indices[:2] for p in predictions}
+        for batch in stream:
+            decisions = (
+                lookalikes.open_set(batch.logits, batch.embeddings)
+                if lookalikes.calibrated
+                else None
+            )
+            for i, path in enumerate(batch.paths):
+                extra: dict[str, Any] = {}
+                if k > 0:
+                    extra["neighbours"] = lookalikes.neighbours(
+                        batch.embeddings[i], top_of[path], k
+                    )
+                if decisions is not None:
+                    decision = decisions[i]
+                    extra["unknown"] = decision["unknown"]
+                    extra["open_set"] = {n: decision[n] for n in ("score", "value", "threshold")}
+                by_path[path] = extra
+        return [by_path.get(p.path, {}) for p in predictions]
+
+
 def annotate_predictions(
     predictor,
     predictions: Sequence,
@@ -44,30 +104,12 @@ def annotate_predictions(
     batch_size: int = 32,
     meta: Mapping | Sequence[Mapping] | None = None,
 ) -> list[dict[str, Any]]:
-    """For each prediction (in order): its `neighbours` (k references of its top class and
-    of its runner-up) and, when the gallery is calibrated, `unknown` and `open_set`; with
-    `reject_unknown` an uncalibrated gallery is a ConfigError. One embedding pass over the
-    predicted files (the plain view)."""
-    if reject_unknown and not lookalikes.calibrated:
-        lookalikes.open_set(np.zeros((1, 1)), np.zeros((1, 1)))  # raises, naming the fix
-    files = [p.path for p in predictions]
-    by_path: dict[str, dict[str, Any]] = {}
-    stream = EmbeddingStream(predictor, files, batch_size, 0, "skip", meta)
-    top_of = {p.path: p.indices[:2] for p in predictions}
-    for batch in stream:
-        decisions = (
-            lookalikes.open_set(batch.logits, batch.embeddings) if lookalikes.calibrated else None
-        )
-        for i, path in enumerate(batch.paths):
-            extra: dict[str, Any] = {}
-            if k > 0:
-                extra["neighbours"] = lookalikes.neighbours(batch.embeddings[i], top_of[path], k)
-            if decisions is not None:
-                decision = decisions[i]
-                extra["unknown"] = decision["unknown"]
-                extra["open_set"] = {n: decision[n] for n in ("score", "value", "threshold")}
-            by_path[path] = extra
-    return [by_path.get(p.path, {}) for p in predictions]
+    """The Annotator's answers for predictions (in order); `meta`: image path -> dict, or
+    one dict per prediction. With `reject_unknown` an uncalibrated gallery is a ConfigError."""
+    mapping = meta if isinstance(meta, Mapping) else None
+    rows = None if meta is None or mapping is not None else list(meta)
+    annotator = Annotator(predictor, lookalikes, k, reject_unknown, batch_size, mapping)
+    return annotator(predictions, rows)
 
 
 def answer_of(prediction_dict: dict[str, Any], extra: dict[str, Any], reject: bool) -> str:

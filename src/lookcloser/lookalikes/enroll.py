@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lookcloser.embeddings import image_files
 from lookcloser.errors import (
     SKIP_BAD_IMAGES_HINT,
     BadImagesError,
@@ -33,7 +34,7 @@ from lookcloser.errors import (
     DataError,
     ModelDirError,
 )
-from lookcloser.lookalikes.embed import image_files, is_classifier, watch_classifiers
+from lookcloser.models.embedding import is_classifier, watch_classifiers
 from lookcloser.models.heads import CosineHead, PrototypeHead
 
 
@@ -80,12 +81,12 @@ def _class_inputs(
 ) -> tuple[dict[str, Tensor], dict[str, int], str | None, list[tuple[str, str]]]:
     """Per classifier layer called at inference: the sum of the unit inputs of the last call
     on a batch-wide 2-D input; the image count per layer; the decision layer; bad files."""
-    from lookcloser.predictor import _collate_files, _FileDataset
+    from lookcloser.data.files import FileDataset, collate_files
 
     loader = DataLoader(
-        _FileDataset(files, predictor.transform, predictor.max_pixels),
+        FileDataset(files, predictor.transform, predictor.max_pixels),
         batch_size=batch_size,
-        collate_fn=_collate_files,
+        collate_fn=collate_files,
     )
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from lookcloser.embeddings import EmbeddingStream, embedding_info
 from lookcloser.errors import ConfigError, DataError, ModelDirError
 from lookcloser.fileio import atomic_path, atomic_write_text
-from lookcloser.lookalikes.embed import EmbeddingStream, embedding_info
 from lookcloser.lookalikes.openset import (
     DEFAULT_KEEP,
     calibrate,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,12 @@ def semi_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / SEMI_DIR
 
 
-def write_stage(run_dir: str | Path, record: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+def write_stage(
+    run_dir: str | Path, record: dict[str, Any], rows: Sequence[dict[str, Any]]
+) -> None:
     """Write a stage's rows as `<name>.csv` and put its record into stages.json (replacing a
-    record of the same name)."""
+    record of the same name). The rows are written as they are iterated (scoring.FilterRows
+    makes each one then)."""
     folder = semi_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     name = record["name"]
@@ -57,13 +61,23 @@ def read_stages(run_dir: str | Path, missing_ok: bool = False) -> list[dict[str,
 
 def read_rows(run_dir: str | Path, record: dict[str, Any]) -> list[dict[str, str]]:
     """The per-image rows of a stage (none for a stage that only counts)."""
+    return list(iter_rows(run_dir, record))
+
+
+def iter_rows(run_dir: str | Path, record: dict[str, Any]) -> Iterator[dict[str, str]]:
+    """The per-image rows of a stage, one at a time as the CSV is read (a missing file is
+    reported here, before the first row)."""
     if not record.get("csv"):
-        return []
+        return iter(())
     path = semi_dir(run_dir) / record["csv"]
     if not path.is_file():
         raise DataError(f"{path}: the rows of stage {record['name']!r} are missing")
+    return _csv_rows(path)
+
+
+def _csv_rows(path: Path) -> Iterator[dict[str, str]]:
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        yield from csv.DictReader(f)
 
 
 def ground_truth(spec: str | None) -> dict[str, dict] | None:

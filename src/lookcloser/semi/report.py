@@ -14,7 +14,9 @@ truth, and one picture, `RUN_DIR/semi/report-<stage>.png`:
 
 from __future__ import annotations
 
-from collections import defaultdict
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from lookcloser.explain.overlay import literal_text
 from lookcloser.fileio import atomic_path, safe_name
-from lookcloser.semi.records import read_rows, read_stages, semi_dir
+from lookcloser.semi.records import iter_rows, read_stages, semi_dir
 
 KEPT_COLOUR, DROPPED_COLOUR = "#2e7d32", "#c62828"
 THUMB = 64
@@ -33,12 +35,12 @@ def ood_report(run_dir: str | Path, per_row: int = 6, groups: int = 8) -> list[d
     run_dir = Path(run_dir)
     summaries = []
     for record in read_stages(run_dir):
-        rows = read_rows(run_dir, record)
         picture = semi_dir(run_dir) / f"report-{safe_name(record['name'])}.png"
         if record["kind"] == "online":
             _online_figure(record, picture)
         else:
-            _stage_figure(record, rows, picture, per_row, groups)
+            stage = stage_rows(record, iter_rows(run_dir, record), per_row, groups)
+            _stage_figure(stage, picture, per_row)
         summaries.append(_summary(record, picture))
     return summaries
 
@@ -119,50 +121,98 @@ def _thumbnail(path: str) -> np.ndarray:
         return np.full((THUMB, THUMB, 3), 200, dtype=np.uint8)
 
 
-@literal_text
-def _stage_figure(
-    record: dict[str, Any], rows: list[dict[str, str]], out: Path, per_row: int, groups: int
-) -> None:
+@dataclass
+class StageRows:
+    """What a stage's picture draws, read from its rows in one pass: every row's score, kept
+    flag and (where every row records it) ground truth for the histogram, and the thumbnail
+    lines, so memory follows the images drawn, not the rows (N rows as dicts: ~1 KB each)."""
+
+    score: str
+    threshold: float | None
+    title: str
+    values: np.ndarray
+    kept: np.ndarray
+    in_class: np.ndarray | None  # None unless every row records its truth
+    lines: list[tuple[str, list[dict[str, str]]]]
+
+
+def stage_rows(
+    record: dict[str, Any], rows: Iterable[dict[str, str]], per_row: int, groups: int
+) -> StageRows:
+    """The histogram values and thumbnail lines of a filter or cluster stage: per predicted
+    class (the first `groups` by name) a line of its first kept and one of its first dropped
+    images; per cluster (the `groups` largest) one line, kept images first."""
     if record["kind"] == "filter":
         score = record["ood_score"] if record["ood_score"] != "none" else "confidence"
         threshold = (
             record["thresholds"][score] if score != "confidence" else record["confidence_threshold"]
         )
-        values = np.array([float(r[score]) for r in rows])
-        group_of = [r["predicted"] for r in rows]
+        column, group_column, order = score, "predicted", None
         title = f"{record['name']}: {score} score (higher = more like the labelled classes)"
-        order = sorted(set(group_of))
-        labels = {g: f"predicted {g}" for g in order}
     else:
         score, threshold = "distance to cluster centre", None
-        values = np.array([float(r["distance"]) for r in rows])
-        group_of = [r["cluster"] for r in rows]
         info = {str(c["id"]): c for c in record["clusters"]}
-        order = sorted(info, key=lambda c: -info[c]["size"])
-        labels = {
-            c: f"cluster {c}: {info[c]['size']} images, compactness {info[c]['compactness']:.3f}"
-            + ("" if info[c]["kept"] else " (dropped)")
-            for c in order
-        }
+        column, group_column = "distance", "cluster"
+        order = sorted(info, key=lambda c: -info[c]["size"])[:groups]
         title = f"{record['name']}: k = {record['k']}, distance of each image to its centre"
-    by_group: dict[str, dict[bool, list[dict]]] = defaultdict(lambda: {True: [], False: []})
-    for row, group in zip(rows, group_of, strict=True):
-        by_group[group][row["kept"] == "True"].append(row)
-    # Thumbnail lines: per class a kept and a dropped line; per cluster one (all its images).
-    lines: list[tuple[str, list[dict]]] = []
-    for g in order[:groups]:
-        if record["kind"] == "filter":
-            lines += [
-                (f"{labels[g]} - {'kept' if kept else 'dropped'}", by_group[g][kept])
-                for kept in (True, False)
-                if by_group[g][kept]
-            ]
-        else:
-            lines.append((labels[g], by_group[g][True] + by_group[g][False]))
 
+    values, kept, in_class = array("d"), array("b"), array("b")
+    truth = True
+    # The first per_row kept and dropped rows of each group that can be drawn. Filter: the
+    # `groups` smallest class names seen so far (one more is dropped as soon as it falls out,
+    # so 10,000 classes hold `groups` at a time); clusters: the largest, known from the record.
+    drawn: dict[str, dict[bool, list[dict[str, str]]]] = {
+        g: {True: [], False: []} for g in order or ()
+    }
+    for row in rows:
+        values.append(float(row[column]))
+        is_kept = row["kept"] == "True"
+        kept.append(is_kept)
+        if truth and row.get("in_class", ""):
+            in_class.append(row["in_class"] == "True")
+        else:
+            truth = False
+        group = row[group_column]
+        if order is None and group not in drawn:
+            drawn[group] = {True: [], False: []}
+            if len(drawn) > groups:
+                del drawn[max(drawn)]
+        chosen = drawn.get(group)
+        if chosen is not None and len(chosen[is_kept]) < per_row:
+            chosen[is_kept].append(row)
+
+    lines: list[tuple[str, list[dict[str, str]]]] = []
+    if order is None:  # filter: per class a kept and a dropped line
+        for g in sorted(drawn):
+            lines += [
+                (f"predicted {g} - {'kept' if k else 'dropped'}", drawn[g][k])
+                for k in (True, False)
+                if drawn[g][k]
+            ]
+    else:  # clusters: one line each (all its images)
+        for c in order:
+            label = (
+                f"cluster {c}: {info[c]['size']} images, compactness {info[c]['compactness']:.3f}"
+                + ("" if info[c]["kept"] else " (dropped)")
+            )
+            lines.append((label, drawn[c][True] + drawn[c][False]))
+    return StageRows(
+        score,
+        threshold,
+        title,
+        np.asarray(values, dtype=float),
+        np.asarray(kept, dtype=bool),
+        np.asarray(in_class, dtype=bool) if truth and len(kept) else None,
+        lines,
+    )
+
+
+@literal_text
+def _stage_figure(stage: StageRows, out: Path, per_row: int) -> None:
+    lines = stage.lines
     fig = _figure(max(8.0, 1.1 * per_row), 2.8 + 1.15 * len(lines))
     grid = fig.add_gridspec(1 + len(lines), per_row, height_ratios=[2.6] + [1.0] * len(lines))
-    _histogram(fig.add_subplot(grid[0, :]), rows, values, threshold, score, title)
+    _histogram(fig.add_subplot(grid[0, :]), stage)
     for i, (label, chosen) in enumerate(lines, start=1):
         for j in range(per_row):
             ax = fig.add_subplot(grid[i, j])
@@ -188,21 +238,21 @@ def _stage_figure(
         fig.savefig(tmp, format="png")
 
 
-def _histogram(ax, rows, values, threshold, score: str, title: str) -> None:
+def _histogram(ax, stage: StageRows) -> None:
+    values, threshold = stage.values, stage.threshold
     bins = np.histogram_bin_edges(values, bins=30) if len(values) else 10
-    truth = [r.get("in_class", "") for r in rows]
-    if truth and all(truth):
-        split = np.array([t == "True" for t in truth])
+    if stage.in_class is not None:
+        split = stage.in_class
         names = ("in-class (ground truth)", "out-of-class (ground truth)")
     else:
-        split = np.array([r["kept"] == "True" for r in rows])
+        split = stage.kept
         names = ("kept", "dropped")
     ax.hist(values[split], bins=bins, alpha=0.6, color=KEPT_COLOUR, label=names[0])
     ax.hist(values[~split], bins=bins, alpha=0.6, color=DROPPED_COLOUR, label=names[1])
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel(score, fontsize=8)
+    ax.set_title(stage.title, fontsize=9)
+    ax.set_xlabel(stage.score, fontsize=8)
     ax.set_ylabel("images", fontsize=8)
     ax.legend(fontsize=7)
 

@@ -49,17 +49,76 @@ def ood_scores(
 
 def prototype_similarity(embeddings: Tensor, prototypes: Tensor) -> Tensor:
     """N x C cosine similarities; classes whose prototype is all zeros (never seen) get -1."""
-    sims = F.normalize(embeddings.float(), dim=1) @ F.normalize(prototypes.float(), dim=1).T
-    seen = prototypes.abs().sum(dim=1) > 0
-    return torch.where(seen, sims, torch.full_like(sims, -1.0))
+    return _similarity(embeddings, F.normalize(prototypes.float(), dim=1), _seen(prototypes))
+
+
+def _seen(prototypes: Tensor) -> Tensor:
+    return prototypes.abs().sum(dim=1) > 0
+
+
+def _similarity(embeddings: Tensor, unit_prototypes: Tensor, seen: Tensor) -> Tensor:
+    sims = F.normalize(embeddings.float(), dim=1) @ unit_prototypes.T
+    return sims.masked_fill_(~seen, -1.0)
+
+
+class BatchScorer:
+    """Every score kind, the predicted class and its confidence for one batch at a time, so a
+    pass over N images keeps N scalars per kind, never its N x C logits.
+
+    The prototypes are normalized once here rather than per batch; the values are those of
+    `ood_scores` on the same logits and embeddings (tests/unit/test_semi_streaming.py).
+    """
+
+    def __init__(self, prototypes: Tensor):
+        self.unit = F.normalize(prototypes.float(), dim=1)
+        self.seen = _seen(prototypes)
+
+    def to(self, device: str | torch.device) -> BatchScorer:
+        """The scorer with its prototypes on `device` (where the batches' logits are)."""
+        self.unit, self.seen = self.unit.to(device), self.seen.to(device)
+        return self
+
+    def __call__(self, logits: Tensor, embeddings: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """({kind: B scores} for every kind in SCORES, B predicted classes); the confidence
+        of the predicted class is the `max_softmax` score."""
+        logits = logits.float()
+        confidence, predicted = logits.softmax(dim=1).max(dim=1)
+        scores = {
+            "max_softmax": confidence,
+            "energy": torch.logsumexp(logits, dim=1),
+            "prototype": _similarity(embeddings, self.unit, self.seen).amax(dim=1),
+        }
+        return {kind: scores[kind] for kind in SCORES}, predicted
 
 
 def class_prototypes(embeddings: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """C x D class means of L2-normalized embeddings (zeros for a class without images)."""
-    sums = torch.zeros(num_classes, embeddings.shape[1])
-    sums.index_add_(0, labels.long().cpu(), F.normalize(embeddings.float().cpu(), dim=1))
-    counts = torch.bincount(labels.long().cpu(), minlength=num_classes).clamp_min(1)
-    return sums / counts[:, None]
+    sums = PrototypeSums(num_classes)
+    sums.add(embeddings, labels)
+    return sums.prototypes(embeddings.shape[1])
+
+
+class PrototypeSums:
+    """Running per-class sums of L2-normalized embeddings and counts: class prototypes from
+    batches without holding the N x D embeddings (C x D in memory)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.sums: Tensor | None = None  # C x D once the first batch gives D
+        self.counts = torch.zeros(num_classes, dtype=torch.long)
+
+    def add(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Add a batch (B x D embeddings, B class indices); summed on the CPU in image order."""
+        embeddings, labels = embeddings.float().cpu(), labels.long().cpu()
+        if self.sums is None:
+            self.sums = torch.zeros(self.num_classes, embeddings.shape[1])
+        self.sums.index_add_(0, labels, F.normalize(embeddings, dim=1))
+        self.counts += torch.bincount(labels, minlength=self.num_classes)
+
+    def prototypes(self, dim: int) -> Tensor:
+        """C x D class means (zeros for a class without images; D = `dim` if none was added)."""
+        sums = self.sums if self.sums is not None else torch.zeros(self.num_classes, dim)
+        return sums / self.counts.clamp_min(1)[:, None]
 
 
 def val_threshold(val_scores: Tensor, keep: float) -> float:

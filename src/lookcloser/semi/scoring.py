@@ -5,12 +5,17 @@ unlabelled images the fine-tuned model selects as close to the labelled classes 
 round). One pass over train (class prototypes), val (thresholds) and the unlabelled images,
 with the evaluation transform; every score kind is computed, so the record can compare them,
 and the one `semi.ood_score` names decides.
+
+Each pass keeps per image only what the rest needs, computed batch by batch: the train pass
+per-class sums and counts of embeddings (C x D), the val and unlabelled passes a few scalars
+per image (scores, predicted class). Never the N x C logits: at 10,000 classes and 300k
+images they are 12 GB.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,24 +33,31 @@ from lookcloser.semi.online import logits_and_embeddings
 from lookcloser.semi.records import ground_truth, truth_columns
 from lookcloser.semi.scores import (
     SCORES,
-    class_prototypes,
+    BatchScorer,
+    PrototypeSums,
     filter_quality,
-    ood_scores,
     val_threshold,
 )
 
 
-@dataclass
-class Outputs:
-    """Logits and embeddings of a list of samples, in order."""
-
-    logits: Tensor
-    embeddings: Tensor
-    labels: Tensor
+def _batches(
+    samples: Sequence[Sample],
+    transform: Callable,
+    batch_size: int,
+    num_workers: int,
+    max_pixels: int | None,
+    progress: bool,
+    description: str,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(images, labels) batches of `samples`, in order, with the evaluation transform."""
+    dataset = ImageDataset(samples, transform, max_pixels or 89_478_485)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    for batch in track(loader, description, enabled=progress):
+        yield batch.images, batch.targets
 
 
 @torch.no_grad()
-def run_model(
+def embed(
     method: Method,
     samples: Sequence[Sample],
     transform: Callable,
@@ -55,41 +67,103 @@ def run_model(
     progress: bool = True,
     description: str = "embed",
     device: str | torch.device = "cpu",
-    logits: bool = True,
-) -> Outputs:
-    """The method's logits and its main backbone's pooled embeddings for `samples`.
+) -> Tensor:
+    """N x D pooled embeddings of the method's main backbone for `samples`, in order.
 
-    With `logits=False` only the backbone runs (a model without class head, e.g. ImageNet
-    weights before any labelled training); `logits` is then empty.
+    Only the backbone runs (no class logits: a model without class head works too, e.g.
+    ImageNet weights before any labelled training). The caller clusters all N at once.
     """
-    dataset = ImageDataset(samples, transform, max_pixels or 89_478_485)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    all_logits, embeddings, labels = [], [], []
     method = method.to(device)
+    embeddings = []
     with eval_mode(method):
-        for batch in track(loader, description, enabled=progress):
-            images = batch.images.to(device)
-            if logits:
-                out, emb = logits_and_embeddings(method, images)
-                all_logits.append(out.float().cpu())
-            else:
-                emb = method.backbone(images)
-            embeddings.append(emb.float().cpu())
-            labels.append(batch.targets)
-    if not embeddings:
-        return Outputs(torch.empty(0, 0), torch.empty(0, 0), torch.empty(0, dtype=torch.long))
-    return Outputs(
-        torch.cat(all_logits) if all_logits else torch.empty(0, 0),
-        torch.cat(embeddings),
-        torch.cat(labels),
+        for images, _ in _batches(
+            samples, transform, batch_size, num_workers, max_pixels, progress, description
+        ):
+            embeddings.append(method.backbone(images.to(device)).float().cpu())
+    return torch.cat(embeddings) if embeddings else torch.empty(0, 0)
+
+
+@torch.no_grad()
+def labelled_prototypes(
+    method: Method,
+    samples: Sequence[Sample],
+    num_classes: int,
+    transform: Callable,
+    batch_size: int,
+    num_workers: int = 0,
+    max_pixels: int | None = None,
+    progress: bool = True,
+    description: str = "labelled images",
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """C x D class prototypes of labelled `samples` from running per-class sums and counts."""
+    method = method.to(device)
+    sums = PrototypeSums(num_classes)
+    with eval_mode(method):
+        for images, labels in _batches(
+            samples, transform, batch_size, num_workers, max_pixels, progress, description
+        ):
+            sums.add(method.backbone(images.to(device)), labels)
+    return sums.prototypes(method.backbone.num_features)
+
+
+@dataclass
+class Scored:
+    """Per image scalars of one pass, in sample order (each N long): every score kind, the
+    predicted class, its confidence and the sample's label."""
+
+    scores: dict[str, Tensor]
+    predicted: Tensor
+    labels: Tensor
+
+    @property
+    def confidence(self) -> Tensor:
+        """The predicted class's probability (the `max_softmax` score)."""
+        return self.scores["max_softmax"]
+
+
+@torch.no_grad()
+def score_images(
+    method: Method,
+    samples: Sequence[Sample],
+    prototypes: Tensor,
+    transform: Callable,
+    batch_size: int,
+    num_workers: int = 0,
+    max_pixels: int | None = None,
+    progress: bool = True,
+    description: str = "score",
+    device: str | torch.device = "cpu",
+) -> Scored:
+    """Every OOD score kind, the predicted class and its confidence of each of `samples`.
+
+    Scored batch by batch on `device`: only N scalars per kind are kept, never the N x C
+    logits (at 10,000 classes they are 40 KB per image).
+    """
+    method = method.to(device)
+    scorer = BatchScorer(prototypes).to(device)
+    scores: dict[str, list[Tensor]] = {kind: [] for kind in SCORES}
+    predicted, labels = [], []
+    with eval_mode(method):
+        for images, targets in _batches(
+            samples, transform, batch_size, num_workers, max_pixels, progress, description
+        ):
+            batch_scores, batch_predicted = scorer(
+                *logits_and_embeddings(method, images.to(device))
+            )
+            for kind, values in batch_scores.items():
+                scores[kind].append(values.cpu())
+            predicted.append(batch_predicted.cpu())
+            labels.append(targets)
+    return Scored(
+        {kind: _cat(values, torch.float) for kind, values in scores.items()},
+        _cat(predicted, torch.long),
+        _cat(labels, torch.long),
     )
 
 
-def all_scores(outputs: Outputs, prototypes: Tensor) -> dict[str, Tensor]:
-    """Every OOD score kind for these outputs."""
-    return {
-        name: ood_scores(name, outputs.logits, outputs.embeddings, prototypes) for name in SCORES
-    }
+def _cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
 
 
 def filter_stage(
@@ -103,12 +177,14 @@ def filter_stage(
     transform: Callable,
     progress: bool = True,
     device: str | torch.device = "cpu",
-) -> tuple[dict, list[dict], Tensor]:
+) -> tuple[dict, Sequence[dict], Tensor]:
     """(record, rows, kept mask) of the confidence + OOD filter of `method` over `unlabelled`.
 
     Thresholds per score kind keep `semi.val_keep` of the val images; the kind
     `semi.ood_score` names (none: confidence alone) and `semi.threshold` decide what is kept.
     With ground truth, the record holds each score's precision and recall at its threshold.
+    One pass per split, each keeping per image only scalars (the train pass: C x D sums);
+    the rows are made one at a time as they are read (records.write_stage).
     """
     semi = cfg.semi
     common = {
@@ -119,69 +195,125 @@ def filter_stage(
         "progress": progress,
         "device": device,
     }
-    labelled = run_model(method, train, description=f"{name}: labelled images", **common)
-    prototypes = class_prototypes(labelled.embeddings, labelled.labels, len(classes))
-    val_out = run_model(method, val, description=f"{name}: val images", **common)
+    prototypes = labelled_prototypes(
+        method, train, len(classes), description=f"{name}: labelled images", **common
+    )
+    val_out = score_images(method, val, prototypes, description=f"{name}: val images", **common)
     thresholds = {
-        kind: val_threshold(scores, semi.val_keep)
-        for kind, scores in all_scores(val_out, prototypes).items()
+        kind: val_threshold(scores, semi.val_keep) for kind, scores in val_out.scores.items()
     }
-    out = run_model(method, unlabelled, description=f"{name}: unlabelled images", **common)
-    scores = all_scores(out, prototypes)
-    confidence, predicted = out.logits.softmax(dim=1).max(dim=1)
-    confident = confidence >= semi.threshold
+    out = score_images(
+        method, unlabelled, prototypes, description=f"{name}: unlabelled images", **common
+    )
+    confident = out.confidence >= semi.threshold
     if semi.ood_score == "none":
         in_class = torch.ones_like(confident)
     else:
-        in_class = scores[semi.ood_score] >= thresholds[semi.ood_score]
+        in_class = out.scores[semi.ood_score] >= thresholds[semi.ood_score]
     kept = confident & in_class
-    reasons = [
-        _reason(bool(c), bool(i), semi.ood_score) for c, i in zip(confident, in_class, strict=True)
-    ]
     truth = ground_truth(cfg.data.unlabelled)
-    rows = [
-        {
-            "path": s.path,
-            "predicted": classes[int(predicted[i])],
-            "confidence": f"{float(confidence[i]):.5f}",
-            **{kind: f"{float(scores[kind][i]):.5f}" for kind in SCORES},
-            "kept": str(bool(kept[i])),
-            "reason": reasons[i],
-            **truth_columns(s.path, truth),
-        }
-        for i, s in enumerate(unlabelled)
-    ]
+    rows = FilterRows(unlabelled, classes, out, confident, in_class, semi.ood_score, truth)
+    predicted = [classes[int(i)] for i in out.predicted[kept].tolist()]
     record = {
         "name": name,
         "kind": "filter",
         "total": len(unlabelled),
         "kept": int(kept.sum()),
-        "reasons": dict(Counter(reasons)),
+        "reasons": dict(Counter(rows.reasons())),
         "ood_score": semi.ood_score,
         "val_keep": semi.val_keep,
         "confidence_threshold": semi.threshold,
         "thresholds": thresholds,
         "val_images": len(val),
-        "kept_per_class": dict(Counter(r["predicted"] for r in rows if r["kept"] == "True")),
+        "kept_per_class": dict(Counter(predicted)),
     }
-    if truth and all(r["in_class"] for r in rows):
-        actual = torch.tensor([r["in_class"] == "True" for r in rows])
+    if truth and all(t["in_class"] for t in rows.truths):
+        actual = torch.tensor([t["in_class"] == "True" for t in rows.truths])
         record["quality"] = {
             "filter": filter_quality(kept, actual).as_dict(),
             "confidence only": filter_quality(confident, actual).as_dict(),
             **{
-                f"{kind} only": filter_quality(scores[kind] >= thresholds[kind], actual).as_dict()
+                f"{kind} only": filter_quality(
+                    out.scores[kind] >= thresholds[kind], actual
+                ).as_dict()
                 for kind in SCORES
             },
         }
         # How often the pseudo-label is right on the kept images that are in-class.
         correct = [
-            r["predicted"] == r["true_class"]
-            for r in rows
-            if r["kept"] == "True" and r["in_class"] == "True"
+            classes[p] == t["true_class"]
+            for p, k, t in zip(out.predicted.tolist(), kept.tolist(), rows.truths, strict=True)
+            if k and t["in_class"] == "True"
         ]
         record["pseudo_label_accuracy"] = round(sum(correct) / len(correct), 4) if correct else None
     return record, rows, kept
+
+
+class FilterRows(Sequence):
+    """The filter stage's CSV rows (one per unlabelled image), each made when it is read:
+    N row dicts of formatted strings are ~1 KB per image, the scalars they come from 20 B."""
+
+    CHUNK = 4096
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        classes: Sequence[str],
+        scored: Scored,
+        confident: Tensor,
+        in_class: Tensor,
+        ood_score: str,
+        truth: dict[str, dict] | None,
+    ):
+        self.samples, self.classes, self.scored, self.ood_score = (
+            samples,
+            classes,
+            scored,
+            ood_score,
+        )
+        self.confident, self.in_class = confident, in_class
+        # The ground truth per image only where the unlabelled folder records it.
+        self.truths = [truth_columns(s.path, truth) for s in samples] if truth else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, str]:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return next(self._rows(i, i + 1))
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        for start in range(0, len(self), self.CHUNK):
+            yield from self._rows(start, min(start + self.CHUNK, len(self)))
+
+    def _rows(self, start: int, stop: int) -> Iterator[dict[str, str]]:
+        # Python lists per chunk: element-wise tensor indexing costs microseconds a value.
+        scored = self.scored
+        predicted = scored.predicted[start:stop].tolist()
+        confidence = scored.confidence[start:stop].tolist()
+        scores = {kind: scored.scores[kind][start:stop].tolist() for kind in SCORES}
+        confident = self.confident[start:stop].tolist()
+        in_class = self.in_class[start:stop].tolist()
+        for j, i in enumerate(range(start, stop)):
+            path = self.samples[i].path
+            yield {
+                "path": path,
+                "predicted": self.classes[predicted[j]],
+                "confidence": f"{confidence[j]:.5f}",
+                **{kind: f"{scores[kind][j]:.5f}" for kind in SCORES},
+                "kept": str(confident[j] and in_class[j]),
+                "reason": _reason(confident[j], in_class[j], self.ood_score),
+                **(self.truths[i] if self.truths else truth_columns(path, None)),
+            }
+
+    def reasons(self) -> Iterator[str]:
+        """Each image's reason, in order."""
+        for confident, in_class in zip(
+            self.confident.tolist(), self.in_class.tolist(), strict=True
+        ):
+            yield _reason(confident, in_class, self.ood_score)
 
 
 def _reason(confident: bool, in_class: bool, ood_score: str) -> str:

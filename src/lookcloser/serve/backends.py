@@ -66,7 +66,7 @@ class Backend:
     def embed(self, images: Tensor, meta: Tensor, meta_mask: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, L2-normalised embeddings) of preprocessed images, from the PyTorch model
         of the directory (lookalikes.embed)."""
-        from lookcloser.lookalikes.embed import embed_tensors
+        from lookcloser.embeddings import embed_tensors
 
         return embed_tensors(self.predictor, images, meta, meta_mask)
 

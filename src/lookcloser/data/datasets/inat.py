@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lookcloser.config import DataConfig
 from lookcloser.data.datasets._common import require_file, train_split
 from lookcloser.data.download import check_not_incomplete
-from lookcloser.data.samples import DatasetSplits, Sample, register_source, require_root
+from lookcloser.data.samples import DatasetSplits, register_source, require_root
+from lookcloser.data.table import SampleTable
 from lookcloser.errors import DataError
 
 RANKS = ("kingdom", "phylum", "class", "order", "family", "genus")
@@ -138,23 +142,55 @@ def _samples(
     path: Path,
     label_of: dict[int, int],
     shared: dict[int, dict[str, Any]],
-) -> list[Sample]:
-    category_of: dict[int, int] = {}
-    for ann in data["annotations"]:
-        category_of[int(ann["image_id"])] = int(ann["category_id"])
-    samples = []
-    for image in data["images"]:
-        image_id = int(image["id"])
-        if image_id not in category_of:
-            raise DataError(
-                f"{path}: image {image_id} ({image.get('file_name')}) has no annotation"
-            )
-        cid = category_of[image_id]
-        if cid not in label_of:
-            raise DataError(f"{path}: image {image_id}: category {cid} not in the category list")
-        meta = dict(shared[cid])
-        for key in _IMAGE_META:
-            if image.get(key) is not None:
-                meta[key] = image[key]
-        samples.append(Sample(str(root / image["file_name"]), label_of[cid], meta))
-    return samples
+) -> SampleTable:
+    """The images of one JSON file as a table (per-class meta shared, per-image meta columns)."""
+    images = data["images"]
+    # The category of each image id (the last annotation of an image wins), looked up in
+    # sorted arrays rather than a dict of millions of Python ints.
+    ann_images = np.fromiter((int(a["image_id"]) for a in data["annotations"]), dtype=np.int64)
+    ann_cats = np.fromiter((int(a["category_id"]) for a in data["annotations"]), dtype=np.int64)
+    order = np.argsort(ann_images, kind="stable")
+    ann_images, ann_cats = ann_images[order], ann_cats[order]
+    last = np.r_[ann_images[1:] != ann_images[:-1], True] if len(order) else order.astype(bool)
+    ann_images, ann_cats = ann_images[last], ann_cats[last]
+    image_ids = np.fromiter((int(image["id"]) for image in images), dtype=np.int64)
+    at = np.minimum(np.searchsorted(ann_images, image_ids), max(len(ann_images) - 1, 0))
+    annotated = (ann_images[at] == image_ids) if len(ann_images) else np.zeros(len(images), bool)
+    if not annotated.all():
+        i = int(np.argmin(annotated))
+        raise DataError(
+            f"{path}: image {image_ids[i]} ({images[i].get('file_name')}) has no annotation"
+        )
+    categories = ann_cats[at]
+    known = np.array(sorted(label_of), dtype=np.int64)
+    where = np.minimum(np.searchsorted(known, categories), max(len(known) - 1, 0))
+    listed = known[where] == categories if len(known) else np.zeros(len(images), bool)
+    if not listed.all():
+        i = int(np.argmin(listed))
+        raise DataError(
+            f"{path}: image {image_ids[i]}: category {categories[i]} not in the category list"
+        )
+    labels = np.array([label_of[int(c)] for c in known], dtype=np.int64)[where]
+    return SampleTable.build(
+        (_join(root, image["file_name"]) for image in images),
+        labels,
+        shared=[shared[int(c)] for c in known],
+        shared_code=where,
+        columns={key: [image.get(key) for image in images] for key in _IMAGE_META},
+    )
+
+
+def _join(root: Path, name: str) -> str:
+    """`str(root / name)`, without pathlib's cost for the plain names of millions of images."""
+    plain = (
+        os.sep == "/"
+        and name
+        and not name.startswith(("/", "./"))
+        and not name.endswith(("/", "/."))
+        and "//" not in name
+        and "/./" not in name
+        and name != "."
+        and str(root) not in (".", "")
+        and not str(root).endswith("/")
+    )
+    return f"{root}/{name}" if plain else str(root / name)
