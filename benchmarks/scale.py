@@ -754,7 +754,10 @@ def headline_checks(latest: dict[tuple, dict]) -> list[str]:
 
     big = cell("headline", 10_000, 100_000)
     small = cell("images", 100, 100_000)
-    ten_k = big if "train" in big else cell("classes", 10_000, 10_000)
+    # The end-of-train target is read where its table measured it: 10,000 classes, one
+    # test image a class. At 100,000 test images the test pass (a forward pass over them)
+    # dominates; the headline line below gives its parts.
+    ten_k = cell("classes", 10_000, 10_000)
     few, many = cell("images", 100, 1_000), cell("images", 100, 100_000)
     lines = []
 
@@ -799,10 +802,20 @@ def headline_checks(latest: dict[tuple, dict]) -> list[str]:
             f"60 s and 1 GB over its training: {secs(t['end_s'])}, {added:+.2f} GB: "
             f"{verdict(t['end_s'] < 60 and added < 1)}."
         )
+    h = big.get("train", {})
+    if "after_pass_s" in h and "end_rss_added_kb" in h:
+        lines.append(
+            "- the end of `train` at 10,000 classes x 100,000 test images: the test pass "
+            f"{secs(h['test_pass_s'])} (the model over every test image), then metrics and "
+            f"confusion files {secs(h['after_pass_s'])}, then the model {secs(h['model_save_s'])}; "
+            f"{h['end_rss_added_kb'] * 1024 / GB:+.2f} GB over the training."
+        )
+    t = h if "confusion_csv_bytes" in h else t
     if "confusion_csv_bytes" in t:
         total = t["confusion_csv_bytes"] + t.get("confusion_png_bytes", 0)
         lines.append(
-            f"- confusion outputs at 10,000 classes under 20 MB: {size_text(total)}: "
+            f"- confusion outputs at 10,000 classes ({t['test_images']:,} test images) under "
+            f"20 MB: {size_text(total)}: "
             f"{verdict(total < 20e6)}."
         )
     if "predict" in few and "predict" in many and not failed(few["predict"], many["predict"]):

@@ -156,7 +156,8 @@ def _train(
 
     # Shards: classes and counts from the index; bad images are handled while decoding
     # (data.on_bad_image), as no up-front pass over millions of files is made.
-    data = prepare_data(cfg.data, progress)
+    # The verification bar only on a terminal: a log or a pipe gets the result, not the bar.
+    data = prepare_data(cfg.data, None if progress else False)
     record = data_record(data)
     if resume is not None:  # refused before anything is written if the data changed
         check_resume_data(resume[1], record, resume[0])

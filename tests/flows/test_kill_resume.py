@@ -71,7 +71,7 @@ class Kill(L.Callback):
 
 if where == "evaluation":
     from lookcloser.predictor import Predictor
-    Predictor.run_samples = lambda *args, **kwargs: die()
+    Predictor.stream_samples = lambda *args, **kwargs: die()
 
 if where == "between-saves":  # after epoch `at`'s best.ckpt, before its last.ckpt
     save = L.Trainer.save_checkpoint
