@@ -113,15 +113,12 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of a saved model or ensemble on its test split (or on data.* overrides);
     `tta` as for `load`."""
-    from lookcloser.evaluation import StreamingMetrics, summary, write_confusion
+    from lookcloser.evaluation import stream_metrics, summary, write_confusion
 
     predictor, stream = stream_on_test(
         model_dir, overrides, progress=progress, device=device, tta=tta
     )
-    counts = StreamingMetrics(predictor.classes)
-    for batch in stream:  # batch by batch: memory flat in the number of test images
-        counts.update(batch.logits, batch.labels)
-    metrics = counts.compute("test")
+    metrics = stream_metrics(stream, predictor.classes, "test")
     if write_to is not None:
         write_confusion(metrics["confusion_counts"], predictor.classes, write_to)
     return {**summary(metrics), "most_confused": metrics["most_confused"]}

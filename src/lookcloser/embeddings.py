@@ -24,9 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from lookcloser.data.files import FileDataset, check_predict_arguments, collate_files
+from lookcloser.data.files import check_predict_arguments, file_loader
 from lookcloser.data.images import list_image_files
 from lookcloser.errors import SKIP_BAD_IMAGES_HINT, BadImagesError, DataError
 from lookcloser.models.embedding import method_logits_and_features
@@ -108,11 +107,9 @@ class EmbeddingStream:
     def __iter__(self) -> Iterator[EmbeddingBatch]:
         p = self.predictor
         values, mask = p._file_meta(self.files, self.meta)
-        loader = DataLoader(
-            FileDataset(self.files, p.transform, p.max_pixels),  # the plain view, never TTA
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate_files,
+        # The plain view (p.transform), never TTA.
+        loader = file_loader(
+            self.files, p.transform, p.max_pixels, self.batch_size, self.num_workers
         )
         self.skipped = []
         for indices, images, failures in loader:

@@ -15,7 +15,7 @@ import logging
 import re
 import unicodedata
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -437,6 +437,17 @@ def compute_metrics(
     DENSE_CONFUSION_CLASSES classes). `split` names the split in that reason."""
     metrics = StreamingMetrics(classes, top_pairs)
     metrics.update(logits, labels)
+    return metrics.compute(split)
+
+
+def stream_metrics(
+    batches: Iterable[Any], classes: list[str], split: str | None = None
+) -> dict[str, Any]:
+    """`compute_metrics` of a split's outputs batch by batch (each with `.logits` and
+    `.labels`, as `scoring.split_stream` yields them): memory flat in the number of images."""
+    metrics = StreamingMetrics(classes)
+    for batch in batches:
+        metrics.update(batch.logits, batch.labels)
     return metrics.compute(split)
 
 

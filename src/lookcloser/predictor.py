@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from lookcloser.data.batch import Batch, collate, stack_images
 from lookcloser.data.boxes import parse_box, report_missing
-from lookcloser.data.files import FileDataset, check_predict_arguments, collate_files
+from lookcloser.data.files import check_predict_arguments, file_loader
 from lookcloser.data.images import (
     DEFAULT_MAX_PIXELS,
     image_errors,
@@ -546,11 +546,8 @@ class Predictor:
         file on. Metadata and boxes are checked on the call, before the first batch."""
         values, mask = self._file_meta(files, meta)
         self._check_boxes(boxes)
-        loader = DataLoader(
-            FileDataset(files, self.item_transform, self.max_pixels, boxes),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=collate_files,
+        loader = file_loader(
+            files, self.item_transform, self.max_pixels, batch_size, num_workers, boxes
         )
         return self._probability_batches(loader, on_bad_image, values, mask)
 
@@ -577,7 +574,7 @@ class Predictor:
     ):
         """L2-normalised embeddings of image files and folders: the feature the class
         decision reads, with the predicted class and its probability from the same pass
-        (the plain view: no TTA). Returns a `lookalikes.embed.EmbeddingStream` yielding
+        (the plain view: no TTA). Returns a `lookcloser.embeddings.EmbeddingStream` yielding
         batches (memory flat in the number of images); `on_bad_image` as for `predict`.
         A folder without images is a DataError naming it."""
         from lookcloser.embeddings import embed_files

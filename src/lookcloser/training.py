@@ -259,7 +259,7 @@ def evaluate_and_write(
     predictor: Predictor, cfg: Config, data, run_dir: Path, progress: bool
 ) -> dict[str, Any]:
     """metrics.json: the final model on the val split and on the test split (read only now)."""
-    from lookcloser.evaluation import StreamingMetrics, summary, write_confusion
+    from lookcloser.evaluation import stream_metrics, summary, write_confusion
     from lookcloser.fileio import atomic_write_text
 
     full = {}
@@ -267,10 +267,7 @@ def evaluate_and_write(
         stream = split_stream(predictor, cfg, progress, split, data.index, getattr(data, split))
         if stream is None:
             continue
-        counts = StreamingMetrics(predictor.classes)
-        for batch in stream:
-            counts.update(batch.logits, batch.labels)
-        metrics = counts.compute(split)
+        metrics = stream_metrics(stream, predictor.classes, split)
         full[split] = {**summary(metrics), "most_confused": metrics["most_confused"]}
         if predictor.tta is not None:
             full[split]["tta"] = predictor.tta.spec()

@@ -66,3 +66,20 @@ def collate_files(items):
     else:
         images = stack_images([t for _, t in good]) if good else torch.empty(0)
     return [i for i, _ in good], images, bad
+
+
+def file_loader(
+    files: Sequence[str],
+    transform,
+    max_pixels: int,
+    batch_size: int,
+    num_workers: int = 0,
+    boxes=None,
+) -> torch.utils.data.DataLoader:
+    """Batches of `collate_files` over image files, in their order (predict, embed, enroll)."""
+    return torch.utils.data.DataLoader(
+        FileDataset(files, transform, max_pixels, boxes),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_files,
+    )

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from lookcloser.embeddings import image_files
 from lookcloser.errors import (
@@ -81,13 +80,9 @@ def _class_inputs(
 ) -> tuple[dict[str, Tensor], dict[str, int], str | None, list[tuple[str, str]]]:
     """Per classifier layer called at inference: the sum of the unit inputs of the last call
     on a batch-wide 2-D input; the image count per layer; the decision layer; bad files."""
-    from lookcloser.data.files import FileDataset, collate_files
+    from lookcloser.data.files import file_loader
 
-    loader = DataLoader(
-        FileDataset(files, predictor.transform, predictor.max_pixels),
-        batch_size=batch_size,
-        collate_fn=collate_files,
-    )
+    loader = file_loader(files, predictor.transform, predictor.max_pixels, batch_size)
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     decision: str | None = None
