@@ -321,12 +321,24 @@ def measure_retrieval(dataset: str, head: str, seed: int, data_root: Path, work:
         "dataset": dataset,
         "head": head,
         "seed": seed,
+        "training": training_text(p.info["config"]),
         "recall@1": sum(hits1) / len(hits1),
         "recall@5": sum(hits5) / len(hits5),
         "queries": len(query_files),
         "references": len(gallery_files),
         "dim": int(g.shape[1]),
     }
+
+
+def training_text(config: dict) -> str:
+    """How a run was trained, in a few words (a retrieval row's models differ by set)."""
+    model, data, trainer = config["model"], config["data"], config["trainer"]
+    parts = [f"{data['image_size']} px", f"{trainer['epochs']} epochs"]
+    if model.get("head_scale") is not None:
+        parts.append(f"s = {model['head_scale']:g}, m = {model['head_margin']:g}")
+    if data.get("val_fraction"):
+        parts.append(f"{data['val_fraction']:.0%} of train held out")
+    return ", ".join(parts)
 
 
 def measure_cost(data_root: Path, work: Path, rounds: int = 2) -> dict:
@@ -475,7 +487,7 @@ def report(results: dict, args) -> None:
                 rows,
             ),
             "",
-            f"Command: `{COMMAND.format(stage='measure', seeds=seeds)}` (after `train`).",
+            f"Command: `{COMMAND.format(stage='measure', seeds=seeds.replace(',', ''))}` (after `train`).",
         ]
         for r in runs:
             records.append(
@@ -488,17 +500,25 @@ def report(results: dict, args) -> None:
             )
     retrieval = results.get("retrieval", {})
     if retrieval:
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for key, r in retrieval.items():
+            if "training" not in r:  # measured before the field: read it from the run
+                r["training"] = training_text(
+                    json.loads((args.out / "runs" / key / "model.json").read_text())["config"]
+                )
+            groups.setdefault((r["dataset"], r["head"]), []).append(r)
         rows = [
             [
-                r["dataset"],
-                r["head"],
-                f"{100 * r['recall@1']:.1f}",
-                f"{100 * r['recall@5']:.1f}",
-                str(r["queries"]),
-                str(r["references"]),
-                str(r["seed"]),
+                name,
+                head,
+                pct([r["recall@1"] for r in runs]),
+                pct([r["recall@5"] for r in runs]),
+                str(runs[0]["queries"]),
+                str(runs[0]["references"]),
+                ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
+                runs[0]["training"],
             ]
-            for r in retrieval.values()
+            for (name, head), runs in groups.items()
         ]
         parts += [
             "",
@@ -509,7 +529,17 @@ def report(results: dict, args) -> None:
             "reference of the query's class among the k nearest.",
             "",
             markdown_table(
-                ["set", "head", "recall@1 %", "recall@5 %", "queries", "references", "seed"], rows
+                [
+                    "set",
+                    "head",
+                    "recall@1 %",
+                    "recall@5 %",
+                    "queries",
+                    "references",
+                    "seeds",
+                    "model trained at",
+                ],
+                rows,
             ),
         ]
         records += [{"kind": "lookalikes", "measure": "retrieval", **r} for r in retrieval.values()]
@@ -667,13 +697,13 @@ def main() -> None:
                 )
                 save_results(work, results)
         for name in args.sets:
-            for head in HEADS:
-                key = f"{name}-{head}-s{args.seeds[0]}"
+            for head, seed in ((h, s) for h in HEADS for s in args.seeds):
+                key = f"{name}-{head}-s{seed}"
                 trained = (runs / key / "model.json").is_file()
                 if trained and key not in load_results(work).get("retrieval", {}):
                     results = load_results(work)
                     results.setdefault("retrieval", {})[key] = measure_retrieval(
-                        name, head, args.seeds[0], args.data_root, work
+                        name, head, seed, args.data_root, work
                     )
                     save_results(work, results)
     if args.stage == "cost":

@@ -478,11 +478,18 @@ def leaderboard(rows: list[Row], every: dict, costs: list[dict], anchors) -> tup
     return markdown_table(header, lines), notes
 
 
-def longtail_runs(records: list[dict], dataset: str) -> dict[str, dict[int, dict]]:
-    """longtail.py's records of a set: entry -> seed -> the newest record."""
+def longtail_runs(
+    records: list[dict], dataset: str, features: str = "frozen"
+) -> dict[str, dict[int, dict]]:
+    """longtail.py's records of a set, head-only ("frozen") or "fine-tuned": entry -> seed ->
+    the newest record."""
     runs: dict[str, dict[int, dict]] = {}
     for r in records:  # oldest first: later ones replace earlier ones
-        if r["kind"] == "longtail" and r["dataset"] == dataset:
+        if (
+            r["kind"] == "longtail"
+            and r["dataset"] == dataset
+            and r.get("features", "frozen") == features
+        ):
             runs.setdefault(r["entry"], {})[r["seed"]] = r
     return runs
 
@@ -507,14 +514,42 @@ def paired_text(runs: dict[int, dict], base: dict[int, dict], key: str) -> str:
 
 
 def longtail_lines(records: list[dict], dataset: str, anchors: dict[str, str]) -> list[str]:
-    """The long-tail table of a set (benchmarks/longtail.py): class-head variants on frozen
-    features against `plain`, best mean per-class accuracy first; [] without records."""
-    runs = longtail_runs(records, dataset)
-    if "plain" not in runs:
-        return []
+    """The long-tail tables of a set (benchmarks/longtail.py): the fine-tuned variants, then the
+    class-head variants on frozen features, each against its `plain`, best mean per-class
+    accuracy first; [] without records."""
+    out = []
+    for features in ("fine-tuned", "frozen"):
+        runs = longtail_runs(records, dataset, features)
+        if "plain" not in runs:
+            continue
+        first = next(iter(runs["plain"].values()))
+        section = link(f"`{first['section']}`", first["section"], anchors)
+        if features == "frozen":
+            title = (
+                f"**The long tail, class head only** (`{first['command']} --record`; the "
+                f"protocol and each variant's settings are in {section}): ImageNet "
+                f"`{first['backbone']}` frozen, its pooled features at {first['size']} px, only "
+                "the class head trained, each variant's learning rate and epochs chosen on a "
+                "validation split carved from train."
+            )
+        else:
+            title = (
+                f"**The long tail, fine-tuned** (`{first['command']} --record`; the protocol is "
+                f"in {section}): ImageNet `{first['backbone']}` fine-tuned at {first['size']} px "
+                f"for {first['epochs']} epochs with the common settings, every variant on the "
+                "plain schedule (not tuned per variant)."
+            )
+        out += longtail_table(runs, title, section, settings=features == "frozen")
+    return out
+
+
+def longtail_table(
+    runs: dict[str, dict[int, dict]], title: str, section: str, settings: bool
+) -> list[str]:
+    """One long-tail table with its title and the variants' descriptions (section: the link
+    to the history section each row is from)."""
     base = runs["plain"]
     first = next(iter(base.values()))
-    section = link(f"`{first['section']}`", first["section"], anchors)
     groups = {
         g: f"{first[f'{g}_classes']} classes, {first[f'{g}_test_images']:,} test images"
         for g in ("many", "medium", "few")
@@ -536,7 +571,7 @@ def longtail_lines(records: list[dict], dataset: str, anchors: dict[str, str]) -
         "mean per-class vs plain, paired",
         "top-1 vs plain, paired",
         "seeds",
-        "settings (chosen on val)",
+        *(["settings (chosen on val)"] if settings else []),
         "from",
     ]
     lines = []
@@ -560,19 +595,14 @@ def longtail_lines(records: list[dict], dataset: str, anchors: dict[str, str]) -
                 paired_text(these, base, "mean_per_class_accuracy") if versus_plain else "",
                 paired_text(these, base, "top1") if versus_plain else "",
                 f"{len(seeds)} ({', '.join(map(str, seeds))})",
-                longtail_settings(these[seeds[-1]]),
+                *([longtail_settings(these[seeds[-1]])] if settings else []),
                 section,
             ]
         )
     return [
-        f"**The long tail, class head only** (`{first['command']} --record`; the protocol and "
-        f"each variant's settings are in {section}): "
-        f"ImageNet `{first['backbone']}` frozen, its pooled features at {first['size']} px, only "
-        "the class head trained, each variant's learning rate and epochs chosen on a validation "
-        "split carved from train. Mean per-class accuracy is the figure to read: top-1 is "
-        f"mostly the many-shot classes' ({first['many_test_images']:,} of "
-        f"{first['test_images']:,} test images). A shot group's figure is the mean of its "
-        "classes' accuracies; the few-shot one rests on "
+        f"{title} Mean per-class accuracy is the figure to read: top-1 is mostly the many-shot "
+        f"classes' ({first['many_test_images']:,} of {first['test_images']:,} test images). A "
+        "shot group's figure is the mean of its classes' accuracies; the few-shot one rests on "
         f"{first['few_test_images']} test images.",
         "",
         markdown_table(header, lines),

@@ -1221,34 +1221,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# glibc's M_MMAP_THRESHOLD (malloc.h): allocations at or above it get their own mapping,
-# returned to the system when freed.
-_M_MMAP_THRESHOLD = -3
-
-
-def fix_mmap_threshold(size: int = 1 << 20) -> bool:
-    """Keep batch-sized buffers out of the heap (glibc only; False elsewhere).
-
-    glibc raises its mmap threshold after each large free (up to 32 MiB), so later
-    batch-sized buffers (a batch of 10,000-class probabilities is 10 MB) come from the heap,
-    which fragments under the small arrays a stream keeps (measured on the semi-supervised
-    scoring pass at 10,000 classes: +300 MB resident over 5,000 images, +40 MB with a fixed
-    threshold). The console script sets it once; the library leaves process-wide settings
-    alone.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, size))
-    except (OSError, AttributeError):  # musl or another libc: nothing to set
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lookcloser` console script."""
-    fix_mmap_threshold()
     parser = build_parser()
     # key=value overrides may also follow options (`data pack S OUT --shard-size 9 data.root=D`).
     args, extra = parser.parse_known_args(argv)

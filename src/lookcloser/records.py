@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lookcloser.arrays import GrowingArray
 from lookcloser.errors import DataError
 from lookcloser.fileio import atomic_open
 
@@ -97,26 +98,22 @@ class RunRecord:
         and `.paths` (a predictor.OutputBatch); `observe(logits, labels)` sees each batch too
         (e.g. `StreamingMetrics.update`), so the metrics come from the same pass."""
         k = min(top_k, num_classes)
-        labels, classes, probs, true, paths = [], [], [], [], []
+        # Growing arrays, not per-batch lists: see lookcloser.arrays (heap fragmentation).
+        labels, true = GrowingArray(np.int32), GrowingArray(np.float32)
+        classes, probs = GrowingArray(np.int32, (k,)), GrowingArray(np.float32, (k,))
+        paths: list[str] = []
         for batch in stream:
             if observe is not None:
                 observe(batch.logits, batch.labels)
             b_classes, b_probs, b_true = top_of(batch.logits, batch.labels, k)
-            labels.append(batch.labels.cpu().numpy().astype(np.int32))
-            classes.append(b_classes)
-            probs.append(b_probs)
-            true.append(b_true)
+            labels.extend(batch.labels.cpu().numpy().astype(np.int32))
+            classes.extend(b_classes)
+            probs.extend(b_probs)
+            true.extend(b_true)
             paths += [str(p) for p in batch.paths]
-        if len(paths) != sum(map(len, labels)):
+        if len(paths) != len(labels):
             paths = []  # a stream without paths (or with some batches only): none kept
-        return cls(
-            _join(labels, (0,), np.int32),
-            _join(classes, (0, k), np.int32),
-            _join(probs, (0, k), np.float32),
-            _join(true, (0,), np.float32),
-            paths,
-            num_classes,
-        )
+        return cls(labels.take(), classes.take(), probs.take(), true.take(), paths, num_classes)
 
     @classmethod
     def from_logits(
@@ -363,10 +360,6 @@ def _order_rows(classes: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.
     )
     order = np.argsort(-probs, axis=1, kind="stable")
     return np.take_along_axis(classes, order, 1), np.take_along_axis(probs, order, 1)
-
-
-def _join(parts: list[np.ndarray], empty: tuple[int, ...], dtype) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.empty(empty, dtype=dtype)
 
 
 def _header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:

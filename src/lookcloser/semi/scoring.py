@@ -18,10 +18,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lookcloser.arrays import GrowingArray
 from lookcloser.config import Config
 from lookcloser.data.batch import collate
 from lookcloser.data.loading import ImageDataset
@@ -74,13 +76,16 @@ def embed(
     ImageNet weights before any labelled training). The caller clusters all N at once.
     """
     method = method.to(device)
-    embeddings = []
+    embeddings: GrowingArray | None = None  # its row length comes with the first batch
     with eval_mode(method):
         for images, _ in _batches(
             samples, transform, batch_size, num_workers, max_pixels, progress, description
         ):
-            embeddings.append(method.backbone(images.to(device)).float().cpu())
-    return torch.cat(embeddings) if embeddings else torch.empty(0, 0)
+            batch = method.backbone(images.to(device)).float()
+            if embeddings is None:
+                embeddings = GrowingArray(np.float32, (batch.shape[1],), capacity=len(samples))
+            embeddings.extend(batch)
+    return embeddings.take_tensor() if embeddings is not None else torch.empty(0, 0)
 
 
 @torch.no_grad()
@@ -142,8 +147,10 @@ def score_images(
     """
     method = method.to(device)
     scorer = BatchScorer(prototypes).to(device)
-    scores: dict[str, list[Tensor]] = {kind: [] for kind in SCORES}
-    predicted, labels = [], []
+    # Growing arrays, not per-batch lists: see lookcloser.arrays (heap fragmentation).
+    n = len(samples)
+    scores = {kind: GrowingArray(np.float32, capacity=n) for kind in SCORES}
+    predicted, labels = GrowingArray(np.int64, capacity=n), GrowingArray(np.int64, capacity=n)
     with eval_mode(method):
         for images, targets in _batches(
             samples, transform, batch_size, num_workers, max_pixels, progress, description
@@ -152,18 +159,14 @@ def score_images(
                 *logits_and_embeddings(method, images.to(device))
             )
             for kind, values in batch_scores.items():
-                scores[kind].append(values.cpu())
-            predicted.append(batch_predicted.cpu())
-            labels.append(targets)
+                scores[kind].extend(values.float())
+            predicted.extend(batch_predicted)
+            labels.extend(targets)
     return Scored(
-        {kind: _cat(values, torch.float) for kind, values in scores.items()},
-        _cat(predicted, torch.long),
-        _cat(labels, torch.long),
+        {kind: values.take_tensor() for kind, values in scores.items()},
+        predicted.take_tensor(),
+        labels.take_tensor(),
     )
-
-
-def _cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
-    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
 
 
 def filter_stage(
