@@ -574,6 +574,9 @@ def longtail_table(
         *(["settings (chosen on val)"] if settings else []),
         "from",
     ]
+    described = [
+        f"`{e}`: {runs[e][max(runs[e])]['what']}" for e in order if "what" in runs[e][max(runs[e])]
+    ]
     lines = []
     for rank, entry in enumerate(order, 1):
         these = runs[entry]
@@ -607,38 +610,74 @@ def longtail_table(
         "",
         markdown_table(header, lines),
         "",
-        "Variants: "
-        + "; ".join(
-            f"`{e}`: {runs[e][max(runs[e])]['what']}"
-            for e in order
-            if "what" in runs[e][max(runs[e])]
-        )
-        + ".",
-        "",
+        *([f"Variants: {'; '.join(described)}.", ""] if described else []),
     ]
 
 
 def longtail_advice(records: list[dict], anchors: dict[str, str]) -> str:
-    """The guide's line on long-tailed sets from fish23's long-tail records ('' without the
-    variants it names)."""
-    runs = longtail_runs(records, "fish23")
+    """The guide's line on long-tailed sets from fish23's long-tail records: the fine-tuned
+    comparison when it has every variant it names, then the head-only one ('' without the
+    variants either names)."""
+    tuned = longtail_runs(records, "fish23", "fine-tuned")
+    frozen = longtail_runs(records, "fish23")
+    parts = [_finetuned_advice(tuned, anchors), _frozen_advice(frozen, anchors, bool(tuned))]
+    parts = [p for p in parts if p]
+    if not parts:
+        return ""
+    return "- **Long-tailed sets (fish23): sample the classes evenly.** " + " ".join(parts)
+
+
+def _vs(runs: dict, entry: str, key: str = "mean_per_class_accuracy") -> str:
+    """A variant's paired difference from `plain`, in points (signed)."""
+    return paired_text(runs[entry], runs["plain"], key).split(" ", 1)[0]
+
+
+def _acc(runs: dict, entry: str, key: str = "mean_per_class_accuracy") -> str:
+    return mean_sd([r[key] for r in runs[entry].values()])
+
+
+def _finetuned_advice(runs: dict, anchors: dict[str, str]) -> str:
+    named = ("plain", "balanced", "twostage", "arcface", "subcenter", "prototype")
+    if any(e not in runs for e in named):
+        return ""
+    first = next(iter(runs["plain"].values()))
+    seeds = min(len(runs[e]) for e in named)
+    best = max(
+        named[1:],
+        key=lambda e: statistics.mean(r["mean_per_class_accuracy"] for r in runs[e].values()),
+    )
+    return (
+        f"Fine-tuned ({link('`' + first['section'] + '`', first['section'], anchors)}: Lite0 "
+        f"at {first['size']} px, {first['epochs']} epochs, {seeds} seeds, mean per-class "
+        f"accuracy; plain {_acc(runs, 'plain')}, top-1 {_acc(runs, 'plain', 'top1')}): "
+        f"class-balanced sampling {_vs(runs, 'balanced')} points (top-1 "
+        f"{_vs(runs, 'balanced', 'top1')}), the two-stage schedule {_vs(runs, 'twostage')} "
+        f"(top-1 {_vs(runs, 'twostage', 'top1')}), ArcFace {_vs(runs, 'arcface')} (top-1 "
+        f"{_vs(runs, 'arcface', 'top1')}), sub-centre ArcFace {_vs(runs, 'subcenter')}, the "
+        f"prototype head {_vs(runs, 'prototype')} (top-1 {_vs(runs, 'prototype', 'top1')}); "
+        f"highest mean per-class: `{best}`."
+    )
+
+
+def _frozen_advice(runs: dict, anchors: dict[str, str], after_finetuned: bool) -> str:
     named = ("plain", "balanced", "sqrt", "twostage", "arcface", "arcface-tuned", "prototype")
     named += ("arcface-balanced", "prototype-balanced", "balanced@plain")
     if any(e not in runs for e in named):
         return ""
 
     def vs(entry: str, key: str = "mean_per_class_accuracy") -> str:
-        return paired_text(runs[entry], runs["plain"], key).split(" ", 1)[0]
-
-    def acc(entry: str, key: str = "mean_per_class_accuracy") -> str:
-        return mean_sd([r[key] for r in runs[entry].values()])
+        return _vs(runs, entry, key)
 
     first = next(iter(runs["plain"].values()))
+    section = link("`" + first["section"] + "`", first["section"], anchors)
+    lead = (
+        f"The class head alone on frozen features ({section}), for comparison."
+        if after_finetuned
+        else f"Measured so far with the class head alone on frozen ImageNet Lite0 features at "
+        f"{first['size']} px ({section}; no fine-tune yet)."
+    )
     return (
-        "- **Long-tailed sets (fish23): sample the classes evenly.** Measured so far with the "
-        f"class head alone on frozen ImageNet Lite0 features at {first['size']} px "
-        f"({link('`' + first['section'] + '`', first['section'], anchors)}; no fine-tune yet). "
-        f"Mean per-class accuracy, plain head {acc('plain')}: class-balanced sampling "
+        f"{lead} Mean per-class accuracy, plain head {_acc(runs, 'plain')}: class-balanced sampling "
         f"{vs('balanced')} points (top-1 {vs('balanced', 'top1')}; {vs('balanced@plain')} at "
         f"plain's lr and epochs), square-root sampling {vs('sqrt')}. ArcFace at its defaults "
         f"(s = 30, m = 0.3) costs the tail ({vs('arcface')}) while raising top-1 "
@@ -714,8 +753,10 @@ def render(records: list[dict], anchors: dict[str, str]) -> str:
         out += [f"### {name}", "", f"{text[0].upper()}{text[1:]}.{size}", ""]
         tail = longtail_lines(records, name, anchors)
         if not members:
+            finetuned = bool(longtail_runs(records, name, "fine-tuned"))
             out += [
-                f"No {'fine-tuning ' if tail else ''}runs yet. The first one: "
+                f"No {'`accuracy.py` ' if finetuned else 'fine-tuning ' if tail else ''}runs "
+                "yet. The first one: "
                 f"`python benchmarks/accuracy.py --methods baseline --datasets {name} --seeds "
                 "0 1 2 --data-root DATA` (it records mean per-class accuracy too, the figure to "
                 "read on a long-tailed set).",
