@@ -45,7 +45,7 @@ class GrowingArray:
         return self._data[: self.size]
 
     def array(self) -> np.ndarray:
-        """The rows so far as an array of their own (the spare capacity freed)."""
+        """The rows so far, copied (later extends leave the copy alone)."""
         return self._data[: self.size].copy()
 
     def take(self) -> np.ndarray:

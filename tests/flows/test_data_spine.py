@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from flowkit import SCRATCH
+from meta_method import META_METHOD
 from PIL import Image
-from torch import nn
 
 from lookcloser import api, cli
 from lookcloser.data import loading
@@ -129,28 +129,6 @@ def test_unlabelled_stream_reaches_the_method(synthetic_root, tmp_path):
 
 
 # ---- metadata -------------------------------------------------------------------------------
-@register_method
-class MetaProbe(Baseline):
-    """A test method: the baseline's logits plus a linear term of (meta * mask, mask)."""
-
-    name = "test-meta-probe"
-    accepts_meta = True
-
-    def __init__(self, backbone, num_classes, options=None, **kwargs):
-        super().__init__(backbone, num_classes, options, **kwargs)
-        self.meta_head = nn.Linear(2 * len(self.meta_keys), num_classes)
-
-    def forward_head(self, features, meta=None, meta_mask=None):
-        """Image logits plus a linear term of the metadata (the Predictor always passes it)."""
-        logits = super().forward_head(features)
-        mask = meta_mask.float()
-        return logits + self.meta_head(torch.cat([meta * mask, mask], dim=1))
-
-    def new_modules(self):
-        """The heads are new."""
-        return [self.head, self.meta_head]
-
-
 @pytest.fixture(scope="module")
 def meta_csv(synthetic_root, tmp_path_factory):
     """The synthetic set as a CSV source with lat (tied to the class) and lon (on half the rows)."""
@@ -178,7 +156,7 @@ def meta_model(meta_csv, tmp_path_factory):
         *FAST,
         "trainer.epochs=3",
         "optim.lr=0.01",
-        "method.name=test-meta-probe",
+        f"method.name={META_METHOD}",
         "data.meta_keys=[lat, lon]",
         f"out={out}",
     ]
@@ -187,7 +165,7 @@ def meta_model(meta_csv, tmp_path_factory):
 
 
 def test_identifier_meta_keys_are_refused_before_training(meta_csv, tmp_path):
-    base = ["data.source=csv", f"data.root={meta_csv}", *FAST, "method.name=test-meta-probe"]
+    base = ["data.source=csv", f"data.root={meta_csv}", *FAST, f"method.name={META_METHOD}"]
     with pytest.raises(ConfigError, match="'image_id' identifies the image"):
         api.train(
             None, [*base, "data.meta_keys=[lat, image_id]", f"out={tmp_path / 'a'}"], progress=False

@@ -20,16 +20,14 @@ import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from meta_method import META_METHOD
 from PIL import Image
-from torch import nn
 
 from lookcloser.cli import main
 from lookcloser.config import Config
 from lookcloser.data.prepare import TrainingData
 from lookcloser.errors import ConfigError
 from lookcloser.methods import build_method
-from lookcloser.methods.base import register_method
-from lookcloser.methods.baseline import Baseline
 from lookcloser.predictor import Predictor
 from lookcloser.serve import app as serve_app
 from lookcloser.serve.app import ServeSettings, create_app
@@ -38,22 +36,6 @@ from lookcloser.training import save_run_model
 
 LOCAL = "http://127.0.0.1"
 SIZE = 32
-
-
-@register_method
-class SecurityMetaBaseline(Baseline):
-    """A test method taking metadata: the baseline's logits plus a linear term of it."""
-
-    name = "test-security-meta"
-    accepts_meta = True
-
-    def __init__(self, backbone, num_classes, options=None, **kwargs):
-        super().__init__(backbone, num_classes, options, **kwargs)
-        self.meta_head = nn.Linear(2 * len(self.meta_keys), num_classes)
-
-    def forward_head(self, features, meta=None, meta_mask=None):
-        logits = super().forward_head(features)
-        return logits + self.meta_head(torch.cat([meta * meta_mask, meta_mask.float()], dim=1))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +48,7 @@ def model_dir(tmp_path_factory):
             "model.backbone=test_efficientnet",
             "model.pretrained=false",
             f"data.image_size={SIZE}",
-            "method.name=test-security-meta",
+            f"method.name={META_METHOD}",
             "data.meta_keys=[lat, day_of_year]",
         ],
     )

@@ -6,36 +6,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from meta_method import META_METHOD
 from PIL import Image
-from torch import nn
 
 from lookcloser.config import Config
 from lookcloser.errors import ConfigError
 from lookcloser.explain.cam import grad_cam, normalize_maps
 from lookcloser.export.onnx import export_onnx, max_abs_difference
 from lookcloser.methods import build_method
-from lookcloser.methods.base import register_method
-from lookcloser.methods.baseline import Baseline
 from lookcloser.predictor import Predictor
 
 SIZE = 64
-
-
-@register_method
-class MetaBaseline(Baseline):
-    """A test method: the baseline's logits plus a linear term of (meta * mask, mask)."""
-
-    name = "test-meta-baseline"
-    accepts_meta = True
-
-    def __init__(self, backbone, num_classes, options=None, **kwargs):
-        super().__init__(backbone, num_classes, options, **kwargs)
-        self.meta_head = nn.Linear(2 * len(self.meta_keys), num_classes)
-
-    def forward_head(self, features, meta=None, meta_mask=None):
-        logits = super().forward_head(features)
-        mask = meta_mask.float()
-        return logits + self.meta_head(torch.cat([meta * mask, mask], dim=1))
 
 
 def _method(backbone: str = "test_efficientnet", classes: int = 3, *overrides: str):
@@ -48,7 +29,7 @@ def _method(backbone: str = "test_efficientnet", classes: int = 3, *overrides: s
 def meta_predictor():
     """A tiny untrained predictor taking two metadata values."""
     method = _method(
-        "test_efficientnet", 3, "method.name=test-meta-baseline", "data.meta_keys=[lat, lon]"
+        "test_efficientnet", 3, f"method.name={META_METHOD}", "data.meta_keys=[lat, lon]"
     )
     with torch.no_grad():
         method.meta_head.weight.normal_()  # make the metadata matter

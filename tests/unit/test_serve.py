@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from meta_method import META_METHOD
 from PIL import Image
-from torch import nn
 
 from lookcloser.cli import main
 from lookcloser.config import Config
@@ -24,8 +24,6 @@ from lookcloser.errors import ConfigError, ModelDirError
 from lookcloser.evaluation import CONFIDENCE_KEY
 from lookcloser.export.onnx import export_onnx
 from lookcloser.methods import build_method
-from lookcloser.methods.base import register_method
-from lookcloser.methods.baseline import Baseline
 from lookcloser.predictor import Predictor
 from lookcloser.serve.app import ServeSettings, create_app
 from lookcloser.serve.backends import DEFAULT_UNSURE_BELOW, TorchBackend, load_backend
@@ -35,23 +33,6 @@ LOCAL = "http://127.0.0.1"  # the server answers only to its own names (the Host
 CLASSES = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
 SIZE = 64
 VAL_THRESHOLD = 0.31
-
-
-@register_method
-class ServeMetaBaseline(Baseline):
-    """A test method: the baseline's logits plus a linear term of (meta * mask, mask)."""
-
-    name = "test-serve-meta"
-    accepts_meta = True
-
-    def __init__(self, backbone, num_classes, options=None, **kwargs):
-        super().__init__(backbone, num_classes, options, **kwargs)
-        self.meta_head = nn.Linear(2 * len(self.meta_keys), num_classes)
-
-    def forward_head(self, features, meta=None, meta_mask=None):
-        logits = super().forward_head(features)
-        mask = meta_mask.float()
-        return logits + self.meta_head(torch.cat([meta * mask, mask], dim=1))
 
 
 def _model_dir(path, *overrides: str, metrics: dict | None = None):
@@ -497,9 +478,7 @@ def test_onnx_backend_agrees_with_torch(model_dir, predictor, images, tmp_path):
 def test_metadata_from_json_and_multipart(tmp_path, images):
     """A model with meta_keys takes them from JSON `meta` or the multipart field `meta`, and
     answers as Predictor.predict(meta=...); a value that is not a number is a 422 naming it."""
-    model = _model_dir(
-        tmp_path / "meta", "method.name=test-serve-meta", "data.meta_keys=[lat, lon]"
-    )
+    model = _model_dir(tmp_path / "meta", f"method.name={META_METHOD}", "data.meta_keys=[lat, lon]")
     predictor = Predictor.load(model)
     with torch.no_grad():  # make the metadata matter
         predictor.method.meta_head.weight.normal_(0, 3)
