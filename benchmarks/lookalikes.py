@@ -632,7 +632,10 @@ def report(results: dict, args) -> None:
             "",
             "Query: a test image; gallery: every training image of the set (cosine similarity "
             "of the L2-normalised embeddings, the feature the class head reads); a hit: a "
-            "reference of the query's class among the k nearest.",
+            "reference of the query's class among the k nearest. The fish23 models are the "
+            "fine-tuned long-tail runs (`longtail.py --finetune plain arcface prototype`, "
+            "linked from their run folders: trained on all of train at their own settings, "
+            "in the last column); mean ± sd over the seeds.",
             "",
             markdown_table(
                 [
@@ -741,11 +744,14 @@ def report(results: dict, args) -> None:
             f"- Command: `{COMMAND.format(stage='cost', seeds=0)}`.",
         ]
         records.append({"kind": "lookalikes", "measure": "cost", **cost})
+    if results.get("lookup"):
+        records.append({"kind": "lookalikes", "measure": "lookup", **results["lookup"]})
     missing = []
     if len(enrollment) < 3:
+        absent = [str(s) for s in range(3) if str(s) not in enrollment]
         missing.append(
-            f"enrollment and its ceiling on seeds 1 and 2 (the issue asks for 3 seeds; "
-            f"{len(enrollment)} measured)"
+            f"enrollment and its ceiling on seed(s) {', '.join(absent)} (the issue asks for 3 "
+            f"seeds; {len(enrollment)} measured)"
         )
     for name in ("cars66", "fish23"):
         for head in HEADS:
@@ -756,8 +762,7 @@ def report(results: dict, args) -> None:
             "",
             "**Not run** (a 2-core CPU shared with other jobs: one Lite0 training on cars66 "
             "took about 35 minutes here): " + "; ".join(missing) + ". `train` and `measure` "
-            "with more `--seeds` and `--sets cars66 fish23` run them; every figure above is "
-            "one seed.",
+            "with more `--seeds` and `--sets cars66 fish23` run them.",
         ]
     parts += ["", *results.get("notes", [])]
     write_section(SECTION, "\n".join(parts))
