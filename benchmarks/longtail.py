@@ -810,7 +810,7 @@ def report_finetuned(records: list[dict], seeds: list[int]) -> str:
             "mean per-class vs plain, paired",
             "top-1 vs plain, paired",
             "seeds",
-            "seconds a run",
+            "seconds a run (wall; some beside other jobs)",
         ],
         rows,
     )

@@ -624,7 +624,7 @@ def longtail_advice(records: list[dict], anchors: dict[str, str]) -> str:
     parts = [p for p in parts if p]
     if not parts:
         return ""
-    return "- **Long-tailed sets (fish23): sample the classes evenly.** " + " ".join(parts)
+    return "- **Long-tailed sets (fish23): judge by mean per-class accuracy.** " + " ".join(parts)
 
 
 def _vs(runs: dict, entry: str, key: str = "mean_per_class_accuracy") -> str:
