@@ -507,9 +507,12 @@ def per_class_accuracy(confusion: Path, classes: list[str]) -> list[float | None
     return out
 
 
-def finetune(entry: str, seed: int, root: Path, work: Path, threads: int) -> dict:
+def finetune(
+    entry: str, seed: int, root: Path, work: Path, threads: int, listed: tuple | None = None
+) -> dict:
     """One fine-tuned run's record, trained unless WORK/finetuned holds it with the same
-    settings; the figures are read back from the run's files (metrics.json, confusion.csv)."""
+    settings; the figures are read back from the run's files (metrics.json, confusion.csv).
+    `listed`: `listing(root)` when the caller has it (one listing for many runs)."""
     from lookcloser import api
 
     overrides, what = FINETUNED[entry]
@@ -533,7 +536,7 @@ def finetune(entry: str, seed: int, root: Path, work: Path, threads: int) -> dic
         seconds = round(time.perf_counter() - start, 1)
         timing.write_text(json.dumps({"config": config, "seconds": seconds}))
     test = json.loads((out / "metrics.json").read_text())["test"]
-    classes, files = listing(root)
+    classes, files = listed or listing(root)
     per_class = per_class_accuracy(out / "confusion.csv", classes)
     shots = np.bincount([y for _, y in files["train"]], minlength=len(classes)).tolist()
     tests = np.bincount([y for _, y in files["test"]], minlength=len(classes)).tolist()
@@ -864,8 +867,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.finetune is not None:
         entries = args.finetune or list(FINETUNED)
+        root = args.data_root / DATASET
+        listed = listing(root)
         records = [
-            finetune(entry, seed, args.data_root / DATASET, args.work, args.threads)
+            finetune(entry, seed, root, args.work, args.threads, listed)
             for seed in args.seeds
             for entry in entries
         ]

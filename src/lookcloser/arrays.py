@@ -44,10 +44,6 @@ class GrowingArray:
         """The rows so far (a view, valid until the next extend)."""
         return self._data[: self.size]
 
-    def array(self) -> np.ndarray:
-        """The rows so far, copied (later extends leave the copy alone)."""
-        return self._data[: self.size].copy()
-
     def take(self) -> np.ndarray:
         """The rows, handed over without a copy where numpy can shrink the buffer in place;
         the GrowingArray is left empty."""

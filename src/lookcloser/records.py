@@ -106,7 +106,7 @@ class RunRecord:
             if observe is not None:
                 observe(batch.logits, batch.labels)
             b_classes, b_probs, b_true = top_of(batch.logits, batch.labels, k)
-            labels.extend(batch.labels.cpu().numpy().astype(np.int32))
+            labels.extend(batch.labels)
             classes.extend(b_classes)
             probs.extend(b_probs)
             true.extend(b_true)

@@ -17,20 +17,20 @@ def test_rows_appended_across_growth_equal_the_concatenation():
     for part in parts:
         grown.extend(part)
     assert len(grown) == 33
-    np.testing.assert_array_equal(grown.array(), np.concatenate(parts))
+    np.testing.assert_array_equal(grown.take(), np.concatenate(parts))
 
 
 def test_tensors_are_taken_and_given_back():
     grown = GrowingArray(np.int64, capacity=1)
     grown.extend(torch.tensor([3, 1]))
     grown.extend(torch.tensor([2]))
-    copy = grown.array()
-    grown.extend(torch.tensor([9]))  # a later extend leaves a copy alone
-    assert copy.tolist() == [3, 1, 2]
-    assert grown.view().tolist() == [3, 1, 2, 9]
+    assert grown.view().tolist() == [3, 1, 2]
+    grown.extend(torch.tensor([9]))
     taken = grown.take_tensor()
     assert taken.tolist() == [3, 1, 2, 9]
-    assert len(grown) == 0 and grown.array().shape == (0,)
+    assert len(grown) == 0 and grown.view().shape == (0,)
+    grown.extend(torch.tensor([5]))  # a later extend leaves what was taken alone
+    assert taken.tolist() == [3, 1, 2, 9]
 
 
 def test_take_copies_while_a_view_is_alive():
@@ -44,10 +44,10 @@ def test_take_copies_while_a_view_is_alive():
 
 def test_empty_keeps_its_row_shape_and_clear_forgets():
     grown = GrowingArray(np.int32, (10,), capacity=0)
-    assert grown.array().shape == (0, 10)
+    assert grown.view().shape == (0, 10)
     grown.extend(np.ones((2, 10), np.int32))
     grown.clear()
-    assert grown.array().shape == (0, 10)
+    assert grown.take().shape == (0, 10)
 
 
 # A fresh interpreter, as the console script starts: inside the test process the heap is
