@@ -580,10 +580,13 @@ def enroll(
     folder: str | Path | None = None,
     batch_size: int = 32,
     on_bad_image: str = "error",
+    gallery: bool = True,
 ):
     """Write a new model directory `out`: the model of `model_dir` with new classes
     ({name: image files or folders}, and/or `folder`'s class folders) enrolled from their
-    mean embeddings, without retraining. Returns `lookalikes.enroll.EnrollResult`."""
+    mean embeddings, without retraining; MODEL_DIR's gallery, if any, is carried over with
+    the new images as references (`gallery=False`: not). Returns
+    `lookalikes.enroll.EnrollResult`."""
     from lookcloser.lookalikes.enroll import class_folders
     from lookcloser.lookalikes.enroll import enroll as add_classes
 
@@ -592,4 +595,4 @@ def enroll(
         if name in new:
             raise ConfigError(f"--class {name!r}: also a class folder of {folder}")
         new[name] = images
-    return add_classes(model_dir, new, out, batch_size, on_bad_image)
+    return add_classes(model_dir, new, out, batch_size, on_bad_image, gallery)

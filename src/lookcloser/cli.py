@@ -361,10 +361,17 @@ def cmd_enroll(args) -> int:
         folder=args.folder,
         batch_size=args.batch_size,
         on_bad_image=args.on_bad_image,
+        gallery=not args.no_gallery,
     )
     for path, reason in result.skipped:
         print(f"skipped: {path}: {reason}", file=sys.stderr)
+    if result.gallery_note:
+        print(f"note: {args.model_dir}/gallery: {result.gallery_note}", file=sys.stderr)
     rows = [(name, f"{n} image(s)") for name, n in result.classes.items()]
+    if result.gallery:
+        rows.append(
+            ("gallery", f"{result.gallery.references} references ({result.gallery.folder})")
+        )
     _print_table(f"enrolled into {result.model_dir}", rows)
     print(result.model_dir)
     return 0
@@ -911,6 +918,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument(
         "--on-bad-image", choices=["error", "skip"], default="error", help=bad_image_help
+    )
+    p.add_argument(
+        "--no-gallery",
+        action="store_true",
+        help="do not carry MODEL_DIR/gallery over to OUT/gallery (by default it is, with the "
+        "new classes' images added as references)",
     )
 
     p = command(

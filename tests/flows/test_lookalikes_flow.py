@@ -161,6 +161,27 @@ def test_enroll_then_predict_eval_and_onnx(with_gallery, synthetic_root, tmp_pat
         check=False,
     )
     assert other.returncode == 2 and "built for another model" in other.stderr
+    # its own gallery: the old one carried over, with the new class's images as references
+    assert "gallery" in out.stdout and (tmp_path / "m4" / "gallery" / "gallery.json").is_file()
+    answers = json.loads(
+        run_cli(
+            "predict",
+            str(tmp_path / "m4"),
+            str(four / "test" / "c03_ring-cross-dot"),
+            "--neighbours",
+            "2",
+            "--format",
+            "json",
+        ).stdout
+    )
+    assert all(len(a["neighbours"]) == 2 for a in answers)
+    gallery = json.loads((tmp_path / "m4" / "gallery" / "gallery.json").read_text())
+    assert gallery["per_class"]["c03_ring-cross-dot"] == 4
+    enrolled = [p for p in gallery["paths"] if Path(p).parent.name == "c03_ring-cross-dot"]
+    assert len(enrolled) == 4 and all(  # relative to the common folder of both image roots
+        (Path(gallery["data_root"]) / p).parent == new_class / "c03_ring-cross-dot"
+        for p in enrolled
+    )
 
 
 # ---- the page, in headless Chromium ------------------------------------------------------------------

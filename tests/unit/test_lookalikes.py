@@ -4,6 +4,7 @@ server's additions, on tiny random models (test_efficientnet, 32 px) and synthet
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -329,3 +330,50 @@ def test_enrolled_linear_rows_are_centred(model_dir, data, tmp_path):
         import shutil
 
         shutil.rmtree(model_dir / "gallery")
+
+
+def test_enroll_carries_the_gallery_over_with_the_new_images(model_dir, data, tmp_path):
+    """The enrolled model's gallery is the base gallery (same rows: the backbone is
+    unchanged) plus the enrollment images as references of their classes, bound to the new
+    model; the calibration keeps only the scores enrollment can never lower."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    p = Predictor.load(base)
+    build_gallery(p, data, base / "gallery")
+    old = load_gallery(base / "gallery", p)
+    elsewhere = tmp_path / "shots" / "d"  # outside the gallery's data root
+    shutil.copytree(data / "new" / "d", elsewhere)
+
+    result = enroll(base, {"d": [elsewhere]}, tmp_path / "e")
+    assert result.gallery is not None and result.gallery.references == 18 + 3
+    enrolled = Predictor.load(tmp_path / "e")
+    g = load_gallery(tmp_path / "e" / "gallery", enrolled)
+    assert list(np.bincount(g.labels)) == [6, 6, 6, 3]
+    assert np.array_equal(g.embeddings[:18], old.embeddings)
+    assert g.data_root == os.path.commonpath([str(data), str(elsewhere)])
+    for row in range(len(g)):  # every reference still names its image
+        assert g.file(row).is_file()
+    assert {g.file(row).parent for row in range(18, 21)} == {elsewhere}
+    assert [g.file(r) for r in range(18)] == [old.file(r) for r in range(18)]
+    query = embed_tensors(enrolled, enrolled.preprocess(elsewhere / "0.png")[None])[1][0]
+    near = g.neighbours(query.numpy(), 3, 1)
+    assert near[0].class_name == "d" and near[0].similarity == pytest.approx(1, abs=1e-5)
+    carried = g.calibration
+    assert carried["carried_over"] and carried["score"] == old.calibration["score"]
+    assert "max_softmax" not in carried["thresholds"]
+    assert all(
+        carried["thresholds"][k] == v
+        for k, v in old.calibration["thresholds"].items()
+        if k != "max_softmax"
+    )
+
+    # the base gallery refuses the enrolled model; no gallery when asked, or none to carry
+    with pytest.raises(ModelDirError, match="built for another model"):
+        load_gallery(base / "gallery", enrolled)
+    plain = enroll(base, {"d": [elsewhere]}, tmp_path / "plain", gallery=False)
+    assert plain.gallery is None and not (tmp_path / "plain" / "gallery").exists()
+    shutil.copytree(base / "gallery", tmp_path / "e" / "gallery", dirs_exist_ok=True)
+    stale = enroll(tmp_path / "e", {"f": [elsewhere]}, tmp_path / "stale")
+    assert stale.gallery is None and "built for another model" in stale.gallery_note

@@ -12,7 +12,8 @@ tensor whose shape follows the class count refuses the enrollment, naming it.
 
 model.json keeps the base model's record (config, preprocessing, metrics: those measured
 before enrollment) with the longer class list and `enrolled`: each class, its image count and
-the base model's weights SHA-256.
+the base model's weights SHA-256. A gallery of the base model is carried over to the new
+directory with the enrollment images added as references (`gallery.extend_gallery`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ from lookcloser.errors import (
     DataError,
     ModelDirError,
 )
+from lookcloser.lookalikes.gallery import (
+    GALLERY_DIR,
+    Gallery,
+    GalleryBuilt,
+    extend_gallery,
+    find_gallery,
+    load_gallery,
+)
 from lookcloser.models.embedding import is_classifier, watch_classifiers
 from lookcloser.models.heads import CosineHead, PrototypeHead
 
@@ -44,6 +53,8 @@ class EnrollResult:
     model_dir: Path
     classes: dict[str, int]  # new class -> images it was enrolled from
     skipped: list[tuple[str, str]]
+    gallery: GalleryBuilt | None = None  # the base gallery carried over, with the new images
+    gallery_note: str | None = None  # why a gallery in MODEL_DIR was not carried over
 
 
 def class_folders(folder: str | Path) -> dict[str, list[str]]:
@@ -268,9 +279,11 @@ def enroll(
     out: str | Path,
     batch_size: int = 32,
     on_bad_image: str = "error",
+    gallery: bool = True,
 ) -> EnrollResult:
     """Write a new model directory `out`: the model of `model_dir` with the classes of `new`
-    ({name: image files or folders}) enrolled; `model_dir` is left as it is."""
+    ({name: image files or folders}) enrolled; `model_dir` is left as it is. With `gallery`
+    and a gallery in `model_dir`, `out/gallery` holds it and the new classes' images."""
     from lookcloser.modeldir import is_model_dir, save_model_dir
     from lookcloser.predictor import Predictor
 
@@ -285,7 +298,8 @@ def enroll(
     predictor = Predictor.load(model_dir, tta="none")
     check_new_classes(predictor.classes, new, str(model_dir / "model.json"))
     files = {name: image_files(paths) for name, paths in new.items()}
-    mean, means = _gallery_means(model_dir, predictor)
+    base_gallery, note = _base_gallery(model_dir, predictor)
+    mean, means = _gallery_means(base_gallery, predictor)
     state, used, skipped, classes, centred = enrolled_state(
         predictor, files, batch_size, on_bad_image, mean, means
     )
@@ -304,23 +318,33 @@ def enroll(
         "note": "metrics are the base model's, measured before enrollment",
     }
     save_model_dir(out, state, record)
-    _check_loads(out)
-    return EnrollResult(out, used, skipped)
+    enrolled = _check_loads(out)
+    carried = None
+    if gallery and base_gallery is not None:  # the model directory is complete already
+        carried = extend_gallery(
+            base_gallery, enrolled, files, out / GALLERY_DIR, batch_size, on_bad_image
+        )
+    elif base_gallery is not None:
+        note = "not carried over (gallery=False)"
+    return EnrollResult(out, used, skipped, carried, note)
 
 
-def _gallery_means(model_dir: Path, predictor) -> tuple[Tensor | None, Tensor | None]:
-    """The mean embedding of the model directory's gallery and its per-class means (rows of
-    0 for classes without references); (None, None) without a usable gallery."""
-    from lookcloser.lookalikes.gallery import find_gallery, load_gallery
-
+def _base_gallery(model_dir: Path, predictor) -> tuple[Gallery | None, str | None]:
+    """The model directory's gallery when it has one built for it, else None and why not
+    (None without one)."""
     folder = find_gallery(model_dir)
     if folder is None:
         return None, None
     try:
-        gallery = load_gallery(folder, predictor)
-    except ModelDirError:
-        return None, None
-    if not len(gallery):
+        return load_gallery(folder, predictor), None
+    except ModelDirError as err:
+        return None, f"not used or carried over: {err}"
+
+
+def _gallery_means(gallery: Gallery | None, predictor) -> tuple[Tensor | None, Tensor | None]:
+    """The mean embedding of the gallery and its per-class means (rows of 0 for classes
+    without references); (None, None) without references."""
+    if gallery is None or not len(gallery):
         return None, None
     embeddings = torch.from_numpy(gallery.embeddings)
     labels = torch.from_numpy(gallery.labels)
@@ -330,11 +354,12 @@ def _gallery_means(model_dir: Path, predictor) -> tuple[Tensor | None, Tensor | 
     return embeddings.mean(0), sums / counts[:, None]
 
 
-def _check_loads(out: Path) -> None:
-    """The new directory loads like any model directory (ModelDirError otherwise)."""
+def _check_loads(out: Path):
+    """The new directory's Predictor: it loads like any model directory (ModelDirError
+    otherwise)."""
     from lookcloser.predictor import Predictor
 
     try:
-        Predictor.load(out)
+        return Predictor.load(out, tta="none")
     except ModelDirError as err:  # pragma: no cover - a bug: the state was checked
         raise ModelDirError(f"{out}: the enrolled model does not load: {err}") from None

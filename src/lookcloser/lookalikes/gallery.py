@@ -332,33 +332,9 @@ def build_gallery(
         del array
     finally:
         work.unlink(missing_ok=True)
-    from lookcloser.modeldir import file_sha256
-
     counts = np.bincount(labels, minlength=len(predictor.classes))
-    record = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": {
-            "weights_sha256": predictor.info.get("weights", {}).get("sha256"),
-            "classes": list(predictor.classes),
-            "method": predictor.info.get("method"),
-            "embedding": info,
-        },
-        "data_root": str(root),
-        "references": int(len(kept)),
-        "per_class": {c: int(n) for c, n in zip(predictor.classes, counts, strict=True)},
-        "tensors": {
-            "file": GALLERY_TENSORS,
-            "sha256": file_sha256(tensors),
-            "bytes": tensors.stat().st_size,
-        },
-        "open_set": calibration,
-        "skipped": [p for p, _ in stream.skipped],
-        "paths": [paths_by_file[i] for i in np.asarray(kept, dtype=np.int64)[order]],
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    atomic_write_text(out / GALLERY_JSON, json.dumps(record) + "\n")
-    size = tensors.stat().st_size + (out / GALLERY_JSON).stat().st_size
+    paths = [paths_by_file[i] for i in np.asarray(kept, dtype=np.int64)[order]]
+    _write_record(out, predictor, root, counts, paths, calibration, [p for p, _ in stream.skipped])
     return GalleryBuilt(
         out,
         len(kept),
@@ -366,9 +342,159 @@ def build_gallery(
         [c for c, n in zip(predictor.classes, counts, strict=True) if n == 0],
         list(stream.skipped),
         time.perf_counter() - start,
-        size,
+        _size(out),
         calibration,
     )
+
+
+# Scores that can only rise when classes are added (maxima and logsumexp over more rows, the
+# trained rows unchanged), so a threshold calibrated before enrollment still keeps at least
+# its share of the known classes' images after it. The top softmax probability can fall.
+NEVER_LOWER_WITH_MORE_CLASSES = ("energy", "max_cosine", "nearest_prototype", "nearest_reference")
+
+
+def extend_gallery(
+    gallery: Gallery,
+    predictor,
+    added: dict[str, list[str]],
+    out: str | Path,
+    batch_size: int = 32,
+    on_bad_image: str = "error",
+) -> GalleryBuilt:
+    """The gallery of an enrolled model in `out`: `gallery`'s references (the base model's
+    embeddings: enrollment leaves the backbone as it is), and the enrollment images of the
+    new classes (`added`: {class: files}) as their references. Paths become relative to the
+    common folder of the base data root and the new images. The open-set calibration is
+    carried over for the scores enrollment never lowers (`NEVER_LOWER_WITH_MORE_CLASSES`):
+    at least the calibrated share of the base val images still passes."""
+    import time
+
+    start = time.perf_counter()
+    index = {name: i for i, name in enumerate(predictor.classes)}
+    missing = [c for c in (*gallery.classes, *added) if c not in index]
+    if missing:
+        raise ConfigError(
+            f"extend_gallery: the model has no class {missing[0]!r}; expected the enrolled model"
+        )
+    if not os.path.isabs(gallery.data_root):
+        raise ModelDirError(
+            f"{gallery.folder / GALLERY_JSON}: data_root {_short(gallery.data_root)} is not an "
+            "absolute folder"
+        )
+    files = [f for name in added for f in added[name]]
+    labels_by_file = np.array([index[name] for name in added for _ in added[name]], np.int64)
+    root = Path(
+        os.path.commonpath(
+            [gallery.data_root, *(os.path.dirname(os.path.abspath(f)) for f in files)]
+        )
+    )
+    base_paths = [relative_path(os.path.join(gallery.data_root, p), root) for p in gallery.paths]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / GALLERY_JSON).unlink(missing_ok=True)
+    n, dim = len(gallery), gallery.embeddings.shape[1]
+    stream = EmbeddingStream(predictor, files, batch_size, 0, on_bad_image)
+    work = out / f".{GALLERY_TENSORS}.rows.npy"
+    try:
+        array = np.lib.format.open_memmap(work, "w+", np.float32, (n + len(files), dim))
+        for first in range(0, n, 4096):
+            last = min(first + 4096, n)
+            array[first:last] = gallery.embeddings[first:last]
+        kept: list[int] = []
+        for batch in stream:
+            array[n + len(kept) : n + len(kept) + len(batch.positions)] = batch.embeddings
+            kept += batch.positions
+        array.flush()
+        to_new = np.array([index[c] for c in gallery.classes], dtype=np.int64)
+        labels = np.concatenate([to_new[gallery.labels], labels_by_file[kept]])
+        order = np.argsort(labels, kind="stable")
+        _write_safetensors(out / GALLERY_TENSORS, array, order, labels[order])
+        del array
+    finally:
+        work.unlink(missing_ok=True)
+    paths = [*base_paths, *(relative_path(files[i], root) for i in kept)]
+    calibration = _carried_calibration(gallery.calibration)
+    counts = np.bincount(labels, minlength=len(predictor.classes))
+    _write_record(
+        out,
+        predictor,
+        root,
+        counts,
+        [paths[i] for i in order],
+        calibration,
+        [p for p, _ in stream.skipped],
+        carried_over={
+            "from_weights_sha256": gallery.record.get("model", {}).get("weights_sha256"),
+            "from_data_root": gallery.data_root,
+            "base_references": n,
+            "enrolled_references": len(kept),
+        },
+    )
+    return GalleryBuilt(
+        out,
+        len(paths),
+        int(calibration["val_images"]) if calibration else 0,
+        [c for c, k in zip(predictor.classes, counts, strict=True) if k == 0],
+        list(stream.skipped),
+        time.perf_counter() - start,
+        _size(out),
+        calibration,
+    )
+
+
+def _carried_calibration(calibration: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The base gallery's calibration, less the scores enrollment can lower (None when its
+    chosen score is one of them)."""
+    if calibration is None or calibration["score"] not in NEVER_LOWER_WITH_MORE_CLASSES:
+        return None
+    thresholds = {
+        k: v for k, v in calibration["thresholds"].items() if k in NEVER_LOWER_WITH_MORE_CLASSES
+    }
+    return {**calibration, "thresholds": thresholds, "carried_over": True}
+
+
+def _write_record(
+    out: Path,
+    predictor,
+    root: Path | str,
+    counts: np.ndarray,
+    paths: list[str],
+    calibration: dict[str, Any] | None,
+    skipped: list[str],
+    **extra: Any,
+) -> None:
+    """gallery.json for the tensors in `out` (written last: it makes the folder a gallery)."""
+    from lookcloser.modeldir import file_sha256
+
+    tensors = out / GALLERY_TENSORS
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {
+            "weights_sha256": predictor.info.get("weights", {}).get("sha256"),
+            "classes": list(predictor.classes),
+            "method": predictor.info.get("method"),
+            "embedding": embedding_info(predictor),
+        },
+        "data_root": str(root),
+        "references": len(paths),
+        "per_class": {c: int(n) for c, n in zip(predictor.classes, counts, strict=True)},
+        "tensors": {
+            "file": GALLERY_TENSORS,
+            "sha256": file_sha256(tensors),
+            "bytes": tensors.stat().st_size,
+        },
+        "open_set": calibration,
+        "skipped": skipped,
+        **extra,
+        "paths": paths,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(out / GALLERY_JSON, json.dumps(record) + "\n")
+
+
+def _size(out: Path) -> int:
+    return (out / GALLERY_TENSORS).stat().st_size + (out / GALLERY_JSON).stat().st_size
 
 
 def _write_safetensors(
