@@ -369,6 +369,24 @@ def test_enroll_carries_the_gallery_over_with_the_new_images(model_dir, data, tm
         if k != "max_softmax"
     )
 
+    # why the thresholds still hold: on any image, those scores are at least the base's
+    from lookcloser.lookalikes.gallery import Lookalikes
+    from lookcloser.lookalikes.openset import open_set_scores
+
+    images = torch.stack([p.preprocess(f) for f in sorted(data.rglob("*.png"))])
+    scores = []
+    for model, gallery in ((p, old), (enrolled, g)):
+        logits, emb = embed_tensors(model, images)
+        look = Lookalikes(gallery, model)
+        scores.append(
+            open_set_scores(
+                logits.numpy(), emb.numpy(), look.class_rows, look.prototypes, gallery.embeddings
+            )
+        )
+    for name in carried["thresholds"]:
+        assert (scores[1][name] >= scores[0][name] - 1e-5).all(), name
+    assert (scores[1]["max_softmax"] < scores[0]["max_softmax"]).any()
+
     # the base gallery refuses the enrolled model; no gallery when asked, or none to carry
     with pytest.raises(ModelDirError, match="built for another model"):
         load_gallery(base / "gallery", enrolled)
