@@ -23,15 +23,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tiny_models import save_tiny_model
 
 from lookcloser import api, cli
 from lookcloser.config import Config
-from lookcloser.data.prepare import TrainingData
 from lookcloser.errors import LookcloserError, ModelDirError
-from lookcloser.methods import build_method
 from lookcloser.modeldir import file_sha256
 from lookcloser.predictor import Predictor
-from lookcloser.training import save_run_model
 
 CLASSES = ["alpha", "beta", "gamma"]
 SIZE = 32
@@ -40,20 +38,8 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny untrained Baseline saved as a model directory (as training saves it)."""
-    cfg = Config.load(
-        None,
-        [
-            "model.backbone=test_efficientnet",
-            "model.pretrained=false",
-            f"data.image_size={SIZE}",
-            "data.crop_pct=1.0",
-        ],
-    )
-    torch.manual_seed(0)
-    method = build_method(cfg, len(CLASSES)).for_inference().eval()
     run_dir = tmp_path_factory.mktemp("trust") / "model"
-    save_run_model(run_dir, method, TrainingData(CLASSES), cfg, {"test": {"top1": 0.5}}, "bicubic")
-    return run_dir
+    return save_tiny_model(run_dir, CLASSES, SIZE, spread=False, metrics={"test": {"top1": 0.5}})
 
 
 @pytest.fixture

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
 from PIL import Image
+from tiny_models import save_tiny_model, tiny_config
 
-from lookcloser.config import Config
-from lookcloser.data.prepare import TrainingData
 from lookcloser.embeddings import embed_tensors, embedding_info
 from lookcloser.errors import BadImagesError, ConfigError, DataError, ModelDirError
 from lookcloser.lookalikes.embed import onnx_differences, read_embeddings, write_embeddings
@@ -24,45 +23,22 @@ from lookcloser.lookalikes.openset import auroc, calibrate
 from lookcloser.methods import build_method
 from lookcloser.modeldir import file_sha256
 from lookcloser.predictor import Predictor
-from lookcloser.training import save_run_model
 
 SIZE = 32
 CLASSES = ["a", "b", "c"]
 LOCAL = "http://127.0.0.1"
 
 
-def tiny_cfg(*overrides: str) -> Config:
-    return Config.load(
-        None,
-        [
-            "model.backbone=test_efficientnet",
-            "model.pretrained=false",
-            f"data.image_size={SIZE}",
-            "data.crop_pct=1.0",
-            "data.val_fraction=0.25",
-            *overrides,
-        ],
-    )
-
-
 def tiny_predictor(*overrides: str, classes: int = 3) -> Predictor:
     torch.manual_seed(0)
-    method = build_method(tiny_cfg(*overrides), classes).for_inference().eval()
+    method = build_method(tiny_config(SIZE, *overrides), classes).for_inference().eval()
     method.image_size = SIZE
     return Predictor(method, [f"k{i}" for i in range(classes)], SIZE)
 
 
 def save_model(path, *overrides: str, seed: int = 0):
     """A tiny model directory whose classes are spread apart (random 2-D weights)."""
-    torch.manual_seed(seed)
-    cfg = tiny_cfg(*overrides)
-    method = build_method(cfg, len(CLASSES)).eval()
-    with torch.no_grad():
-        for p in method.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 1)
-    save_run_model(path, method, TrainingData(CLASSES), cfg, {}, "bicubic")
-    return path
+    return save_tiny_model(path, CLASSES, SIZE, *overrides, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -13,42 +13,16 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from tiny_models import save_tiny_model
 
 from lookcloser import api, cli
-from lookcloser.config import Config
-from lookcloser.data.prepare import TrainingData
 from lookcloser.ensemble import EnsemblePredictor
 from lookcloser.errors import BadImagesError, ConfigError
-from lookcloser.methods import build_method
 from lookcloser.predictor import Predictor, top_predictions
-from lookcloser.training import save_run_model
 
 SIZE = 16
 CLASSES = ["a", "b", "c", "d"]
-
-
-def _save_model(path, classes, seed=0):
-    """A tiny untrained model directory (test_efficientnet at 16 px) with spread-out classes."""
-    torch.manual_seed(seed)
-    cfg = Config.load(
-        None,
-        [
-            "model.backbone=test_efficientnet",
-            "model.pretrained=false",
-            f"data.image_size={SIZE}",
-            "data.crop_pct=1.0",
-            "data.val_fraction=0.25",
-        ],
-    )
-    method = build_method(cfg, len(classes)).eval()
-    with torch.no_grad():
-        for p in method.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 1)
-    save_run_model(path, method, TrainingData(list(classes)), cfg, {}, "bicubic")
-    return path
 
 
 def _images(folder, n, seed=0, size=SIZE):
@@ -67,7 +41,7 @@ def _corrupt(path):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return _save_model(tmp_path_factory.mktemp("model") / "m", CLASSES)
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "m", CLASSES, SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +88,7 @@ def test_stream_yields_each_batch_and_equals_predict(model, predictor, folder):
 def test_ensemble_stream_mixes_each_batch(predictor, folder, tmp_path):
     """An ensemble's stream is the weighted mixture, batch by batch, equal to the dense
     mixture of the members' whole probabilities."""
-    other = _save_model(tmp_path / "other", CLASSES, seed=1)
+    other = save_tiny_model(tmp_path / "other", CLASSES, SIZE, seed=1)
     members = [predictor, Predictor.load(other)]
     ensemble = EnsemblePredictor(members, [0.3, 0.7])
     files = sorted(str(f) for f in folder.iterdir())
@@ -297,7 +271,7 @@ CHILD = textwrap.dedent(
 def test_cli_memory_is_flat_in_the_number_of_images(tmp_path):
     """Predicting 400 images instead of 40 with a 60,000-class model adds under 30 MB of peak
     RSS (the whole-run probabilities kept before streaming added 95 MB)."""
-    big = _save_model(tmp_path / "big", [f"k{i}" for i in range(60_000)])
+    big = save_tiny_model(tmp_path / "big", [f"k{i}" for i in range(60_000)], SIZE)
     few = _images(tmp_path / "few", 40, size=8)
     many = _images(tmp_path / "many", 400, size=8)
     result = subprocess.run(
