@@ -174,6 +174,10 @@ def test_gallery_is_untrusted_input(model_dir, data, tmp_path):
         meta.write_text(json.dumps(record))
         with pytest.raises(ModelDirError, match="paths\\[0\\]"):
             load_gallery(tmp_path / "g", p)
+    for bad in ("data", "../data", 7):
+        meta.write_text(json.dumps({**original, "data_root": bad}))
+        with pytest.raises(ModelDirError, match="data_root: expected an absolute folder"):
+            load_gallery(tmp_path / "g", p)
     record = json.loads(json.dumps(original))
     record["paths"] = record["paths"][:-1]  # 17 paths for 18 rows
     meta.write_text(json.dumps(record))

@@ -194,8 +194,8 @@ def load_gallery(folder: str | Path, predictor) -> Gallery:
     for i, text in enumerate(paths):
         check_relative(f"{meta}: paths[{i}]", text)
     root = record.get("data_root")
-    if not isinstance(root, str):
-        raise ModelDirError(f"{meta}: data_root: expected a folder name")
+    if not isinstance(root, str) or not os.path.isabs(root):
+        raise ModelDirError(f"{meta}: data_root: expected an absolute folder, got {_short(root)}")
     tensors = record.get("tensors")
     if not isinstance(tensors, dict):
         raise ModelDirError(f"{meta}: missing field 'tensors'")
@@ -376,11 +376,6 @@ def extend_gallery(
         raise ConfigError(
             f"extend_gallery: the model has no class {missing[0]!r}; expected the enrolled model"
         )
-    if not os.path.isabs(gallery.data_root):
-        raise ModelDirError(
-            f"{gallery.folder / GALLERY_JSON}: data_root {_short(gallery.data_root)} is not an "
-            "absolute folder"
-        )
     files = [f for name in added for f in added[name]]
     labels_by_file = np.array([index[name] for name in added for _ in added[name]], np.int64)
     root = Path(
@@ -443,8 +438,8 @@ def extend_gallery(
 
 
 def _carried_calibration(calibration: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The base gallery's calibration, less the scores enrollment can lower (None when its
-    chosen score is one of them)."""
+    """The base gallery's calibration less the scores enrollment can lower (None when its
+    chosen score can)."""
     if calibration is None or calibration["score"] not in NEVER_LOWER_WITH_MORE_CLASSES:
         return None
     thresholds = {
