@@ -13,7 +13,8 @@ carved off as the validation split (`data.val_fraction=0.1`): the open-set thres
 calibrated there, and every model of this benchmark has it so they compare.
 
 - cars50: the 50 cars66 classes that are not held out; the 16 held-out classes (every fourth
-  class in name order, from the fourth) are enrolled from 1, 5 and 10 training images each.
+  class in name order, from the fourth) are enrolled from 1, 5 and 10 training images each,
+  and each enrolled model's carried-over gallery is measured (`measure`).
 - cars66: the same schedule on all 66 classes (the ceiling enrollment is compared with, and
   the retrieval models with the linear, ArcFace and prototype heads).
 """
@@ -179,8 +180,6 @@ def top1(logits: torch.Tensor, labels: list[str], classes: list[str]) -> float:
 def measure_enrollment(seed: int, data_root: Path, work: Path) -> dict:
     """Top-1 of the enrolled classes in the 66-way decision and of the trained 50 before
     and after, against the model trained on all 66 classes (the ceiling)."""
-    import random
-
     from lookcloser.lookalikes.enroll import enroll
     from lookcloser.lookalikes.gallery import GALLERY_DIR  # noqa: F401  (the package loads)
     from lookcloser.predictor import Predictor
@@ -207,9 +206,7 @@ def measure_enrollment(seed: int, data_root: Path, work: Path) -> dict:
     out["ceiling_enrolled_classes"] = top1(ceiling_logits[new_idx], new_labels, ceiling.classes)
     out["ceiling_trained_classes"] = top1(ceiling_logits[old_idx], old_labels, ceiling.classes)
     out["ceiling_all"] = top1(ceiling_logits, labels, ceiling.classes)
-    rng = random.Random(seed)
-    train_files = {c: split_files(data_root / "cars66", "train", [c])[0] for c in held}
-    picks = {c: rng.sample(f, len(f)) for c, f in train_files.items()}  # one order per class
+    picks = enrollment_picks(seed, data_root)
     for shots in SHOTS:
         target = work / "enrolled" / f"cars50-s{seed}-{shots}shot"
         if not (target / "model.json").is_file():
@@ -228,6 +225,78 @@ def measure_enrollment(seed: int, data_root: Path, work: Path) -> dict:
         out[f"enrolled_classes_{shots}"] = top1(logits[new_idx], new_labels, enrolled.classes)
         out[f"trained_after_{shots}"] = top1(logits[old_idx], old_labels, enrolled.classes)
         out[f"all_{shots}"] = top1(logits, labels, enrolled.classes)
+    return out
+
+
+def enrollment_picks(seed: int, data_root: Path) -> dict[str, list[str]]:
+    """Each held-out class's training images in the seed's order (the first k enrol it)."""
+    import random
+
+    rng = random.Random(seed)
+    held = held_out(data_root)
+    train_files = {c: split_files(data_root / "cars66", "train", [c])[0] for c in held}
+    return {c: rng.sample(f, len(f)) for c, f in train_files.items()}
+
+
+def measure_enrolled_gallery(seed: int, data_root: Path, work: Path) -> dict:
+    """The gallery carried over to each enrolled model (cars50's references plus the
+    enrollment images): top-1 when the nearest reference's class, or the nearest class
+    mean's, is the answer, against the enrolled head's; and the carried open-set threshold
+    on all 66 classes' test images (every one known now) and on flowers12's."""
+    from lookcloser.lookalikes.gallery import (
+        GALLERY_DIR,
+        Lookalikes,
+        extend_gallery,
+        find_gallery,
+        load_gallery,
+    )
+    from lookcloser.lookalikes.openset import DEFAULT_SCORE, nearest_similarity
+    from lookcloser.predictor import Predictor
+
+    base_dir = work / "runs" / f"cars50-linear-s{seed}"
+    base = Predictor.load(base_dir)
+    base_gallery = load_gallery(base_dir / GALLERY_DIR, base)
+    held = held_out(data_root)
+    picks = enrollment_picks(seed, data_root)
+    files, labels = split_files(data_root / "cars66", "test")
+    raw, _ = features(base, files)  # enrollment leaves the features as they are
+    flowers_raw, _ = features(base, split_files(data_root / "flowers12", "test")[0])
+    emb = torch.nn.functional.normalize(raw, dim=1).numpy()
+    flowers_emb = torch.nn.functional.normalize(flowers_raw, dim=1).numpy()
+    new_idx = [i for i, t in enumerate(labels) if t in held]
+    old_idx = [i for i, t in enumerate(labels) if t not in held]
+    out: dict = {"seed": seed, "flowers_images": len(flowers_emb)}
+    for shots in SHOTS:
+        target = work / "enrolled" / f"cars50-s{seed}-{shots}shot"
+        enrolled = Predictor.load(target)
+        if find_gallery(target) is None:
+            start = time.perf_counter()
+            extend_gallery(
+                base_gallery, enrolled, {c: picks[c][:shots] for c in held}, target / GALLERY_DIR
+            )
+            out[f"carry_seconds_{shots}"] = time.perf_counter() - start
+        g = load_gallery(target / GALLERY_DIR, enrolled)
+        look = Lookalikes(g, enrolled)
+        assert len(look.prototypes) == len(enrolled.classes), "a class without references"
+        classes = np.array(enrolled.classes)
+        by_reference = classes[g.labels[g.nearest(emb)[1]]]
+        by_mean = classes[(emb @ look.prototypes.T).argmax(1)]
+        head = enrolled.method.get_submodule("head")  # the baseline's classifier
+        with torch.inference_mode():
+            by_head = classes[head(raw).argmax(1).numpy()]
+        truth = np.array(labels)
+        for name, answer in (("reference", by_reference), ("mean", by_mean), ("head", by_head)):
+            out[f"{name}_enrolled_{shots}"] = float((answer[new_idx] == truth[new_idx]).mean())
+            out[f"{name}_trained_{shots}"] = float((answer[old_idx] == truth[old_idx]).mean())
+        # the default score at its carried threshold (a gallery built under an earlier
+        # default records another score as its own)
+        threshold = g.calibration["thresholds"][DEFAULT_SCORE]
+        kept = nearest_similarity(emb, g.embeddings)[0] >= threshold
+        flowers_kept = nearest_similarity(flowers_emb, g.embeddings)[0] >= threshold
+        out[f"kept_all_{shots}"] = float(kept.mean())
+        out[f"kept_enrolled_{shots}"] = float(kept[new_idx].mean())
+        out[f"flowers_rejected_{shots}"] = float(1 - flowers_kept.mean())
+        out[f"references_{shots}"] = len(g)
     return out
 
 
@@ -604,6 +673,71 @@ def report(results: dict, args) -> None:
                     **{k: v for k, v in r.items() if not k.startswith("enroll_seconds")},
                 }
             )
+    carried = results.get("enrolled_gallery", {})
+    if carried:
+        runs = sorted(carried.values(), key=lambda r: r["seed"])
+        rows = [
+            [
+                f"{shots}",
+                str(runs[0][f"references_{shots}"]),
+                *(
+                    f"{pct([r[f'{how}_enrolled_{shots}'] for r in runs])} / "
+                    f"{pct([r[f'{how}_trained_{shots}'] for r in runs])}"
+                    for how in ("head", "reference", "mean")
+                ),
+                pct([r[f"kept_all_{shots}"] for r in runs]),
+                pct([r[f"kept_enrolled_{shots}"] for r in runs]),
+                pct([r[f"flowers_rejected_{shots}"] for r in runs]),
+            ]
+            for shots in SHOTS
+        ]
+        timed = [r[f"carry_seconds_{n}"] for r in runs for n in SHOTS if f"carry_seconds_{n}" in r]
+        parts += [
+            "",
+            f"### The enrolled models' galleries (seeds: {', '.join(str(r['seed']) for r in runs)})",
+            "",
+            "`enroll` carries cars50's gallery over to each enrolled model above, with the "
+            "enrollment images as the new classes' references. Top-1 % on the 16 enrolled / the "
+            "50 trained classes' test images (66-way) when the answer is the enrolled head's, the "
+            "nearest reference's class, or the nearest class mean's (the unit mean of the "
+            "class's references). Then the default open-set score (`nearest_reference`) at the "
+            "threshold carried over from cars50's calibration: the share of all 66 classes' "
+            f"test images kept as known (every one is of a known class now), of the enrolled "
+            f"classes' alone, and of flowers12's {runs[0]['flowers_images']} test images "
+            "rejected. Mean ± sd over the seeds."
+            + (
+                f" Carrying the gallery over took {min(timed):.1f} to {max(timed):.1f} s "
+                "(1,292 references copied, the enrollment images embedded)."
+                if timed
+                else ""
+            ),
+            "",
+            markdown_table(
+                [
+                    "images per enrolled class",
+                    "references",
+                    "head: enrolled / trained",
+                    "nearest reference",
+                    "nearest class mean",
+                    "all 66 kept %",
+                    "enrolled kept %",
+                    "flowers12 rejected %",
+                ],
+                rows,
+            ),
+            "",
+            f"Command: `{COMMAND.format(stage='measure', seeds=' '.join(str(r['seed']) for r in runs))}` "
+            "(after the enrollment above).",
+        ]
+        records += [
+            {
+                "kind": "lookalikes",
+                "measure": "enrolled_gallery",
+                "dataset": "cars66",
+                **{k: v for k, v in r.items() if not k.startswith("carry_seconds")},
+            }
+            for r in runs
+        ]
     retrieval = results.get("retrieval", {})
     if retrieval:
         groups: dict[tuple[str, str], list[dict]] = {}
@@ -654,38 +788,59 @@ def report(results: dict, args) -> None:
         records += [{"kind": "lookalikes", "measure": "retrieval", **r} for r in retrieval.values()]
     open_set = results.get("open_set", {})
     if open_set:
-        r = next(iter(open_set.values()))
+        seeds_run = sorted(open_set.values(), key=lambda r: r["seed"])
+        r = seeds_run[0]
         names = list(r["auroc_cars"])
-        rows = []
-        for name in names:
-            c = r["calibrated"][name]
-            rows.append(
-                [
-                    f"`{name}`" + (" (default)" if name == DEFAULT_SCORE else ""),
-                    f"{r['auroc_cars'][name]:.3f}",
-                    f"{r['auroc_flowers'][name]:.3f}",
-                    f"{100 * c['known_kept']:.1f}",
-                    f"{100 * c['accuracy_kept']:.1f}",
-                    f"{100 * c['cars_rejected']:.1f}",
-                    f"{100 * c['flowers_rejected']:.1f}",
-                ]
-            )
-        curve = {(c["score"], c["coverage"]): c["accuracy"] for c in r["accuracy_coverage"]}
-        coverages = sorted({c["coverage"] for c in r["accuracy_coverage"]}, reverse=True)
-        curve_rows = [
-            [f"`{name}`", *(f"{100 * curve[(name, cov)]:.1f}" for cov in coverages)]
+
+        def over_seeds(read, digits=1, scale=100.0) -> str:
+            values = [scale * read(run) for run in seeds_run]
+            if len(values) == 1:
+                return f"{values[0]:.{digits}f}"
+            return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+        rows = [
+            [
+                f"`{name}`" + (" (default)" if name == DEFAULT_SCORE else ""),
+                over_seeds(lambda run, n=name: run["auroc_cars"][n], 3, 1),
+                over_seeds(lambda run, n=name: run["auroc_flowers"][n], 3, 1),
+                *(
+                    over_seeds(lambda run, n=name, k=key: run["calibrated"][n][k])
+                    for key in ("known_kept", "accuracy_kept", "cars_rejected", "flowers_rejected")
+                ),
+            ]
             for name in names
         ]
+        coverages = sorted({c["coverage"] for c in r["accuracy_coverage"]}, reverse=True)
+
+        def accuracy_at(run, name, coverage) -> float:
+            return next(
+                c["accuracy"]
+                for c in run["accuracy_coverage"]
+                if c["score"] == name and c["coverage"] == coverage
+            )
+
+        curve_rows = [
+            [
+                f"`{name}`",
+                *(
+                    over_seeds(lambda run, n=name, c=cov: accuracy_at(run, n, c))
+                    for cov in coverages
+                ),
+            ]
+            for name in names
+        ]
+        seed_list = ", ".join(str(run["seed"]) for run in seeds_run)
         parts += [
             "",
-            f"### Open set (cars50 model, seed {r['seed']})",
+            f"### Open set (cars50 models, seeds {seed_list})",
             "",
             f"Known: the 50 trained classes' test images ({r['known_images']}); unknown: the 16 "
             f"held-out cars66 classes' test images ({r['unknown_cars_images']}, never enrolled) "
             f"and flowers12's test images ({r['unknown_flowers_images']}). Scores from the "
             f"gallery built by `lookcloser gallery build` on cars50 ({r['gallery_references']} "
             f"references; thresholds keep 95 % of its {r['val_images']} validation images). "
-            "AUROC: the chance that a known image scores above an unknown one.",
+            "AUROC: the chance that a known image scores above an unknown one. Mean ± sd over "
+            "the seeds.",
             "",
             markdown_table(
                 [
@@ -701,7 +856,7 @@ def report(results: dict, args) -> None:
             ),
             "",
             f"Accuracy / coverage on the known images (top-1 % of the most confident share by "
-            f"each score; all: {100 * r['accuracy_all']:.1f}):",
+            f"each score; all: {over_seeds(lambda run: run['accuracy_all'])}):",
             "",
             markdown_table(["score", *(f"{100 * c:.0f} % kept" for c in coverages)], curve_rows),
         ]
@@ -710,22 +865,27 @@ def report(results: dict, args) -> None:
                 "kind": "lookalikes",
                 "measure": "open_set",
                 "dataset": "cars66",
-                **{k: v for k, v in r.items() if k not in ("gallery_seconds", "default")},
+                **{k: v for k, v in run.items() if k not in ("gallery_seconds", "default")},
             }
+            for run in seeds_run
         ]
     cost = results.get("cost")
     if cost or open_set:
         parts += ["", "### Cost", ""]
     if open_set:
-        r = next(iter(open_set.values()))
+        runs = list(open_set.values())
+        r = min(runs, key=lambda run: run["gallery_seconds"])
         per = 1000 / r["gallery_references"]
+        slowest = max(run["gallery_seconds"] for run in runs)
         parts.append(
             f"- Gallery build (cars50: {r['gallery_references']} references, plus the "
             f"{r['val_images']} validation images embedded for the calibration, every image "
-            "decoded once more to check it, beside other jobs): "
+            f"decoded once more to check it): the fastest of {len(runs)} builds (one a seed; "
+            f"the slowest, {slowest:.0f} s, ran beside other jobs) took "
             f"{r['gallery_seconds']:.0f} s, {r['gallery_bytes'] / 2**20:.2f} MiB; per 1,000 "
-            f"references {r['gallery_seconds'] * per:.0f} s and {r['gallery_bytes'] * per / 2**20:.1f} "
-            "MiB (1280 float32 per reference, paths in the JSON)."
+            f"references {r['gallery_seconds'] * per:.0f} s and "
+            f"{r['gallery_bytes'] * per / 2**20:.1f} MiB (1280 float32 per reference, paths in "
+            "the JSON)."
         )
     if cost:
         look = cost["lookup_seconds"]
@@ -800,6 +960,13 @@ def main() -> None:
                 for d in ("cars50", "cars66")
             ) and str(seed) not in results.get("enrollment", {}):
                 results.setdefault("enrollment", {})[str(seed)] = measure_enrollment(
+                    seed, args.data_root, work
+                )
+                save_results(work, results)
+            if str(seed) in results.get("enrollment", {}) and str(seed) not in results.get(
+                "enrolled_gallery", {}
+            ):
+                results.setdefault("enrolled_gallery", {})[str(seed)] = measure_enrolled_gallery(
                     seed, args.data_root, work
                 )
                 save_results(work, results)
