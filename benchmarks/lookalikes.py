@@ -410,10 +410,12 @@ def training_text(config: dict) -> str:
     return ", ".join(parts)
 
 
-def measure_cost(data_root: Path, work: Path, rounds: int = 2) -> dict:
+def measure_cost(data_root: Path, work: Path, rounds: int = 3) -> dict:
     """Embedding throughput against predict's (same model, images and batch, interleaved);
     nearest-neighbour lookup at 10k and 1M synthetic entries."""
     import tempfile
+
+    load = os.getloadavg()[0]  # how busy the machine was (the report says so)
 
     from lookcloser.lookalikes.embed import write_embeddings
     from lookcloser.lookalikes.openset import nearest_similarity
@@ -432,6 +434,8 @@ def measure_cost(data_root: Path, work: Path, rounds: int = 2) -> dict:
             times["embed"].append(time.perf_counter() - start)
     out = {
         "images": len(files),
+        "rounds": rounds,
+        "load_average": round(load, 2),
         "predict_seconds": min(times["predict"]),
         "embed_seconds": min(times["embed"]),
     }
@@ -582,6 +586,13 @@ def enrolled_gallery_reading(runs: list[dict], open_set: dict) -> str:
             f"{rejected:.1f} % before enrollment: the new references did not let the unknowns in"
         )
     return text + "."
+
+
+def busy(cost: dict) -> str:
+    """How loaded the machine was when the cost stage ran."""
+    if "load_average" not in cost:  # measured before the field: it ran beside two trainings
+        return "beside two other jobs on the 2 cores: an upper bound"
+    return f"1-minute load average {cost['load_average']:.1f} on 2 cores at the start"
 
 
 COMMAND = "python benchmarks/lookalikes.py {stage} --data-root DATA --out OUT --seeds {seeds}"
@@ -934,14 +945,14 @@ def report(results: dict, args) -> None:
         parts += [
             f"- Embedding throughput: `embed` to Parquet took {cost['embed_seconds']:.1f} s for "
             f"{cost['images']} cars66 test images against {cost['predict_seconds']:.1f} s for "
-            f"`predict` (same model, batch 32, best of 2 interleaved rounds, beside other jobs): "
-            f"**{cost['embed_vs_predict']:.2f}x** predict's time.",
+            f"`predict` (same model, batch 32, best of {cost.get('rounds', 2)} interleaved "
+            f"rounds, {busy(cost)}): **{cost['embed_vs_predict']:.2f}x** predict's time.",
             f"- Nearest-neighbour lookup over a synthetic gallery of unit {cost['lookup_dim']}-wide "
             "float32 rows, a plain matrix product over chunks of 65,536 rows (torch, "
             "`lookalikes.openset.nearest_similarity`): 10k entries "
             f"{1000 * look['10000x1']:.1f} ms for one query, {1000 * look['10000x64']:.1f} ms for "
             f"64; 1M entries {look['1000000x1']:.2f} s for one query, {look['1000000x64']:.2f} s "
-            "for 64 (measured beside two other jobs on the 2 cores: an upper bound).",
+            f"for 64 ({busy(cost)}).",
             lookup_text(results.get("lookup")),
             f"- Command: `{COMMAND.format(stage='cost', seeds=0)}`.",
         ]
@@ -962,8 +973,7 @@ def report(results: dict, args) -> None:
     if missing:
         parts += [
             "",
-            "**Not run** (a 2-core CPU shared with other jobs: one Lite0 training on cars66 "
-            "took about 35 minutes here): " + "; ".join(missing) + ". `train` and `measure` "
+            "**Not run**: " + "; ".join(missing) + ". `train` and `measure` "
             "with more `--seeds` and `--sets cars66 fish23` run them.",
         ]
     parts += ["", *results.get("notes", [])]
