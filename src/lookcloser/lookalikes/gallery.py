@@ -315,15 +315,11 @@ def build_gallery(
     paths_by_file = [relative_path(f, root) for f in files]
     stream = EmbeddingStream(predictor, files, batch_size, num_workers, on_bad_image)
     work = out / f".{GALLERY_TENSORS}.rows.npy"
-    kept: list[int] = []
     try:
         array = np.lib.format.open_memmap(
             work, mode="w+", dtype=np.float32, shape=(len(files), info["dim"])
         )
-        for batch in stream:
-            array[len(kept) : len(kept) + len(batch.positions)] = batch.embeddings
-            kept += batch.positions
-        array.flush()
+        kept = _fill_rows(array, 0, stream)
         labels = labels_by_file[kept]
         order = np.argsort(labels, kind="stable")
         tensors = out / GALLERY_TENSORS
@@ -395,11 +391,7 @@ def extend_gallery(
         for first in range(0, n, 4096):
             last = min(first + 4096, n)
             array[first:last] = gallery.embeddings[first:last]
-        kept: list[int] = []
-        for batch in stream:
-            array[n + len(kept) : n + len(kept) + len(batch.positions)] = batch.embeddings
-            kept += batch.positions
-        array.flush()
+        kept = _fill_rows(array, n, stream)
         to_new = np.array([index[c] for c in gallery.classes], dtype=np.int64)
         labels = np.concatenate([to_new[gallery.labels], labels_by_file[kept]])
         order = np.argsort(labels, kind="stable")
@@ -435,6 +427,18 @@ def extend_gallery(
         _size(out),
         calibration,
     )
+
+
+def _fill_rows(array: np.ndarray, start: int, stream: EmbeddingStream) -> list[int]:
+    """Write the stream's embeddings into `array` from row `start` on, in the order read;
+    the positions (in the stream's files) of the images read."""
+    kept: list[int] = []
+    for batch in stream:
+        first = start + len(kept)
+        array[first : first + len(batch.positions)] = batch.embeddings
+        kept += batch.positions
+    array.flush()
+    return kept
 
 
 def _carried_calibration(calibration: dict[str, Any] | None) -> dict[str, Any] | None:
