@@ -540,12 +540,12 @@ def measure_lookup(
 
 
 # ---- the docs section -----------------------------------------------------------------------------
-def pct(values: list[float]) -> str:
-    """mean ± sd in percent (one value: the value alone)."""
-    values = [100 * v for v in values]
+def pct(values: list[float], digits: int = 1, scale: float = 100.0) -> str:
+    """mean ± sd in percent (one value: the value alone); `scale=1` for plain numbers."""
+    values = [scale * v for v in values]
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def enrolled_gallery_reading(runs: list[dict], open_set: dict) -> str:
@@ -846,10 +846,7 @@ def report(results: dict, args) -> None:
         names = list(r["auroc_cars"])
 
         def over_seeds(read, digits=1, scale=100.0) -> str:
-            values = [scale * read(run) for run in seeds_run]
-            if len(values) == 1:
-                return f"{values[0]:.{digits}f}"
-            return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+            return pct([read(run) for run in seeds_run], digits, scale)
 
         rows = [
             [
